@@ -1,0 +1,628 @@
+"""The lock rules of DESIGN.md as a pure state machine: no I/O, no clock, no randomness.
+
+Every operation runs inside a ``Txn``: a copy-on-write overlay over a read-only ``TableView``
+of the stored state. The operation reads through the overlay, raises a ``CoordinationError``
+to refuse (then the overlay is dropped and nothing changes), or returns normally, after which
+the store persists ``txn.changes()`` (records put and deleted, counters, waiters, events)
+atomically. Both stores run exactly this code; a store only decides how a view is read and
+how changes are written.
+
+The rules (numbers as in DESIGN.md):
+
+1. a free device is granted at once;
+2. a strictly higher priority preempts the active holder, which becomes ``preempted`` and is
+   restored (with a fresh token) when no higher-priority lock overlaps it any more;
+3. equal or lower priority is refused with the holders' public records; ``wait`` queues the
+   request (priority, then arrival) - see ``enqueue``;
+4. several devices are granted together under one key, or none is;
+5. leases: a lock with ``expires_at <= now`` is invisible and is swept with an ``expired`` event;
+6. release needs the key (403 if the device is held under another key, 404 if the key holds
+   nothing there); force release removes every lock on exactly one name;
+7. presenting a key with a higher-priority type upgrades in place; a ``QUEUE_EXECUTING`` grant
+   with a ``plan_uid`` consumes the ``QUEUE_QUEUED`` reservations of that plan;
+8. names are dotted: a name overlaps itself, its ancestors and its descendants;
+9. every grant (and restore) takes the next value of one service-wide fencing counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from bs_coordination.errors import (
+    InvalidRequestError,
+    LockConflictError,
+    LockNotFoundError,
+    LockNotOwnedError,
+)
+from bs_coordination.models import (
+    DeviceLock,
+    LockAction,
+    LockHolder,
+    LockRequest,
+    LockState,
+    LockType,
+    names_overlap,
+)
+
+TOKEN_COUNTER = "token"
+TICKET_COUNTER = "ticket"
+
+RecordId = tuple[str, str]  # (device_name, key_hash)
+
+
+def hash_key(lock_key: str) -> str:
+    """The stored form of a lock key: only its SHA-256 is ever kept."""
+    return hashlib.sha256(lock_key.encode()).hexdigest()
+
+
+def ancestors(name: str) -> Iterator[str]:
+    """``a.b.c`` -> ``a``, ``a.b`` (proper prefixes at dot boundaries)."""
+    pos = name.find(".")
+    while pos != -1:
+        yield name[:pos]
+        pos = name.find(".", pos + 1)
+
+
+def to_datetime(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(slots=True)
+class LockRecord:
+    """A stored lock on one device. ``key_hash`` is secret; ``public()`` leaves it out."""
+
+    device_name: str
+    lock_type: LockType
+    user_id: str
+    key_hash: str
+    token: int
+    acquired_at: float
+    expires_at: float | None
+    reason: str | None = None
+    plan_uid: str | None = None
+    state: LockState = LockState.ACTIVE
+    preempted_by: dict[str, Any] | None = None
+
+    @property
+    def id(self) -> RecordId:
+        return (self.device_name, self.key_hash)
+
+    @property
+    def priority(self) -> int:
+        return self.lock_type.priority
+
+    @property
+    def active(self) -> bool:
+        return self.state is LockState.ACTIVE
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+    def holder(self) -> LockHolder:
+        return LockHolder(
+            device_name=self.device_name,
+            lock_type=self.lock_type,
+            priority=self.priority,
+            user_id=self.user_id,
+            reason=self.reason,
+            plan_uid=self.plan_uid,
+            acquired_at=to_datetime(self.acquired_at),  # type: ignore[arg-type]
+            expires_at=to_datetime(self.expires_at),
+        )
+
+    def public(self) -> DeviceLock:
+        return DeviceLock(
+            device_name=self.device_name,
+            lock_type=self.lock_type,
+            priority=self.priority,
+            user_id=self.user_id,
+            reason=self.reason,
+            plan_uid=self.plan_uid,
+            acquired_at=to_datetime(self.acquired_at),  # type: ignore[arg-type]
+            expires_at=to_datetime(self.expires_at),
+            token=self.token,
+            state=self.state,
+            preempted_by=LockHolder.model_validate(self.preempted_by) if self.preempted_by else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form for stores that serialise records."""
+        return {
+            "device_name": self.device_name,
+            "lock_type": self.lock_type.value,
+            "user_id": self.user_id,
+            "key_hash": self.key_hash,
+            "token": self.token,
+            "acquired_at": self.acquired_at,
+            "expires_at": self.expires_at,
+            "reason": self.reason,
+            "plan_uid": self.plan_uid,
+            "state": self.state.value,
+            "preempted_by": self.preempted_by,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LockRecord:
+        return cls(
+            device_name=d["device_name"],
+            lock_type=LockType(d["lock_type"]),
+            user_id=d["user_id"],
+            key_hash=d["key_hash"],
+            token=int(d["token"]),
+            acquired_at=float(d["acquired_at"]),
+            expires_at=None if d.get("expires_at") is None else float(d["expires_at"]),
+            reason=d.get("reason"),
+            plan_uid=d.get("plan_uid"),
+            state=LockState(d.get("state", "active")),
+            preempted_by=d.get("preempted_by"),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class Waiter:
+    """A request queued with ``wait``: it goes before later or lower-priority requests."""
+
+    ticket: int
+    names: tuple[str, ...]
+    priority: int
+    deadline: float
+
+    def ahead_of(self, priority: int, ticket: int | None) -> bool:
+        if self.priority != priority:
+            return self.priority < priority
+        return ticket is None or self.ticket < ticket
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ticket": self.ticket, "names": list(self.names), "priority": self.priority,
+                "deadline": self.deadline}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Waiter:
+        return cls(int(d["ticket"]), tuple(d["names"]), int(d["priority"]), float(d["deadline"]))
+
+
+@dataclass(slots=True)
+class Event:
+    """A change, before the store gives it an id."""
+
+    action: LockAction
+    record: LockRecord
+    timestamp: float
+    actor: str | None = None
+
+
+class TableView(Protocol):
+    """Read access to the stored table. A store may raise from any method to say "load more
+    and run again" (the Redis store does); the lock table never catches such errors."""
+
+    def records_at(self, name: str) -> Iterable[LockRecord]:
+        """Records (any state, expired ones included) on exactly ``name``."""
+
+    def names_under(self, name: str) -> Iterable[str]:
+        """Names strictly below ``name`` (``name.*``) that hold records."""
+
+    def names_of_key(self, key_hash: str) -> Iterable[str]:
+        """Names holding a record under ``key_hash``."""
+
+    def waiters(self) -> Iterable[Waiter]:
+        """Queued requests."""
+
+    def counter(self, name: str) -> int:
+        """Last value handed out by counter ``name`` (0 if never used)."""
+
+
+@dataclass
+class Changes:
+    """What one successful operation changed; a store writes it atomically."""
+
+    puts: dict[RecordId, LockRecord] = field(default_factory=dict)
+    deletes: dict[RecordId, LockRecord] = field(default_factory=dict)  # id -> record as it was
+    counters: dict[str, int] = field(default_factory=dict)
+    waiters_put: dict[int, Waiter] = field(default_factory=dict)
+    waiters_deleted: set[int] = field(default_factory=set)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.puts or self.deletes or self.counters or self.waiters_put
+                    or self.waiters_deleted or self.events)
+
+
+class Txn:
+    """A copy-on-write overlay over a ``TableView`` for one operation at time ``now``."""
+
+    def __init__(self, view: TableView, now: float, actor: str | None = None) -> None:
+        self.view = view
+        self.now = now
+        self.actor = actor
+        self._records: dict[str, dict[str, LockRecord]] = {}  # name -> key_hash -> record
+        self._key_names: dict[str, set[str]] = {}
+        self._under: dict[str, set[str]] = {}
+        self._waiters: dict[int, Waiter] | None = None
+        self._ch = Changes()
+
+    # -- reads -------------------------------------------------------------------------
+    def _at(self, name: str) -> dict[str, LockRecord]:
+        recs = self._records.get(name)
+        if recs is None:
+            recs = {r.key_hash: r for r in self.view.records_at(name)}
+            self._records[name] = recs
+        return recs
+
+    def _under_names(self, name: str) -> set[str]:
+        names = self._under.get(name)
+        if names is None:
+            names = set(self.view.names_under(name))
+            self._under[name] = names
+        return names
+
+    def key_names(self, key_hash: str) -> set[str]:
+        names = self._key_names.get(key_hash)
+        if names is None:
+            names = set(self.view.names_of_key(key_hash))
+            self._key_names[key_hash] = names
+        return names
+
+    def get(self, name: str, key_hash: str) -> LockRecord | None:
+        return self._at(name).get(key_hash)
+
+    def at(self, name: str) -> list[LockRecord]:
+        """Live records on exactly ``name``."""
+        return [r for r in self._at(name).values() if r.live(self.now)]
+
+    def overlapping(self, name: str, *, include_expired: bool = False) -> list[LockRecord]:
+        """Records on ``name``, its ancestors and its descendants (live ones unless asked)."""
+        out: list[LockRecord] = []
+        for n in (*ancestors(name), name, *sorted(self._under_names(name))):
+            out.extend(self._at(n).values())
+        if include_expired:
+            return out
+        return [r for r in out if r.live(self.now)]
+
+    def of_key(self, key_hash: str) -> dict[str, LockRecord]:
+        """Live records of a key, by device name."""
+        out = {}
+        for n in self.key_names(key_hash):
+            r = self.get(n, key_hash)
+            if r is not None and r.live(self.now) and hmac.compare_digest(r.key_hash, key_hash):
+                out[n] = r
+        return out
+
+    def waiters(self) -> dict[int, Waiter]:
+        if self._waiters is None:
+            self._waiters = {w.ticket: w for w in self.view.waiters()}
+        return self._waiters
+
+    # -- writes ------------------------------------------------------------------------
+    def next(self, counter: str) -> int:
+        value = self._ch.counters.get(counter)
+        if value is None:
+            value = self.view.counter(counter)
+        self._ch.counters[counter] = value + 1
+        return value + 1
+
+    def put(self, rec: LockRecord) -> None:
+        recs = self._at(rec.device_name)
+        if rec.key_hash not in recs:
+            for a in ancestors(rec.device_name):
+                self._under_names(a).add(rec.device_name)
+        recs[rec.key_hash] = rec
+        self.key_names(rec.key_hash).add(rec.device_name)
+        self._ch.puts[rec.id] = rec
+
+    def delete(self, rec: LockRecord) -> None:
+        recs = self._at(rec.device_name)
+        if recs.pop(rec.key_hash, None) is None:
+            return
+        if not recs:
+            for a in ancestors(rec.device_name):
+                self._under_names(a).discard(rec.device_name)
+        self.key_names(rec.key_hash).discard(rec.device_name)
+        self._ch.puts.pop(rec.id, None)
+        self._ch.deletes.setdefault(rec.id, rec)
+
+    def emit(self, action: LockAction, rec: LockRecord) -> None:
+        self._ch.events.append(Event(action, replace(rec), self.now, self.actor))
+
+    def put_waiter(self, w: Waiter) -> None:
+        self.waiters()[w.ticket] = w
+        self._ch.waiters_put[w.ticket] = w
+
+    def delete_waiter(self, ticket: int) -> None:
+        if self.waiters().pop(ticket, None) is not None:
+            self._ch.waiters_put.pop(ticket, None)
+            self._ch.waiters_deleted.add(ticket)
+
+    def changes(self) -> Changes:
+        # A record deleted and put again in one operation is a put.
+        for rid in list(self._ch.deletes):
+            if rid in self._ch.puts:
+                del self._ch.deletes[rid]
+        return self._ch
+
+
+# -- describing holders ------------------------------------------------------------------
+
+def describe(rec: LockRecord | DeviceLock) -> str:
+    """One line naming the holder: who, which type, why, since when, until when."""
+    until = rec.expires_at
+    text = f"{rec.device_name!r} is held by {rec.user_id!r} ({rec.lock_type.value}"
+    if rec.state is LockState.PREEMPTED:
+        text += ", preempted"
+    text += ")"
+    if rec.reason:
+        text += f", reason: {rec.reason!r}"
+    if isinstance(rec, LockRecord):
+        acquired = to_datetime(rec.acquired_at)
+        expires = to_datetime(until) if isinstance(until, float) else None
+    else:
+        acquired, expires = rec.acquired_at, rec.expires_at
+    text += f", since {acquired.isoformat() if acquired else '?'}"
+    text += f", until {expires.isoformat()}" if expires else ", no expiry"
+    return text
+
+
+# -- operations --------------------------------------------------------------------------
+
+def _expire_overlapping(txn: Txn, names: Iterable[str]) -> None:
+    """Remove (with an ``expired`` event) the expired records touching ``names``."""
+    gone = []
+    for n in names:
+        for r in txn.overlapping(n, include_expired=True):
+            if not r.live(txn.now) and txn.get(r.device_name, r.key_hash) is r:
+                txn.delete(r)
+                txn.emit(LockAction.EXPIRED, r)
+                gone.append(r.device_name)
+    if gone:
+        settle(txn, gone)
+
+
+def settle(txn: Txn, names: Iterable[str]) -> None:
+    """Restore preempted locks on names overlapping ``names`` that nothing outranks any more.
+
+    A preempted lock is restored only when no overlapping lock of another key has a higher
+    priority (active or preempted), so a restore never displaces anyone. Candidates are taken
+    highest priority first, so a restored lock keeps lower ones preempted.
+    """
+    candidates: dict[RecordId, LockRecord] = {}
+    for n in names:
+        for r in txn.overlapping(n):
+            if not r.active:
+                candidates[r.id] = r
+    for cand in sorted(candidates.values(), key=lambda r: (r.priority, r.token)):
+        cur = txn.get(cand.device_name, cand.key_hash)
+        if cur is None or cur.active or not cur.live(txn.now):
+            continue
+        outranked = any(
+            o.key_hash != cur.key_hash and (o.priority < cur.priority or o.active)
+            for o in txn.overlapping(cur.device_name)
+        )
+        if not outranked:
+            restored = replace(cur, state=LockState.ACTIVE, preempted_by=None,
+                               token=txn.next(TOKEN_COUNTER))
+            txn.put(restored)
+            txn.emit(LockAction.RESTORED, restored)
+
+
+def _consumes(req: LockRequest, other: LockRecord) -> bool:
+    """Rule 7: a plan's QUEUE_EXECUTING grant takes over its own QUEUE_QUEUED reservations."""
+    return (
+        req.lock_type is LockType.QUEUE_EXECUTING
+        and req.plan_uid is not None
+        and other.lock_type is LockType.QUEUE_QUEUED
+        and other.plan_uid == req.plan_uid
+    )
+
+
+def _conflict(names: list[str], blockers: list[LockRecord], queued: list[Waiter]) -> LockConflictError:
+    if blockers:
+        first = blockers[0]
+        msg = f"Device {first.device_name!r} is not available: {describe(first)}"
+        if len(blockers) > 1:
+            msg += f" (and {len(blockers) - 1} more)"
+    else:
+        msg = (f"Device(s) {', '.join(repr(n) for n in names)} promised to "
+               f"{len(queued)} earlier waiting request(s) of equal or higher priority")
+    unique = {b.id: b for b in blockers}
+    return LockConflictError(msg, [b.public() for b in unique.values()])
+
+
+def request(
+    txn: Txn,
+    req: LockRequest,
+    key_hash: str,
+    *,
+    presented: bool,
+    ticket: int | None = None,
+) -> list[LockRecord]:
+    """Grant ``req`` under ``key_hash`` (all its devices, or none) or raise.
+
+    ``presented``: the key came with the request (upgrade / add devices under it); otherwise
+    it is a fresh key. ``ticket``: the request's place in the wait queue, if it has one.
+    Returns the key's records on the requested names.
+    """
+    now, p, names = txn.now, req.lock_type.priority, req.names
+    _expire_overlapping(txn, names)
+    own = txn.of_key(key_hash) if presented else {}
+    if presented and not own:
+        raise LockNotFoundError("No lock is held under the presented lock_key")
+
+    expires = None if req.timeout is None else now + req.timeout
+    grants: list[tuple[str, LockRecord | None]] = []  # new locks and upgrades
+    renewals: list[LockRecord] = []  # this key already holds the device at this priority
+    for n in names:
+        mine = own.get(n)
+        if mine is not None:
+            if p < mine.priority:
+                grants.append((n, mine))
+            else:
+                renewals.append(mine)
+            continue
+        if any(a in own for a in ancestors(n)):
+            continue  # already covered by this key's lock on an ancestor
+        below = [o for o in own if o.startswith(n + ".")]
+        if below:
+            raise InvalidRequestError(
+                f"device_names: this key already holds {below[0]!r}, a component of {n!r}; "
+                "release it first or lock the component only", field="device_names")
+        grants.append((n, None))
+
+    blockers = [o for n, _ in grants for o in txn.overlapping(n)
+                if o.key_hash != key_hash and not _consumes(req, o) and o.priority <= p]
+    queued = [w for w in txn.waiters().values()
+              if w.deadline > now and w.ticket != ticket and w.ahead_of(p, ticket)
+              and any(_overlaps_any(n, w.names) for n, _ in grants)]
+    if blockers or queued:
+        raise _conflict(names, blockers, queued)
+
+    token = txn.next(TOKEN_COUNTER) if grants else 0
+    for n, mine in grants:
+        if mine is None:
+            rec = LockRecord(
+                device_name=n, lock_type=req.lock_type, user_id=req.user_id, key_hash=key_hash,
+                token=token, acquired_at=now, expires_at=expires, reason=req.reason,
+                plan_uid=req.plan_uid,
+            )
+            action = LockAction.ACQUIRED
+        else:
+            rec = replace(mine, lock_type=req.lock_type, token=token, expires_at=expires,
+                          state=LockState.ACTIVE, preempted_by=None,
+                          reason=req.reason or mine.reason, plan_uid=req.plan_uid or mine.plan_uid)
+            action = LockAction.UPGRADED
+        for o in txn.overlapping(n):
+            if o.key_hash == key_hash:
+                continue
+            if _consumes(req, o):
+                txn.delete(o)
+                txn.emit(LockAction.CONSUMED, o)
+            elif o.active:
+                displaced = replace(o, state=LockState.PREEMPTED,
+                                    preempted_by=rec.holder().model_dump(mode="json"))
+                txn.put(displaced)
+                txn.emit(LockAction.PREEMPTED, displaced)
+        txn.put(rec)
+        txn.emit(action, rec)
+    if req.timeout is not None:
+        for mine in renewals:
+            if mine.expires_at != expires:
+                renewed = replace(mine, expires_at=expires)
+                txn.put(renewed)
+                txn.emit(LockAction.RENEWED, renewed)
+    if ticket is not None:
+        txn.delete_waiter(ticket)
+    held = txn.of_key(key_hash)
+    out = []
+    for n in names:
+        rec = held.get(n) or next((held[a] for a in ancestors(n) if a in held), None)
+        if rec is not None and rec not in out:
+            out.append(rec)
+    return out
+
+
+def _overlaps_any(name: str, others: Iterable[str]) -> bool:
+    return any(names_overlap(name, o) for o in others)
+
+
+def release(txn: Txn, key_hash: str, device_name: str | None = None) -> list[LockRecord]:
+    """Release the key's lock on ``device_name`` (or all its locks), then restore what waits."""
+    own = txn.of_key(key_hash)
+    if device_name is None:
+        if not own:
+            raise LockNotFoundError("No lock is held under this lock_key")
+        targets = list(own.values())
+    else:
+        mine = own.get(device_name)
+        if mine is None:
+            others = txn.at(device_name)
+            if others:
+                raise LockNotOwnedError(
+                    f"Device {device_name!r} is locked under another key: {describe(others[0])}")
+            raise LockNotFoundError(f"No lock on device {device_name!r} under this lock_key")
+        targets = [mine]
+    for r in targets:
+        txn.delete(r)
+        txn.emit(LockAction.RELEASED, r)
+    settle(txn, [r.device_name for r in targets])
+    return targets
+
+
+def renew(txn: Txn, key_hash: str, timeout: float | None) -> list[LockRecord]:
+    """Set every lock of the key to expire ``timeout`` seconds from now."""
+    own = txn.of_key(key_hash)
+    if not own:
+        raise LockNotFoundError("No lock is held under this lock_key (it may have expired)")
+    if timeout is None:
+        queue = [r for r in own.values() if r.lock_type.needs_lease]
+        if queue:
+            raise InvalidRequestError(
+                f"timeout: a {queue[0].lock_type.value} lock must keep a lease", field="timeout")
+    expires = None if timeout is None else txn.now + timeout
+    out = []
+    for r in own.values():
+        renewed = replace(r, expires_at=expires)
+        txn.put(renewed)
+        txn.emit(LockAction.RENEWED, renewed)
+        out.append(renewed)
+    return out
+
+
+def force_release(txn: Txn, device_name: str) -> list[LockRecord]:
+    """Remove every lock on exactly ``device_name`` (admin), then restore what waits."""
+    _expire_overlapping(txn, [device_name])
+    targets = txn.at(device_name)
+    if not targets:
+        raise LockNotFoundError(f"No lock on device {device_name!r}")
+    for r in sorted(targets, key=lambda r: r.priority):
+        txn.delete(r)
+        txn.emit(LockAction.FORCE_RELEASED, r)
+    settle(txn, [device_name])
+    return targets
+
+
+def expire(txn: Txn, due: Iterable[RecordId]) -> list[LockRecord]:
+    """Sweep: remove the given records if they really are expired, then restore what waits."""
+    gone = []
+    for name, key_hash in due:
+        r = txn.get(name, key_hash)
+        if r is not None and not r.live(txn.now):
+            txn.delete(r)
+            txn.emit(LockAction.EXPIRED, r)
+            gone.append(r)
+    if gone:
+        settle(txn, [r.device_name for r in gone])
+    for w in list(txn.waiters().values()):
+        if w.deadline <= txn.now:
+            txn.delete_waiter(w.ticket)
+    return gone
+
+
+def enqueue(txn: Txn, names: list[str], priority: int, wait: float) -> int:
+    """Queue a refused request for up to ``wait`` seconds; returns its ticket."""
+    ticket = txn.next(TICKET_COUNTER)
+    txn.put_waiter(Waiter(ticket, tuple(names), priority, txn.now + wait))
+    return ticket
+
+
+def dequeue(txn: Txn, ticket: int) -> None:
+    txn.delete_waiter(ticket)
+
+
+def device_status(txn: Txn, name: str) -> tuple[LockRecord | None, list[LockRecord], list[LockRecord]]:
+    """(active lock covering ``name``, preempted locks on it or its ancestors, locks on its
+    components). The active lock may be an ancestor's."""
+    active = None
+    preempted = []
+    for n in (*ancestors(name), name):
+        for r in txn.at(n):
+            if r.active:
+                active = r
+            else:
+                preempted.append(r)
+    components = [r for n in sorted(txn._under_names(name)) for r in txn.at(n)]
+    preempted.sort(key=lambda r: r.priority)
+    return active, preempted, components

@@ -1,0 +1,24 @@
+"""Where the lock table lives: ``memory`` (default, one process) or ``redis://`` (persistent,
+shared by replicas). Both run the same ``locktable`` code."""
+
+from __future__ import annotations
+
+from bs_coordination.stores.base import Clock, EventGap, Grant, ManualClock, Store, SystemClock
+from bs_coordination.stores.memory import MemoryStore
+
+
+def open_store(url: str = "memory", clock: Clock | None = None) -> Store:
+    """Make the store named by ``url``: ``memory`` or ``redis://host:port/db``.
+
+    Raises ``ValueError`` naming the problem for anything else.
+    """
+    if url in ("", "memory", "memory://"):
+        return MemoryStore(clock=clock)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from bs_coordination.stores.redis import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(f"store: {url!r} is neither 'memory' nor a redis:// URL")
+
+
+__all__ = ["Clock", "EventGap", "Grant", "ManualClock", "MemoryStore", "Store", "SystemClock", "open_store"]

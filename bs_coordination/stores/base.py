@@ -1,0 +1,240 @@
+"""The store protocol: where the lock table lives, and the operations every store offers.
+
+A store implements a handful of primitives (``_transact``, ``_read``, ``_all_records``,
+``_due``, ``now``, the event log); ``Store`` builds the public operations on them, so the
+waiting logic, key handling and event shaping are written once for every store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol, TypeVar
+
+from bs_coordination import locktable
+from bs_coordination.errors import LockConflictError
+from bs_coordination.locktable import Event, LockRecord, RecordId, Txn
+from bs_coordination.models import (
+    DeviceLock,
+    LockRequest,
+    LockStatus,
+    LockUpdateMessage,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How often a waiting request re-checks when no change notification arrives.
+WAIT_POLL_SECONDS = 0.25
+
+
+class Clock(Protocol):
+    """Where a store's time comes from (seconds since the epoch)."""
+
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class ManualClock:
+    """A clock tests move by hand."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_lock_key() -> str:
+    """A fresh secret lock key (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def to_message(event: Event, event_id: str) -> LockUpdateMessage:
+    return LockUpdateMessage(
+        action=event.action,
+        device_name=event.record.device_name,
+        lock=event.record.public(),
+        timestamp=datetime.fromtimestamp(event.timestamp, tz=timezone.utc),
+        event_id=event_id,
+        actor=event.actor,
+    )
+
+
+@dataclass
+class Grant:
+    """A successful lock request: the key (only for the acquirer) and its records."""
+
+    lock_key: str
+    records: list[LockRecord]
+
+    @property
+    def locks(self) -> list[DeviceLock]:
+        return [r.public() for r in self.records]
+
+
+class EventGap(Exception):
+    """The requested ``since`` is older than the retained log: resynchronise from status."""
+
+
+class Store(ABC):
+    """A lock table with an ordered event log. Subclasses provide the primitives."""
+
+    #: ``memory`` or ``redis``.
+    kind: str = "abstract"
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    # -- primitives --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect and load; called once by the service's lifespan."""
+
+    async def close(self) -> None:
+        """Release connections; called once by the service's lifespan."""
+
+    @abstractmethod
+    async def now(self) -> float:
+        """The store's clock."""
+
+    @abstractmethod
+    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None) -> tuple[T, list[LockUpdateMessage]]:
+        """Run ``op`` on a fresh ``Txn`` and persist its changes and events atomically.
+
+        If ``op`` raises, nothing is written and the error propagates. Returns the op's result
+        and the events as appended to the log (with their ids).
+        """
+
+    @abstractmethod
+    async def _read(self, op: Callable[[Txn], T]) -> T:
+        """Run a read-only ``op`` on a consistent view."""
+
+    @abstractmethod
+    async def _all_records(self) -> list[LockRecord]:
+        """Every stored record (expired ones may be included)."""
+
+    @abstractmethod
+    async def _due(self, now: float, limit: int) -> list[RecordId]:
+        """Records whose lease ran out at or before ``now`` (from the expiry index)."""
+
+    @abstractmethod
+    async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
+        """Events after ``since`` (all retained when ``None``); ``EventGap`` if trimmed away."""
+
+    @abstractmethod
+    async def last_event_id(self) -> str | None:
+        """Id of the newest event, or ``None`` when the log is empty."""
+
+    @abstractmethod
+    def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
+        """Every event after ``since`` (or after now when ``None``), forever, in order."""
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailableError`` if the store cannot be used."""
+
+    # -- operations --------------------------------------------------------------------
+    def notify_changed(self) -> None:
+        """Wake requests waiting for a device (called after every stored change)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def request(self, req: LockRequest, actor: str | None = None) -> Grant:
+        """Grant ``req`` or raise ``LockConflictError`` (after waiting up to ``req.wait``)."""
+        presented = req.lock_key is not None
+        lock_key = req.lock_key or new_lock_key()
+        key_hash = locktable.hash_key(lock_key)
+        try:
+            records, _ = await self._transact(
+                lambda txn: locktable.request(txn, req, key_hash, presented=presented), actor)
+            return Grant(lock_key, records)
+        except LockConflictError:
+            if req.wait <= 0:
+                raise
+        ticket, _ = await self._transact(
+            lambda txn: locktable.enqueue(txn, req.names, req.lock_type.priority, req.wait))
+        deadline = time.monotonic() + req.wait
+        try:
+            while True:
+                changed = self._changed
+                try:
+                    records, _ = await self._transact(
+                        lambda txn: locktable.request(txn, req, key_hash, presented=presented,
+                                                      ticket=ticket), actor)
+                    return Grant(lock_key, records)
+                except LockConflictError as exc:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        exc.message = f"{exc.message} (waited {req.wait:g} s)"
+                        exc.args = (exc.message,)
+                        raise
+                try:
+                    await asyncio.wait_for(changed.wait(), min(remaining, WAIT_POLL_SECONDS))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            try:
+                await self._transact(lambda txn: locktable.dequeue(txn, ticket))
+            except Exception:  # the waiter expires on its own; never mask the real outcome
+                log.debug("could not remove wait ticket %s", ticket, exc_info=True)
+
+    async def release(self, lock_key: str, device_name: str | None = None,
+                      actor: str | None = None) -> list[DeviceLock]:
+        key_hash = locktable.hash_key(lock_key)
+        records, _ = await self._transact(
+            lambda txn: locktable.release(txn, key_hash, device_name), actor)
+        return [r.public() for r in records]
+
+    async def renew(self, lock_key: str, timeout: float | None,
+                    actor: str | None = None) -> list[DeviceLock]:
+        key_hash = locktable.hash_key(lock_key)
+        records, _ = await self._transact(lambda txn: locktable.renew(txn, key_hash, timeout), actor)
+        return [r.public() for r in records]
+
+    async def force_release(self, device_name: str, actor: str | None = None) -> list[DeviceLock]:
+        records, _ = await self._transact(
+            lambda txn: locktable.force_release(txn, device_name), actor)
+        return [r.public() for r in records]
+
+    async def sweep(self, limit: int = 1000) -> int:
+        """Expire every lock whose lease ran out (and drop stale wait tickets)."""
+        now = await self.now()
+        due = await self._due(now, limit)
+        gone, _ = await self._transact(lambda txn: locktable.expire(txn, due))
+        return len(gone)
+
+    async def all_locks(self) -> list[DeviceLock]:
+        """Every live lock, active and preempted, ordered by device name then priority."""
+        now = await self.now()
+        recs = [r for r in await self._all_records() if r.live(now)]
+        recs.sort(key=lambda r: (r.device_name, r.priority))
+        return [r.public() for r in recs]
+
+    async def device_status(self, device_name: str) -> LockStatus:
+        active, preempted, components = await self._read(
+            lambda txn: locktable.device_status(txn, device_name))
+        return LockStatus(
+            device_name=device_name,
+            locked=active is not None,
+            lock=active.public() if active else None,
+            preempted=[r.public() for r in preempted],
+            component_locks=[r.public() for r in components],
+            timestamp=utcnow(),
+        )

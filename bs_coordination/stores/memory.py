@@ -1,0 +1,162 @@
+"""The embedded store: one process, nothing to install, nothing kept across restarts.
+
+Operations are atomic because the lock table is synchronous code run on the event loop
+between two awaits. Records are indexed by name, by key and by expiry (a heap), so a lock
+operation costs O(depth of the name + records touched), independent of how many locks exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TypeVar
+
+from bs_coordination import locktable
+from bs_coordination.errors import InvalidRequestError
+from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn, Waiter
+from bs_coordination.models import LockUpdateMessage
+from bs_coordination.stores.base import Clock, EventGap, Store, SystemClock, to_message
+
+T = TypeVar("T")
+
+#: Events kept for ``/api/events`` and WebSocket resume.
+DEFAULT_EVENT_LOG_SIZE = 10_000
+
+
+class MemoryStore(Store):
+    kind = "memory"
+
+    def __init__(self, clock: Clock | None = None, event_log_size: int = DEFAULT_EVENT_LOG_SIZE) -> None:
+        super().__init__()
+        self.clock = clock or SystemClock()
+        self._records: dict[str, dict[str, LockRecord]] = {}
+        self._under: dict[str, set[str]] = {}
+        self._key_names: dict[str, set[str]] = {}
+        self._waiters: dict[int, Waiter] = {}
+        self._counters: dict[str, int] = {}
+        self._expiry: list[tuple[float, str, str]] = []
+        self._events: deque[LockUpdateMessage] = deque(maxlen=event_log_size)
+        self._last_id = 0
+        self._appended = asyncio.Event()
+
+    # -- TableView ---------------------------------------------------------------------
+    def records_at(self, name: str) -> Iterable[LockRecord]:
+        return self._records.get(name, {}).values()
+
+    def names_under(self, name: str) -> Iterable[str]:
+        return self._under.get(name, ())
+
+    def names_of_key(self, key_hash: str) -> Iterable[str]:
+        return self._key_names.get(key_hash, ())
+
+    def waiters(self) -> Iterable[Waiter]:
+        return self._waiters.values()
+
+    def counter(self, name: str) -> int:
+        return self._counters.get(name, 0)
+
+    # -- primitives --------------------------------------------------------------------
+    async def now(self) -> float:
+        return self.clock.now()
+
+    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None) -> tuple[T, list[LockUpdateMessage]]:
+        txn = Txn(self, self.clock.now(), actor)
+        result = op(txn)
+        messages = self._apply(txn.changes())
+        return result, messages
+
+    async def _read(self, op: Callable[[Txn], T]) -> T:
+        return op(Txn(self, self.clock.now()))
+
+    async def _all_records(self) -> list[LockRecord]:
+        return [r for recs in self._records.values() for r in recs.values()]
+
+    async def _due(self, now: float, limit: int) -> list[RecordId]:
+        due: list[RecordId] = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now and len(due) < limit:
+            expires_at, name, key_hash = heapq.heappop(heap)
+            rec = self._records.get(name, {}).get(key_hash)
+            if rec is not None and rec.expires_at == expires_at:  # else a stale heap entry
+                due.append((name, key_hash))
+        return due
+
+    async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
+        if since is None:
+            return list(self._events)[-limit:]
+        after = _parse_id(since)
+        if self._events and after < _parse_id(self._events[0].event_id) - 1:
+            raise EventGap(f"event {since} is older than the retained log")
+        out = [m for m in self._events if _parse_id(m.event_id) > after]
+        return out[:limit]
+
+    async def last_event_id(self) -> str | None:
+        return str(self._last_id) if self._last_id else None
+
+    async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
+        last = _parse_id(since) if since is not None else self._last_id
+        while True:
+            appended = self._appended
+            if self._last_id > last:
+                batch = await self.events_after(str(last), limit=len(self._events) or 1)
+                for m in batch:
+                    last = _parse_id(m.event_id)
+                    yield m
+                continue
+            await appended.wait()
+
+    # -- writing -----------------------------------------------------------------------
+    def _apply(self, ch: Changes) -> list[LockUpdateMessage]:
+        for (name, key_hash) in ch.deletes:
+            recs = self._records.get(name)
+            if recs is None or recs.pop(key_hash, None) is None:
+                continue
+            if not recs:
+                del self._records[name]
+                for a in locktable.ancestors(name):
+                    under = self._under.get(a)
+                    if under is not None:
+                        under.discard(name)
+                        if not under:
+                            del self._under[a]
+            names = self._key_names.get(key_hash)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self._key_names[key_hash]
+        for (name, key_hash), rec in ch.puts.items():
+            recs = self._records.setdefault(name, {})
+            if not recs:
+                for a in locktable.ancestors(name):
+                    self._under.setdefault(a, set()).add(name)
+            old = recs.get(key_hash)
+            recs[key_hash] = rec
+            self._key_names.setdefault(key_hash, set()).add(name)
+            if rec.expires_at is not None and (old is None or old.expires_at != rec.expires_at):
+                heapq.heappush(self._expiry, (rec.expires_at, name, key_hash))
+        self._counters.update(ch.counters)
+        for ticket in ch.waiters_deleted:
+            self._waiters.pop(ticket, None)
+        self._waiters.update(ch.waiters_put)
+        messages = []
+        for event in ch.events:
+            self._last_id += 1
+            msg = to_message(event, str(self._last_id))
+            self._events.append(msg)
+            messages.append(msg)
+        if messages:
+            self._appended.set()
+            self._appended = asyncio.Event()
+        if not ch.empty:
+            self.notify_changed()
+        return messages
+
+
+def _parse_id(event_id: str | None) -> int:
+    try:
+        return int(event_id) if event_id else 0
+    except ValueError:
+        raise InvalidRequestError(
+            f"since: {event_id[:40]!r} is not an event id of this service", field="since") from None
