@@ -68,6 +68,12 @@ def new_lock_key() -> str:
     return secrets.token_urlsafe(24)
 
 
+def event_order(event_id: str) -> tuple[int, ...]:
+    """Sort key of an event id of any store (``"12"`` in memory, ``"1700000000000-3"`` in a
+    Redis Stream); ``ValueError`` if it is not an event id."""
+    return tuple(int(part) for part in event_id.split("-"))
+
+
 def to_message(event: Event, event_id: str) -> LockUpdateMessage:
     return LockUpdateMessage(
         action=event.action,
