@@ -1,0 +1,87 @@
+"""Helpers shared by the benchmarks: start real processes, drive load, summarise latencies."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 20.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except Exception:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextmanager
+def process(args: list[str], ready_url: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(ready_url)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def service(store: str = "memory") -> Iterator[str]:
+    """A real coordination service (one uvicorn worker) on a free loopback port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process([sys.executable, "-m", "bs_coordination.service", "--host", "127.0.0.1",
+                  "--port", str(port), "--store", store, "--log-level", "WARNING"],
+                 f"{url}/api/health/live"):
+        yield url
+
+
+@contextmanager
+def trivial_app() -> Iterator[str]:
+    """The anchor: a trivial FastAPI JSON endpoint under the same uvicorn settings."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process([sys.executable, "-m", "uvicorn", "--app-dir", HERE, "_trivial_app:app",
+                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                  "--no-access-log"], f"{url}/ping"):
+        yield url
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def row(what: str, figure: str, anchor: str, ratio: float, target: str) -> str:
+    return f"| {what} | {figure} | {anchor} | {ratio:.2f}x | {target} |"
+
+
+HEADER = "| what | figure | anchor (same run) | ratio | target |\n|---|---|---|---|---|"
+
+__all__ = ["HEADER", "percentile", "process", "row", "service", "statistics", "trivial_app"]

@@ -1,0 +1,208 @@
+"""Service benchmarks on the memory store (issue 2).
+
+1. lock+release pairs/s through the service, 50 concurrent clients, one uvicorn worker,
+   against a trivial FastAPI JSON endpoint's requests/s measured the same way in the same run
+   (target >= 0.5x);
+2. lock operation latency with 10 and with 100,000 locks held, in the store and through HTTP
+   (target: flat, ratio ~1);
+3. one event delivered to 500 WebSocket subscribers: p99 from the request to each subscriber
+   (target <= 100 ms), with and without a stalled subscriber that never reads.
+
+Run: ``python benchmarks/bench_service.py`` (about a minute). The load generator is Python
+(aiohttp) on the same 2-core machine, for both the service and its anchor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+
+import aiohttp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import HEADER, percentile, row, service, trivial_app
+
+from bs_coordination.models import LockRequest, LockType
+from bs_coordination.stores import MemoryStore
+
+CLIENTS = 50
+SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+
+
+async def _drive(worker, clients: int, seconds: float) -> tuple[int, list[float]]:
+    latencies: list[float] = []
+    end = time.perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def loop(i: int) -> None:
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                await worker(session, i)
+                latencies.append(time.perf_counter() - t0)
+        await asyncio.gather(*(loop(i) for i in range(clients)))
+    return len(latencies), latencies
+
+
+async def lock_release_pairs(url: str) -> tuple[float, list[float]]:
+    async def pair(session: aiohttp.ClientSession, i: int) -> None:
+        body = {"device_name": f"bench{i}", "lock_type": "MANUAL_OPERATOR", "user_id": f"c{i}"}
+        async with session.post(f"{url}/api/lock/request", json=body) as r:
+            key = (await r.json())["lock_key"]
+        async with session.post(f"{url}/api/lock/release", json={"lock_key": key}) as r:
+            await r.read()
+            assert r.status == 200, r.status
+
+    n, lat = await _drive(pair, CLIENTS, SECONDS)
+    return n / SECONDS, lat
+
+
+async def trivial_requests(url: str) -> tuple[float, list[float]]:
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        async with session.post(f"{url}/echo", json={"device_name": f"bench{i}", "user_id": "c"}) as r:
+            await r.read()
+
+    n, lat = await _drive(one, CLIENTS, SECONDS)
+    return n / SECONDS, lat
+
+
+async def store_latency(held: int, ops: int = 3000) -> float:
+    """Median seconds of one request+release in the memory store with ``held`` locks held."""
+    store = MemoryStore()
+    batch = 200
+    for start in range(0, held, batch):
+        names = [f"held{j}" for j in range(start, min(held, start + batch))]
+        await store.request(LockRequest(device_names=names, lock_type=LockType.MANUAL_OPERATOR,
+                                        user_id="filler", timeout=3600))
+    samples = []
+    for i in range(ops):
+        t0 = time.perf_counter()
+        grant = await store.request(LockRequest(device_name=f"op{i % 10}.x", lock_type=LockType.MANUAL_OPERATOR,
+                                                user_id="b", timeout=60))
+        await store.release(grant.lock_key)
+        samples.append(time.perf_counter() - t0)
+    return percentile(samples, 50)
+
+
+async def http_latency(url: str, ops: int = 500) -> float:
+    async with aiohttp.ClientSession() as session:
+        samples = []
+        for i in range(ops):
+            t0 = time.perf_counter()
+            body = {"device_name": f"probe{i % 10}", "lock_type": "MANUAL_OPERATOR", "user_id": "b"}
+            async with session.post(f"{url}/api/lock/request", json=body) as r:
+                key = (await r.json())["lock_key"]
+            async with session.post(f"{url}/api/lock/release", json={"lock_key": key}) as r:
+                await r.read()
+            samples.append(time.perf_counter() - t0)
+    return percentile(samples, 50)
+
+
+async def fill(url: str, held: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        for start in range(0, held, 200):
+            names = [f"held{j}" for j in range(start, min(held, start + 200))]
+            body = {"device_names": names, "lock_type": "MANUAL_OPERATOR", "user_id": "filler", "timeout": 3600}
+            async with session.post(f"{url}/api/lock/request", json=body) as r:
+                assert r.status == 200, await r.text()
+
+
+def stalled_subscriber(url: str) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads a byte."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock
+
+
+async def fan_out(url: str, subscribers: int = 500, events: int = 10, stalled: int = 0) -> list[float]:
+    """Seconds from sending a lock request to each subscriber receiving its event."""
+    stuck = [stalled_subscriber(url) for _ in range(stalled)]
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        sockets = []
+        for _ in range(subscribers):
+            ws = await session.ws_connect(ws_url, max_msg_size=0)
+            msg = await ws.receive_json()
+            assert msg["type"] == "initial_status"
+            sockets.append(ws)
+        # the stalled ones are flooded with events they never read
+        for i in range(200 if stalled else 0):
+            body = {"device_name": f"flood{i}", "lock_type": "MANUAL_OPERATOR", "user_id": "f", "timeout": 60}
+            async with session.post(f"{url}/api/lock/request", json=body) as r:
+                await r.read()
+        for ws in sockets:  # drain the flood
+            while True:
+                try:
+                    await asyncio.wait_for(ws.receive(), 0.001 if not stalled else 0.05)
+                except asyncio.TimeoutError:
+                    break
+        delays: list[float] = []
+        for i in range(events):
+            device = f"fan{i}"
+            received: dict[int, float] = {}
+
+            async def wait_for(k: int, ws: aiohttp.ClientWebSocketResponse, device: str = device,
+                               received: dict[int, float] = received) -> None:
+                while True:
+                    msg = await ws.receive_json()
+                    if msg.get("type") == "lock_update" and msg.get("device_name") == device:
+                        received[k] = time.perf_counter()
+                        return
+
+            waiters = [asyncio.create_task(wait_for(k, ws)) for k, ws in enumerate(sockets)]
+            await asyncio.sleep(0.05)
+            t0 = time.perf_counter()
+            body = {"device_name": device, "lock_type": "MANUAL_OPERATOR", "user_id": "fan"}
+            async with session.post(f"{url}/api/lock/request", json=body) as r:
+                await r.read()
+            await asyncio.wait_for(asyncio.gather(*waiters), 30)
+            delays.extend(t - t0 for t in received.values())
+        for ws in sockets:
+            await ws.close()
+    for s in stuck:
+        s.close()
+    return delays
+
+
+async def main() -> None:
+    lines = [HEADER]
+    with trivial_app() as anchor_url:
+        anchor_rate, _ = await trivial_requests(anchor_url)
+    with service("memory") as url:
+        rate, lat = await lock_release_pairs(url)
+    lines.append(row(f"lock+release pairs/s, {CLIENTS} clients, memory store",
+                     f"{rate:.0f}/s (p50 {percentile(lat, 50) * 1e3:.1f} ms, p99 {percentile(lat, 99) * 1e3:.1f} ms)",
+                     f"trivial FastAPI {anchor_rate:.0f} req/s", rate / anchor_rate, ">= 0.5x"))
+
+    small, big = await store_latency(10), await store_latency(100_000)
+    lines.append(row("store request+release, 100,000 vs 10 held", f"{big * 1e6:.1f} us",
+                     f"{small * 1e6:.1f} us at 10", big / small, "flat (~1x)"))
+    with service("memory") as url:
+        await fill(url, 10)
+        http_small = await http_latency(url)
+        await fill(url, 100_000)
+        http_big = await http_latency(url)
+    lines.append(row("HTTP request+release p50, 100,000 vs 10 held", f"{http_big * 1e3:.2f} ms",
+                     f"{http_small * 1e3:.2f} ms at 10", http_big / http_small, "flat (~1x)"))
+
+    with service("memory") as url:
+        plain = await fan_out(url)
+    with service("memory") as url:
+        with_stalled = await fan_out(url, stalled=1)
+    p99, p99s = percentile(plain, 99), percentile(with_stalled, 99)
+    lines.append(row("event -> 500 WebSocket subscribers, p99", f"{p99 * 1e3:.1f} ms",
+                     "target 100 ms", p99 / 0.1, "<= 1.0x (100 ms)"))
+    lines.append(row("same, with a stalled subscriber, p99", f"{p99s * 1e3:.1f} ms",
+                     f"{p99 * 1e3:.1f} ms without", p99s / p99, "~1x, <= 100 ms"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
