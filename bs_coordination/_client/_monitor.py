@@ -1,0 +1,257 @@
+"""WebSocket monitoring: a local cache of the active locks, callbacks, automatic reconnect.
+
+One task reads the socket and keeps the cache; another runs the callbacks in event order, so a
+slow callback never makes the service drop this subscriber and never reorders events. After a
+lost connection the reader reconnects with exponential backoff and ``?since=<last event id>``:
+the service replays what was missed (delivered to the callbacks, each event once) and sends a
+fresh ``initial_status`` that replaces the cache and is handed to the status callbacks, so a
+consumer can resynchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from bs_coordination._client import _cache
+from bs_coordination._client._http import NO_ANSWER, HttpTransport
+from bs_coordination.errors import ServiceError
+from bs_coordination.models import DeviceLock
+
+log = logging.getLogger(__name__)
+
+#: ``cb(device_name, lock, action)``; may return an awaitable.
+LockCallback = Callable[[str, DeviceLock, str], Any]
+#: ``cb(locks)`` with every lock (active and preempted) of an ``initial_status``.
+StatusCallback = Callable[[list[DeviceLock]], Any]
+
+
+async def call_safely(cb: Callable[..., Any], *args: Any) -> None:
+    """Run a sync or async callback; log (never raise) what it raises."""
+    try:
+        result = cb(*args)
+        if inspect.isawaitable(result):
+            await result
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("lock monitoring callback %r failed", cb)
+
+
+class LockMonitor:
+    """Follows ``/ws`` of the service; see the module docstring."""
+
+    def __init__(
+        self,
+        transport: HttpTransport,
+        ws_url: str,
+        *,
+        reconnect_delay: float = 0.2,
+        max_reconnect_delay: float = 10.0,
+        heartbeat: float | None = 20.0,
+    ) -> None:
+        self.transport = transport
+        self.ws_url = ws_url
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.heartbeat = heartbeat
+        self.lock_callbacks: list[LockCallback] = []
+        self.status_callbacks: list[StatusCallback] = []
+        #: Active locks by device name.
+        self.cache: dict[str, DeviceLock] = {}
+        #: Id of the newest event handed to the callbacks (resume point).
+        self.last_event_id: str | None = None
+        #: How many times the connection was re-established after a loss.
+        self.reconnects = 0
+        self._snapshot_event_id: str | None = None
+        self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._stopping = False
+        self._got_status = False  # the current connection delivered its initial_status
+
+    @property
+    def running(self) -> bool:
+        return self._reader is not None and not self._reader.done()
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    async def start(self, timeout: float) -> None:
+        """Connect and return once the first ``initial_status`` has been applied."""
+        if self.running:
+            return
+        self._stopping = False
+        self._queue = asyncio.Queue()
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="bs-coordination-callbacks")
+        self._reader = asyncio.create_task(self._run(ready), name="bs-coordination-websocket")
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise ServiceError(
+                f"WebSocket {self.ws_url}: no initial_status within {timeout:g} s",
+                status_code=NO_ANSWER) from None
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Close the socket and end both tasks (pending callbacks are dropped)."""
+        self._stopping = True
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        for task in (self._reader, self._dispatcher):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._reader, self._dispatcher):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._reader = self._dispatcher = None
+        self._ws = None
+
+    def _url(self) -> str:
+        if self.last_event_id is None:
+            return self.ws_url
+        return str(URL(self.ws_url).update_query(since=self.last_event_id))
+
+    async def _run(self, ready: asyncio.Future[None]) -> None:
+        delay = self.reconnect_delay
+        first = True
+        seen_status = False  # an initial_status arrived (``ready`` resolves after its callbacks)
+        while not self._stopping:
+            url = self._url()
+            try:
+                ws = await self.transport.open().ws_connect(url, heartbeat=self.heartbeat)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                if not seen_status:
+                    ready.set_exception(ServiceError(
+                        f"cannot open WebSocket {self.ws_url}: {exc}", status_code=NO_ANSWER))
+                    return
+                log.warning("WebSocket %s: reconnect failed (%s); retrying in %.1f s",
+                            self.ws_url, exc, delay)
+            else:
+                if not first:
+                    self.reconnects += 1
+                    log.info("WebSocket %s: reconnected (resuming after event %s)",
+                             self.ws_url, self.last_event_id)
+                first = False
+                self._ws = ws
+                self._got_status = False
+                try:
+                    await self._read(ws, ready)
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    log.warning("WebSocket %s: connection lost (%s)", self.ws_url, exc)
+                finally:
+                    self._ws = None
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+                seen_status = seen_status or self._got_status
+                if not seen_status:
+                    ready.set_exception(ServiceError(
+                        f"WebSocket {self.ws_url} closed before its initial_status "
+                        f"(close code {ws.close_code})", status_code=NO_ANSWER))
+                    return
+                if self._got_status:
+                    delay = self.reconnect_delay
+                if not self._stopping:
+                    log.warning("WebSocket %s: disconnected (close code %s); reconnecting in "
+                                "%.1f s", self.ws_url, ws.close_code, delay)
+            if self._stopping:
+                return
+            await asyncio.sleep(delay * (1 + 0.2 * random.random()))
+            delay = min(delay * 2, self.max_reconnect_delay)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse[bool], ready: asyncio.Future[None]) -> None:
+        """Handle messages until the socket closes."""
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                try:
+                    data = json.loads(msg.data)
+                except ValueError:
+                    log.warning("WebSocket %s: ignoring a message that is not JSON", self.ws_url)
+                    continue
+                if not isinstance(data, dict):
+                    continue
+                try:
+                    self._handle(data, ready)
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("WebSocket %s: ignoring a malformed %r message (%s)",
+                                self.ws_url, data.get("type"), exc)
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                log.warning("WebSocket %s: %s", self.ws_url, ws.exception())
+                break
+
+    def _handle(self, data: dict[str, Any], ready: asyncio.Future[None]) -> None:
+        kind = data.get("type")
+        if kind == "lock_update":
+            self._on_event(data)
+        elif kind == "initial_status":
+            self._on_initial_status(data.get("data") or {}, ready)
+            self._got_status = True
+        elif kind in ("pong", "ping"):
+            pass
+        elif kind in ("error", "warning", "disconnect", "dropped", "lagging"):
+            log.warning("WebSocket %s: service says: %s", self.ws_url,
+                        data.get("message") or data.get("detail") or data)
+        else:
+            log.debug("WebSocket %s: ignoring message type %r", self.ws_url, kind)
+
+    def _on_initial_status(self, status: dict[str, Any], ready: asyncio.Future[None]) -> None:
+        locks = [DeviceLock.model_validate(item) for item in status.get("locks", [])]
+        snapshot_id = status.get("last_event_id")
+        snapshot_id = str(snapshot_id) if snapshot_id is not None else None
+        self.cache = _cache.snapshot(locks)
+        self._snapshot_event_id = snapshot_id
+        if self.last_event_id is None:
+            # A first connection: live events follow the snapshot. (On a resume the missed
+            # events are replayed after it, so the resume point must not jump ahead.) An empty
+            # log resumes from its start, so events during a first outage are not lost either.
+            self.last_event_id = str(snapshot_id) if snapshot_id is not None else "0"
+        self._queue.put_nowait(("status", locks, ready if not ready.done() else None))
+
+    def _on_event(self, data: dict[str, Any]) -> None:
+        lock = DeviceLock.model_validate(data["lock"])
+        action = str(data["action"])
+        device_name = str(data.get("device_name") or lock.device_name)
+        event_id = data.get("event_id")
+        if event_id is not None:
+            event_id = str(event_id)
+            if not _cache.is_after(event_id, self.last_event_id):
+                return  # already delivered before a reconnect
+            self.last_event_id = event_id
+        if _cache.is_after(event_id, self._snapshot_event_id):
+            _cache.apply_event(self.cache, action, lock)
+        self._queue.put_nowait(("event", device_name, lock, action))
+
+    async def _dispatch(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item[0] == "event":
+                _, device_name, lock, action = item
+                for lock_cb in list(self.lock_callbacks):
+                    await call_safely(lock_cb, device_name, lock, action)
+            else:
+                _, locks, ready = item
+                for status_cb in list(self.status_callbacks):
+                    await call_safely(status_cb, list(locks))
+                if ready is not None and not ready.done():
+                    ready.set_result(None)
+
+
+__all__ = ["LockCallback", "LockMonitor", "StatusCallback", "call_safely"]
