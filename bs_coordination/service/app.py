@@ -1,0 +1,104 @@
+"""The application factory: ``create_app(settings)`` builds a FastAPI app whose lifespan owns
+the store, the expiry sweeper and the event hub.
+
+Also usable as ``uvicorn --factory bs_coordination.service:create_app`` (settings then come
+from the ``COORDINATION_*`` environment variables).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from bs_coordination.stores import Store, open_store
+
+from .config import Settings, parse_settings
+from .handlers import install_handlers
+from .hub import EventHub
+from .logfilter import install_query_filter
+from .routes import events, health, locks
+from .ws import router as ws_router
+
+log = logging.getLogger(__name__)
+
+#: How often expired leases are swept; ``expired`` events follow expiry within about this.
+SWEEP_SECONDS = 0.2
+
+
+async def sweep_forever(store: Store, interval: float = SWEEP_SECONDS) -> None:
+    """Expire leases that ran out, forever; an error is logged and the sweep goes on."""
+    failing = False
+    while True:
+        try:
+            await store.sweep()
+            if failing:
+                log.info("expiry sweep works again")
+            failing = False
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not failing:  # one warning per outage, not five per second
+                log.warning("expiry sweep failed; retrying", exc_info=True)
+            failing = True
+        await asyncio.sleep(interval)
+
+
+def create_app(settings: Settings | None = None, *, store: Store | None = None) -> FastAPI:
+    """Build the service. ``store`` replaces the one ``settings.store`` names (tests pass a
+    store with a manual clock); either way the app starts and closes it."""
+    if settings is None:
+        settings = parse_settings([], os.environ)
+    install_query_filter()
+    logging.getLogger("bs_coordination").setLevel(settings.log_level)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_query_filter()  # again: a server may have reconfigured logging meanwhile
+        st = store if store is not None else open_store(settings.store)
+        await st.start()
+        hub = EventHub(settings.ws_queue_size)
+        app.state.store = st
+        app.state.hub = hub
+        hub.start(st)
+        sweeper = asyncio.create_task(sweep_forever(st), name="bs-coordination-sweeper")
+        log.info("lock service ready (store: %s)", st.kind)
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await hub.stop()
+            await st.close()
+
+    app = FastAPI(
+        title="bs-coordination",
+        summary="Device locks for Bluesky beamlines: priorities, leases, live events.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.include_router(locks.router)
+    app.include_router(events.router)
+    app.include_router(health.router)
+    app.include_router(ws_router)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bs-coordination")
+    except PackageNotFoundError:
+        return "0"

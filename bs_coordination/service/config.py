@@ -1,0 +1,211 @@
+"""Service settings: every setting is a command-line flag and an environment variable, flag first.
+
+``parse_settings(argv, environ)`` validates everything before the service starts; a bad value
+stops it with one line that names the setting (``error: --port: must be 1..65535, got 'abc'``)
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 60620
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+#: Per-WebSocket queue of undelivered events; a subscriber that falls this far behind is dropped.
+DEFAULT_WS_QUEUE_SIZE = 1000
+
+
+@dataclass
+class Settings:
+    """Everything the service can be configured with (see ``--help``)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    #: ``memory`` or a ``redis://host:port/db`` URL.
+    store: str = "memory"
+    profile_collection: str | None = None
+    strict_devices: bool = False
+    #: Path of the API-key file; ``None`` leaves authentication off.
+    api_keys: str | None = None
+    log_level: str = "INFO"
+    cors_origins: list[str] = field(default_factory=list)
+    ws_queue_size: int = DEFAULT_WS_QUEUE_SIZE
+
+
+class SettingsError(ValueError):
+    """A bad setting: the message starts with the flag or variable that holds it."""
+
+
+# (flag, environment variable, help). The store has a second variable, handled below.
+_OPTIONS: list[tuple[str, str, str]] = [
+    ("--host", "COORDINATION_HOST", f"interface to listen on (default {DEFAULT_HOST})"),
+    ("--port", "COORDINATION_PORT", f"TCP port to listen on, 1..65535 (default {DEFAULT_PORT})"),
+    ("--store", "COORDINATION_STORE",
+     "where locks live: 'memory' (default, one process) or a redis://host:port/db URL "
+     "(also selected by COORDINATION_REDIS_URL)"),
+    ("--profile-collection", "COORDINATION_PROFILE_COLLECTION",
+     "profile collection directory whose devices are discovered"),
+    ("--strict-devices", "COORDINATION_STRICT_DEVICES",
+     "refuse device names the profile collection does not define (404)"),
+    ("--api-keys", "COORDINATION_API_KEYS",
+     "JSON or YAML file of hashed API keys; turns authentication on"),
+    ("--log-level", "COORDINATION_LOG_LEVEL",
+     f"log level: {', '.join(LOG_LEVELS)} (default INFO)"),
+    ("--cors-origins", "COORDINATION_CORS_ORIGINS",
+     "comma-separated origins allowed by CORS (default: none, CORS closed)"),
+    ("--ws-queue-size", "COORDINATION_WS_QUEUE_SIZE",
+     f"events buffered per WebSocket before a slow subscriber is dropped "
+     f"(default {DEFAULT_WS_QUEUE_SIZE})"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but every error is one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m bs_coordination.service",
+        description="Run the bs-coordination device lock service. Every flag also reads an "
+        "environment variable (shown in brackets); the flag wins.",
+    )
+    for flag, env, text in _OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        if flag == "--strict-devices":
+            parser.add_argument(flag, dest=dest, action="store_true", default=None,
+                                help=f"{text} [{env}=1]")
+        else:
+            parser.add_argument(flag, dest=dest, default=None, metavar=dest.upper(),
+                                help=f"{text} [{env}]")
+    return parser
+
+
+def _port(where: str, raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise SettingsError(f"{where}: must be 1..65535, got {raw!r}")
+    return port
+
+
+def _store(where: str, raw: str) -> str:
+    value = raw.strip()
+    if value in ("memory", "memory://") or value.startswith(STORE_SCHEMES):
+        return "memory" if value.startswith("memory") else value
+    raise SettingsError(f"{where}: must be 'memory' or a redis:// URL, got {raw[:80]!r}")
+
+
+def _log_level(where: str, raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in LOG_LEVELS:
+        raise SettingsError(f"{where}: must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return value
+
+
+def _existing(where: str, raw: str, *, directory: bool) -> str:
+    path = Path(raw).expanduser()
+    ok = path.is_dir() if directory else path.is_file()
+    if not ok:
+        what = "directory" if directory else "file"
+        raise SettingsError(f"{where}: no such {what}: {raw!r}")
+    return str(path)
+
+
+def _flag(where: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{where}: must be one of 1/0, true/false, yes/no, on/off, got {raw!r}")
+
+
+def _queue_size(where: str, raw: str) -> int:
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise SettingsError(f"{where}: must be a positive integer, got {raw!r}")
+    return size
+
+
+def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Build ``Settings`` from flags and environment; raise ``SettingsError`` on a bad value.
+
+    ``argparse`` handles ``--help`` and unknown flags (both exit).
+    """
+    args = vars(build_parser().parse_args(list(argv) if argv is not None else []))
+
+    def pick(flag: str, env: str) -> tuple[str, str] | None:
+        """(where, raw value) of the flag, else the variable, else None."""
+        dest = flag[2:].replace("-", "_")
+        if args.get(dest) is not None:
+            return flag, args[dest]
+        if environ.get(env):
+            return env, environ[env]
+        return None
+
+    s = Settings()
+    if (v := pick("--host", "COORDINATION_HOST")) is not None:
+        if not v[1].strip():
+            raise SettingsError(f"{v[0]}: must not be empty")
+        s.host = v[1].strip()
+    if (v := pick("--port", "COORDINATION_PORT")) is not None:
+        s.port = _port(*v)
+    v = pick("--store", "COORDINATION_STORE")
+    if v is None and environ.get("COORDINATION_REDIS_URL"):
+        v = ("COORDINATION_REDIS_URL", environ["COORDINATION_REDIS_URL"])
+    if v is not None:
+        s.store = _store(*v)
+    if (v := pick("--profile-collection", "COORDINATION_PROFILE_COLLECTION")) is not None:
+        s.profile_collection = _existing(*v, directory=True)
+    if args.get("strict_devices"):
+        s.strict_devices = True
+    elif environ.get("COORDINATION_STRICT_DEVICES") is not None:
+        s.strict_devices = _flag("COORDINATION_STRICT_DEVICES",
+                                 environ["COORDINATION_STRICT_DEVICES"])
+    if (v := pick("--api-keys", "COORDINATION_API_KEYS")) is not None:
+        s.api_keys = _existing(*v, directory=False)
+    if (v := pick("--log-level", "COORDINATION_LOG_LEVEL")) is not None:
+        s.log_level = _log_level(*v)
+    if (v := pick("--cors-origins", "COORDINATION_CORS_ORIGINS")) is not None:
+        s.cors_origins = [o.strip() for o in v[1].split(",") if o.strip()]
+    if (v := pick("--ws-queue-size", "COORDINATION_WS_QUEUE_SIZE")) is not None:
+        s.ws_queue_size = _queue_size(*v)
+    return s
+
+
+def parse_settings(argv: Sequence[str] | None = None,
+                   environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``argv`` (flags) and ``environ``; a bad value exits with code 2 after
+    printing one line that names the setting."""
+    try:
+        return settings_from(argv, os.environ if environ is None else environ)
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def log_level_number(level: str) -> int:
+    return int(logging.getLevelName(level))
+
+
+__all__ = ["Settings", "SettingsError", "build_parser", "parse_settings", "settings_from"]

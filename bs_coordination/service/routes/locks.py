@@ -1,0 +1,173 @@
+"""Lock operations: request, release, renew, force-release, and status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Query
+
+from bs_coordination.errors import InvalidRequestError
+from bs_coordination.models import (
+    DEVICE_NAME_PATTERN,
+    MAX_NAME_LENGTH,
+    ForceReleaseRequest,
+    ForceReleaseResponse,
+    LockRequest,
+    LockResponse,
+    LocksStatusResponse,
+    LockStatus,
+    ReleaseRequest,
+    ReleaseResponse,
+    RenewRequest,
+    RenewResponse,
+)
+
+from ..deps import StoreDep
+from ..handlers import error_responses
+from ..status import locks_status
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api", tags=["locks"])
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+@router.post(
+    "/lock/request",
+    response_model=LockResponse,
+    responses=error_responses(404, 409, 422, 503),
+    summary="Lock one device or several at once (all or none)",
+)
+async def request_lock(req: LockRequest, store: StoreDep) -> LockResponse:
+    """Grant the devices under one key, preempting lower-priority holders, or answer 409 with
+    the holders in the way. With ``wait`` the request queues for up to that many seconds.
+    Presenting ``lock_key`` upgrades that key's locks or adds devices under it (404 if the key
+    holds nothing)."""
+    grant = await store.request(req, actor=req.user_id)
+    locks = grant.locks
+    tokens = [lk.token for lk in locks]
+    expiries = [lk.expires_at for lk in locks if lk.expires_at is not None]
+    log.info("granted %s to %r (%s)", _names(req.names), req.user_id, req.lock_type.value)
+    return LockResponse(
+        success=True,
+        lock_key=grant.lock_key,
+        message=f"Lock granted on {_names(req.names)} ({req.lock_type.value})",
+        expires_at=min(expiries) if expiries and len(expiries) == len(locks) else None,
+        token=max(tokens) if tokens else None,
+        locks=locks,
+    )
+
+
+DeprecatedKey = Annotated[
+    str | None,
+    Query(min_length=1, max_length=MAX_NAME_LENGTH, deprecated=True,
+          description="Deprecated: send the key in the JSON body (query strings get logged "
+                      "by proxies)."),
+]
+DeprecatedName = Annotated[
+    str | None,
+    Query(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DEVICE_NAME_PATTERN, deprecated=True,
+          description="Deprecated query form of `device_name`."),
+]
+DeprecatedUser = Annotated[
+    str | None,
+    Query(min_length=1, max_length=MAX_NAME_LENGTH, deprecated=True,
+          description="Deprecated query form of `user_id`."),
+]
+
+
+@router.post(
+    "/lock/release",
+    response_model=ReleaseResponse,
+    responses=error_responses(403, 404, 422, 503),
+    summary="Release a device (or every device of a key)",
+)
+async def release_lock(
+    store: StoreDep,
+    body: Annotated[ReleaseRequest | None, Body()] = None,
+    device_name: DeprecatedName = None,
+    lock_key: DeprecatedKey = None,
+    user_id: DeprecatedUser = None,
+) -> ReleaseResponse:
+    """Release ``device_name`` under ``lock_key``, or every device of the key when no device is
+    named. The original service's query form (``?device_name=&lock_key=&user_id=``) still
+    works; the JSON body wins when both are given."""
+    if body is None:
+        if lock_key is None:
+            raise InvalidRequestError(
+                "lock_key: missing; send {\"lock_key\": ..., \"device_name\": ...} as JSON",
+                field="lock_key")
+        body = ReleaseRequest(lock_key=lock_key, device_name=device_name, user_id=user_id)
+    released = await store.release(body.lock_key, body.device_name, actor=body.user_id)
+    names = [lk.device_name for lk in released]
+    return ReleaseResponse(success=True, message=f"Released {_names(names)}", released=released)
+
+
+@router.post(
+    "/lock/renew",
+    response_model=RenewResponse,
+    responses=error_responses(404, 422, 503),
+    summary="Extend every lock of a key",
+)
+async def renew_lock(req: RenewRequest, store: StoreDep) -> RenewResponse:
+    """Set every lock of ``lock_key`` to expire ``timeout`` seconds from now (``null``: no
+    expiry, people's locks only)."""
+    locks = await store.renew(req.lock_key, req.timeout)
+    expiries = [lk.expires_at for lk in locks if lk.expires_at is not None]
+    return RenewResponse(
+        success=True,
+        message=f"Renewed {_names([lk.device_name for lk in locks])}",
+        expires_at=min(expiries) if expiries else None,
+        locks=locks,
+    )
+
+
+@router.post(
+    "/lock/force-release",
+    response_model=ForceReleaseResponse,
+    responses=error_responses(404, 422, 503),
+    summary="Remove every lock on exactly one device (admin)",
+)
+async def force_release(req: ForceReleaseRequest, store: StoreDep) -> ForceReleaseResponse:
+    """Remove every lock, active and preempted, on exactly ``device_name``; preempted locks
+    on overlapping names are then restored as after a release."""
+    released = await store.force_release(req.device_name)
+    log.warning("force-released %d lock(s) on %r, reason: %r", len(released), req.device_name,
+                req.reason)
+    return ForceReleaseResponse(
+        success=True,
+        message=f"Force-released {len(released)} lock(s) on {req.device_name!r}",
+        released=released,
+    )
+
+
+@router.get(
+    "/locks/status",
+    response_model=LocksStatusResponse,
+    responses=error_responses(503),
+    summary="Every lock, active and preempted",
+)
+async def all_locks(store: StoreDep) -> LocksStatusResponse:
+    """Every live lock. ``last_event_id`` is the newest event the list includes: follow
+    ``/api/events?since=`` or ``/ws?since=`` from it."""
+    return await locks_status(store)
+
+
+@router.get(
+    "/locks/device/{device_name}",
+    response_model=LockStatus,
+    responses=error_responses(422, 503),
+    summary="Lock status of one device",
+)
+async def device_status(
+    device_name: Annotated[
+        str, Path(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DEVICE_NAME_PATTERN)],
+    store: StoreDep,
+) -> LockStatus:
+    """The active lock covering the device (its own or an ancestor's: ``det1`` covers
+    ``det1.cam``), the preempted locks waiting under it, and locks held on its components."""
+    return await store.device_status(device_name)
