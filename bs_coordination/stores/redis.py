@@ -1,0 +1,427 @@
+"""The Redis store: locks that survive restarts and are shared by several service replicas.
+
+It runs the same ``locktable`` code as the memory store. How an operation becomes one atomic
+read-modify-write (optimistic ``WATCH``/``MULTI`` rather than a Lua script, because the rules
+live in Python and must stay the one copy both stores run):
+
+1. **Speculate.** The operation runs on a ``Txn`` over a view answered from a local cache of
+   what this process last saw (never trusted, only a guess). Every key the view is asked for
+   and has not read under ``WATCH`` in this attempt is noted as *missing*. The lock table is
+   pure, so running it on a guess has no effect; its result is thrown away.
+2. **Fetch.** One pipelined round trip on a dedicated connection: ``WATCH`` the missing keys,
+   ``TIME`` (the clock every replica shares), read them, and reserve fencing-token/ticket
+   values with ``INCRBY`` (after the ``WATCH``, so for any device the token order is the
+   commit order; see ``_View.counter``).
+3. **Run again** on what was read. If it asks for something not yet read (e.g. the records
+   on names found in an "under" set), fetch that too (more keys are watched) and run again.
+4. **Commit** ``txn.changes()`` in one ``MULTI``/``EXEC``: record hashes, the "under", key and
+   name sets, the expiry sorted set, waiters, and one ``XADD`` per event. ``EXEC`` fails when
+   any watched key changed; then the attempt starts over (bounded, with jitter). Event ids are
+   the stream ids ``EXEC`` returns, so messages are built after it.
+
+With a warm cache an operation is two round trips (fetch, commit); a refusal is one, since it
+writes nothing. Read-only operations (``device_status``) read inside ``MULTI``/``EXEC``
+instead of under ``WATCH``, which is one consistent snapshot per round trip.
+
+Fencing tokens come from one counter that only increases. Values are reserved before the
+commit, so two grants on *unrelated* devices may commit in the opposite order of their tokens;
+for one device (and every name overlapping it) a later grant always has a larger token.
+
+Failing closed: any connection error, timeout or Redis error becomes ``StoreUnavailableError``
+("lock store unavailable: ...", HTTP 503), and no grant is returned unless ``EXEC`` succeeded.
+Connections come from a pool that reconnects on the next use, so the store heals by itself
+when Redis returns. The event tail uses its own client without a read timeout (redis-py 8's
+5 s default plus retries breaks ``XREAD BLOCK``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from bs_coordination import locktable
+from bs_coordination.errors import CoordinationError, InvalidRequestError, StoreUnavailableError
+from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn
+from bs_coordination.models import LockUpdateMessage
+from bs_coordination.stores import redis_keys as rk
+from bs_coordination.stores.base import EventGap, Store, to_message
+from bs_coordination.stores.redis_txn import Needs, Snapshot, View, WatchCache
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Attempts of one operation before giving up under contention.
+MAX_ATTEMPTS = 64
+#: How long one ``XREAD BLOCK`` waits before it re-issues (milliseconds).
+TAIL_BLOCK_MS = 2000
+#: Events read per ``XREAD``.
+TAIL_BATCH = 500
+_EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
+
+
+class _Unknown(Exception):
+    """``EXEC`` was sent but its answer was lost: the outcome is unknown."""
+
+
+class RedisStore(Store):
+    """The lock table in Redis. ``RedisStore("redis://host:6379/0")``."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, *, prefix: str = rk.DEFAULT_PREFIX,
+                 socket_timeout: float = 2.0, connect_timeout: float = 1.0) -> None:
+        super().__init__()
+        self.keys = rk.KeySpace(prefix)
+        parts = urlsplit(url)
+        # Only host and port ever appear in messages: the URL may carry a password.
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        common: dict[str, Any] = dict(decode_responses=True, protocol=2,
+                                      socket_connect_timeout=connect_timeout)
+        # One quick retry, so a request during an outage fails fast instead of after
+        # redis-py 8's ten retries.
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=socket_timeout, **common,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
+        # Transactions hold a connection across round trips and may leave a WATCH behind
+        # (a refusal writes nothing); their own pool keeps that away from plain commands.
+        self._txn_pool = aioredis.ConnectionPool.from_url(url, socket_timeout=socket_timeout,
+                                                          **common)
+        self._url = url
+        self._common = common
+        self._cache = WatchCache()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Check that Redis answers; an outage at start is logged, not fatal (the store
+        answers 503 until Redis is reachable, then heals)."""
+        try:
+            await self.ping()
+        except StoreUnavailableError as exc:
+            log.warning("%s", exc.message)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._txn_pool.disconnect()
+
+    async def ping(self) -> None:
+        with self._unavailable():
+            await self._redis.ping()
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise self._down(exc) from None
+
+    def _down(self, exc: BaseException) -> StoreUnavailableError:
+        text = str(exc)
+        password = urlsplit(self._url).password
+        if password:
+            text = text.replace(password, "***")
+        return StoreUnavailableError(
+            f"lock store unavailable: Redis at {self.where}: {type(exc).__name__}: {text}")
+
+    # -- primitives --------------------------------------------------------------------
+    async def now(self) -> float:
+        with self._unavailable():
+            sec, usec = await self._redis.time()
+        return sec + usec / 1e6
+
+    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None
+                        ) -> tuple[T, list[LockUpdateMessage]]:
+        return await self._run(op, actor, write=True)
+
+    async def _read(self, op: Callable[[Txn], T]) -> T:
+        result, _ = await self._run(op, None, write=False)
+        return result
+
+    async def _all_records(self) -> list[LockRecord]:
+        with self._unavailable():
+            names = sorted(await self._redis.smembers(self.keys.names))
+            if not names:
+                return []
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for n in names:
+                    pipe.hvals(self.keys.records(n))
+                rows = await pipe.execute()
+        return [LockRecord.from_dict(json.loads(v)) for vals in rows for v in vals]
+
+    async def _due(self, now: float, limit: int) -> list[RecordId]:
+        with self._unavailable():
+            members = await self._redis.zrangebyscore(self.keys.expiry, "-inf", now,
+                                                      start=0, num=limit)
+        return [rk.parse_expiry_member(m) for m in members]
+
+    # -- transactions ------------------------------------------------------------------
+    async def _run(self, op: Callable[[Txn], T], actor: str | None, *, write: bool
+                   ) -> tuple[T, list[LockUpdateMessage]]:
+        conn = None
+        clean = False  # the connection holds no unread reply and may go back to the pool
+        try:
+            snap = Snapshot()
+            for attempt in range(MAX_ATTEMPTS):
+                view = View(snap, self._cache)
+                txn = Txn(view, snap.now if snap.now is not None else time.time(), actor)
+                error: Exception | None = None
+                try:
+                    result = op(txn)
+                except CoordinationError as exc:
+                    error = exc
+                except Exception as exc:
+                    if not view.needs:  # a real bug, not an artefact of a guessed view
+                        raise
+                    error = exc
+                changes = txn.changes() if error is None else None
+                if changes is not None:
+                    view.check_counters(changes)
+                if view.needs:
+                    if conn is None:
+                        conn = await self._txn_pool.get_connection()
+                    clean = False
+                    await self._fetch(conn, snap, view.needs, write)
+                    clean = True
+                    continue
+                if error is not None:
+                    raise error
+                assert changes is not None
+                if not write or changes.empty:
+                    return result, []
+                assert conn is not None
+                clean = False
+                messages = await self._commit(conn, snap, changes)
+                clean = True
+                if messages is not None:
+                    self.notify_changed()
+                    return result, messages
+                # A watched key changed: start over on fresh reads.
+                snap = Snapshot()
+                await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** attempt, 0.05)))
+            raise StoreUnavailableError(
+                f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
+        except _Unknown as exc:
+            raise self._down(exc.__cause__ or exc) from None
+        except (RedisError, OSError) as exc:
+            raise self._down(exc) from None
+        finally:
+            if conn is not None:
+                if not clean:
+                    # Drops unread replies and any WATCH; the pool reconnects on next use.
+                    await conn.disconnect()
+                await self._txn_pool.release(conn)
+
+    async def _batch(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and read every reply (errors as values)."""
+        await conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def _fetch(self, conn: Any, snap: Snapshot, needs: Needs, write: bool) -> None:
+        """One round trip: read what the last run was missing (under ``WATCH`` when writing,
+        else everything read so far again, inside ``MULTI``/``EXEC``)."""
+        k = self.keys
+        if not write:
+            needs = snap.read.union(needs)
+        reads: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
+
+        def read(cmd: tuple[Any, ...], sink: Callable[[Any], None]) -> None:
+            reads.append((cmd, sink))
+
+        read(("TIME",), snap.set_time)
+        for n in needs.records:
+            read(("HVALS", k.records(n)), lambda v, n=n: snap.set_records(n, v))
+        for n in needs.under:
+            read(("SMEMBERS", k.under(n)), lambda v, n=n: snap.set_under(n, v))
+        for h in needs.key_names:
+            read(("SMEMBERS", k.key_names(h)), lambda v, h=h: snap.set_key_names(h, v))
+        if needs.waiters:
+            read(("HVALS", k.waiters), snap.set_waiters)
+        counters = snap.counters_to_reserve(needs)
+        for name, count in counters.items():
+            if write:
+                read(("INCRBY", k.counter(name), count),
+                     lambda v, name=name, count=count: snap.set_counter(name, int(v), count))
+            else:
+                read(("GET", k.counter(name)),
+                     lambda v, name=name: snap.set_counter(name, int(v or 0), 0))
+
+        if write:
+            watch = [*(k.records(n) for n in needs.records), *(k.under(n) for n in needs.under),
+                     *(k.key_names(h) for h in needs.key_names)]
+            if needs.waiters:
+                watch.append(k.waiters)
+            head: list[tuple[Any, ...]] = [] if snap.rounds else [("UNWATCH",)]
+            if watch:
+                head.append(("WATCH", *watch))
+            replies = await self._batch(conn, [*head, *(c for c, _ in reads)])
+            values = replies[len(head):]
+        else:
+            replies = await self._batch(conn, [("MULTI",), *(c for c, _ in reads), ("EXEC",)])
+            values = replies[-1]
+            if values is None or isinstance(values, Exception):
+                raise ResponseError(f"snapshot read failed: {values}")
+            snap.reset()
+        for value in values:
+            if isinstance(value, Exception):
+                raise value
+        for (_, sink), value in zip(reads, values, strict=True):
+            sink(value)
+        snap.rounds += 1
+        snap.read = snap.read.union(needs)
+        self._cache.learn(snap)
+
+    async def _commit(self, conn: Any, snap: Snapshot, ch: Changes
+                      ) -> list[LockUpdateMessage] | None:
+        """Write ``ch`` in one ``MULTI``/``EXEC``; ``None`` if a watched key changed."""
+        k = self.keys
+        cmds: list[tuple[Any, ...]] = []
+        final = snap.apply(ch)
+        for name, (before, after) in final.items():
+            if before and not after:
+                cmds.extend(("SREM", k.under(a), name) for a in locktable.ancestors(name))
+                cmds.append(("SREM", k.names, name))
+            elif after and not before:
+                cmds.extend(("SADD", k.under(a), name) for a in locktable.ancestors(name))
+                cmds.append(("SADD", k.names, name))
+        for rid, rec in ch.deletes.items():
+            cmds.append(("HDEL", k.records(rid[0]), rid[1]))
+            cmds.append(("SREM", k.key_names(rid[1]), rid[0]))
+            if rec.expires_at is not None:
+                cmds.append(("ZREM", k.expiry, rk.expiry_member(rid)))
+        for rid, rec in ch.puts.items():
+            cmds.append(("HSET", k.records(rid[0]), rid[1], _dump(rec.to_dict())))
+            cmds.append(("SADD", k.key_names(rid[1]), rid[0]))
+            if rec.expires_at is not None:
+                cmds.append(("ZADD", k.expiry, repr(rec.expires_at), rk.expiry_member(rid)))
+            else:
+                cmds.append(("ZREM", k.expiry, rk.expiry_member(rid)))
+        for ticket in ch.waiters_deleted:
+            cmds.append(("HDEL", k.waiters, ticket))
+        for ticket, w in ch.waiters_put.items():
+            cmds.append(("HSET", k.waiters, ticket, _dump(w.to_dict())))
+        messages = [to_message(e, "") for e in ch.events]
+        first_xadd = len(cmds)
+        for m in messages:
+            cmds.append(("XADD", k.events, "MAXLEN", "~", rk.EVENTS_MAXLEN, "*",
+                         rk.EVENT_FIELD, m.model_dump_json(exclude={"event_id"})))
+        try:
+            replies = await self._batch(conn, [("MULTI",), *cmds, ("EXEC",)])
+        except (RedisError, OSError) as exc:
+            raise _Unknown("the commit's outcome is unknown") from exc
+        result = replies[-1]
+        if result is None:
+            return None
+        if isinstance(result, Exception):
+            raise result
+        for value in result:
+            if isinstance(value, Exception):
+                # MULTI/EXEC is not rolled back: a failed write (never expected) is logged.
+                log.error("lock store write failed inside a transaction: %s", value)
+                raise value
+        self._cache.commit(final, ch)
+        ids = result[first_xadd:]
+        return [m.model_copy(update={"event_id": i}) for m, i in zip(messages, ids, strict=True)]
+
+    # -- event log ---------------------------------------------------------------------
+    def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
+        msg = LockUpdateMessage.model_validate_json(fields[rk.EVENT_FIELD])
+        return msg.model_copy(update={"event_id": event_id})
+
+    async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
+        stream = self.keys.events
+        with self._unavailable():
+            if since is None:
+                entries = list(reversed(await self._redis.xrevrange(stream, count=limit)))
+            else:
+                after = _check_id(since)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.xinfo_stream(stream)
+                    pipe.xrange(stream, min=f"({after}", count=limit)
+                    info, entries = await pipe.execute(raise_on_error=False)
+                if isinstance(entries, ResponseError):
+                    raise InvalidRequestError(
+                        f"since: {since[:40]!r} is not an event id of this service",
+                        field="since")
+                if isinstance(info, dict):
+                    trimmed = info.get("max-deleted-entry-id") or "0-0"
+                    if _order(after) < _order(trimmed):
+                        raise EventGap(f"event {since} is older than the retained log")
+                else:
+                    entries = []  # no stream yet
+        return [self._message(i, f) for i, f in entries]
+
+    async def last_event_id(self) -> str | None:
+        with self._unavailable():
+            last = await self._redis.xrevrange(self.keys.events, count=1)
+        return last[0][0] if last else None
+
+    async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
+        """Follow the stream with ``XREAD BLOCK`` on a client of its own without a read
+        timeout; a lost connection is retried (with backoff) from the last id seen."""
+        last = _check_id(since) if since is not None else None
+        client = aioredis.Redis.from_url(self._url, socket_timeout=None, **self._common,
+                                         retry=Retry(ExponentialBackoff(), 0))
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    if last is None:
+                        last = await self.last_event_id() or "0-0"
+                    # The guard catches a half-open connection that would block forever.
+                    reply = await asyncio.wait_for(
+                        client.xread({self.keys.events: last}, count=TAIL_BATCH,
+                                     block=TAIL_BLOCK_MS),
+                        TAIL_BLOCK_MS / 1000 + 10)
+                    delay = 0.1
+                except (RedisError, OSError, asyncio.TimeoutError, StoreUnavailableError) as exc:
+                    log.warning("event tail: Redis at %s unavailable (%s); retrying",
+                                self.where, type(exc).__name__)
+                    await client.connection_pool.disconnect()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                for _stream, entries in reply or []:
+                    for event_id, fields in entries:
+                        last = event_id
+                        yield self._message(event_id, fields)
+        finally:
+            await client.aclose()
+
+
+def _dump(d: dict[str, Any]) -> str:
+    return json.dumps(d, separators=(",", ":"))
+
+
+def _check_id(event_id: str) -> str:
+    if not isinstance(event_id, str) or not _EVENT_ID.match(event_id) or any(
+            int(p) >= 2**64 for p in event_id.split("-")):
+        raise InvalidRequestError(
+            f"since: {str(event_id)[:40]!r} is not an event id of this service", field="since")
+    return event_id
+
+
+def _order(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return (int(ms), int(seq or 0))
+
+
+__all__ = ["RedisStore"]

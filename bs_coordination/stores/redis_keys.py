@@ -1,0 +1,89 @@
+"""Every Redis key the Redis store uses, in one place (as arq's ``constants.py``).
+
+All keys start with one prefix (default ``bsc``), so several deployments can share a Redis
+database by choosing different prefixes. The lock key itself is never stored: records carry
+only its SHA-256 (``key_hash``).
+
+==================================  ===========  ============================================
+key                                 type         holds
+==================================  ===========  ============================================
+``<p>:rec:<device>``                hash         key_hash -> record JSON (``LockRecord``)
+``<p>:under:<device>``              set          names strictly below ``<device>`` with records
+``<p>:key:<key_hash>``              set          names holding a record under that key
+``<p>:names``                       set          every name holding a record (status listing)
+``<p>:expiry``                      sorted set   ``"<device> <key_hash>"`` scored by expires_at
+``<p>:waiters``                     hash         ticket -> waiter JSON (requests with ``wait``)
+``<p>:counter:<name>``              string       last value handed out (fencing ``token``,
+                                                 wait ``ticket``)
+``<p>:events``                      stream       field ``m``: event JSON without its id
+==================================  ===========  ============================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bs_coordination.locktable import RecordId
+
+#: Prefix of every key unless the store is given another.
+DEFAULT_PREFIX = "bsc"
+
+RECORDS = "rec"
+UNDER = "under"
+KEY_NAMES = "key"
+NAMES = "names"
+EXPIRY = "expiry"
+WAITERS = "waiters"
+COUNTER = "counter"
+EVENTS = "events"
+
+#: Stream field holding an event's JSON.
+EVENT_FIELD = "m"
+#: Approximate length the event stream is trimmed to (``XADD ... MAXLEN ~``).
+EVENTS_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Builds the key names under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def records(self, name: str) -> str:
+        return f"{self.prefix}:{RECORDS}:{name}"
+
+    def under(self, name: str) -> str:
+        return f"{self.prefix}:{UNDER}:{name}"
+
+    def key_names(self, key_hash: str) -> str:
+        return f"{self.prefix}:{KEY_NAMES}:{key_hash}"
+
+    def counter(self, name: str) -> str:
+        return f"{self.prefix}:{COUNTER}:{name}"
+
+    @property
+    def names(self) -> str:
+        return f"{self.prefix}:{NAMES}"
+
+    @property
+    def expiry(self) -> str:
+        return f"{self.prefix}:{EXPIRY}"
+
+    @property
+    def waiters(self) -> str:
+        return f"{self.prefix}:{WAITERS}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:{EVENTS}"
+
+
+def expiry_member(record_id: RecordId) -> str:
+    """Member of the expiry index for a record (device names never contain a space)."""
+    name, key_hash = record_id
+    return f"{name} {key_hash}"
+
+
+def parse_expiry_member(member: str) -> RecordId:
+    name, _, key_hash = member.rpartition(" ")
+    return (name, key_hash)
