@@ -8,6 +8,8 @@
     ├── LockNotFoundError        the key holds nothing (on that device) (HTTP 404)
     ├── InvalidRequestError      a request that breaks a rule beyond its schema (HTTP 422)
     ├── StoreUnavailableError    the store cannot be reached: nothing was granted (HTTP 503)
+    ├── UnknownDeviceError       strict discovery: no such device; ``suggestions`` (HTTP 404)
+    ├── DiscoveryError           the profile collection could not be loaded (HTTP 422)
     └── ServiceError             the service answered with an unexpected status (client side)
 
 The service maps each class to its status code in one exception handler; library code never
@@ -78,6 +80,49 @@ class StoreUnavailableError(CoordinationError):
     status_code = 503
 
 
+class UnknownDeviceError(CoordinationError):
+    """No device of that name was discovered; ``suggestions`` holds the closest known names."""
+
+    status_code = 404
+
+    def __init__(self, message: str, device_name: str,
+                 suggestions: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.device_name = device_name
+        self.suggestions: list[str] = list(suggestions or [])
+        self.detail: dict[str, Any] = {"device_name": device_name,
+                                       "suggestions": self.suggestions}
+
+    @classmethod
+    def for_name(cls, name: str, suggestions: list[str]) -> UnknownDeviceError:
+        hint = f"; did you mean {', '.join(map(repr, suggestions))}?" if suggestions else ""
+        return cls(f"unknown device {name!r}: the profile collection defines no such device"
+                   f"{hint}", name, suggestions)
+
+    @classmethod
+    def for_names(cls, suggestions: dict[str, list[str]]) -> UnknownDeviceError:
+        parts = [f"{n!r}" + (f" (did you mean {', '.join(map(repr, s))}?)" if s else "")
+                 for n, s in suggestions.items()]
+        first = next(iter(suggestions))
+        err = cls(f"unknown devices: {', '.join(parts)}: the profile collection defines no such "
+                  "devices", first, suggestions[first])
+        err.detail = {"device_names": list(suggestions), "suggestions": suggestions}
+        return err
+
+
+class DiscoveryError(CoordinationError):
+    """Device discovery failed (the last good device list is kept), or cannot run now."""
+
+    status_code = 422
+
+    def __init__(self, message: str, status_code: int | None = None,
+                 detail: Any = None) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+        self.detail = detail
+
+
 class ServiceError(CoordinationError):
     """The service answered with a status the client did not expect."""
 
@@ -89,10 +134,12 @@ class ServiceError(CoordinationError):
 
 __all__ = [
     "CoordinationError",
+    "DiscoveryError",
     "InvalidRequestError",
     "LockConflictError",
     "LockNotFoundError",
     "LockNotOwnedError",
     "ServiceError",
     "StoreUnavailableError",
+    "UnknownDeviceError",
 ]
