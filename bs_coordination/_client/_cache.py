@@ -75,3 +75,9 @@ def is_after(event_id: str | None, mark: str | None) -> bool:
     if a is None or b is None:
         return event_id != mark
     return a > b
+
+
+def is_before(event_id: str, mark: str) -> bool:
+    """True if both ids parse and ``event_id`` comes strictly before ``mark``."""
+    a, b = event_order(event_id), event_order(mark)
+    return a is not None and b is not None and a < b

@@ -79,6 +79,7 @@ class LockMonitor:
         self._queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._stopping = False
         self._got_status = False  # the current connection delivered its initial_status
+        self._resync_now = False  # reconnect at once, from the start of the log
 
     @property
     def running(self) -> bool:
@@ -169,11 +170,14 @@ class LockMonitor:
                     return
                 if self._got_status:
                     delay = self.reconnect_delay
-                if not self._stopping:
+                if not self._stopping and not self._resync_now:
                     log.warning("WebSocket %s: disconnected (close code %s); reconnecting in "
                                 "%.1f s", self.ws_url, ws.close_code, delay)
             if self._stopping:
                 return
+            if self._resync_now:
+                self._resync_now = False
+                continue
             await asyncio.sleep(delay * (1 + 0.2 * random.random()))
             delay = min(delay * 2, self.max_reconnect_delay)
 
@@ -193,6 +197,8 @@ class LockMonitor:
                 except (ValueError, TypeError, KeyError) as exc:
                     log.warning("WebSocket %s: ignoring a malformed %r message (%s)",
                                 self.ws_url, data.get("type"), exc)
+                if self._resync_now:
+                    return
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 log.warning("WebSocket %s: %s", self.ws_url, ws.exception())
                 break
@@ -218,7 +224,17 @@ class LockMonitor:
         snapshot_id = str(snapshot_id) if snapshot_id is not None else None
         self.cache = _cache.snapshot(locks)
         self._snapshot_event_id = snapshot_id
-        if self.last_event_id is None:
+        if self.last_event_id is not None and _cache.is_before(snapshot_id or "0",
+                                                               self.last_event_id):
+            # The log went back in time: the service restarted without persistence (memory
+            # store). It would skip its new events up to our old id, so start over from the
+            # beginning of its new log on a fresh connection.
+            log.warning("WebSocket %s: the service's event log restarted (its newest event %s "
+                        "is older than %s); resynchronising", self.ws_url, snapshot_id,
+                        self.last_event_id)
+            self.last_event_id = "0"
+            self._resync_now = True
+        elif self.last_event_id is None:
             # A first connection: live events follow the snapshot. (On a resume the missed
             # events are replayed after it, so the resume point must not jump ahead.) An empty
             # log resumes from its start, so events during a first outage are not lost either.
