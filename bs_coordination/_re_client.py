@@ -1,0 +1,539 @@
+"""The RunEngine's side of the lock service: the locks each plan holds, on a client thread.
+
+A ``PlanCoordinator`` owns one ``DeviceCoordinationClient`` running on its own daemon thread
+with its own asyncio loop ("bs-coordination-client"). Why a thread of its own and not
+``RE.loop``: the RunEngine loop is blocked by every synchronous device call a plan makes
+(ophyd ``read``, ``trigger``, ``set`` bodies), and while it is blocked nothing on it runs.
+Lease renewals and, above all, the preemption events that must suspend the RunEngine would
+wait behind the plan they are meant to interrupt. On its own loop the client keeps renewing
+and listening whatever the plan does; the RunEngine loop only *awaits* lock requests through
+``asyncio.wrap_future(asyncio.run_coroutine_threadsafe(...))`` and is never blocked by them.
+
+Threads and state:
+
+- ``PlanLocks.held``, ``PlanCoordinator.preempted`` and the event routing change only on the
+  client thread (lock answers and WebSocket events both arrive there, in order);
+- ``PlanLocks.covered`` (objects whose device is locked) is read and filled by the plan
+  wrapper on the RunEngine thread; the client thread only removes entries (when a lock is
+  preempted or lost) so the wrapper asks again before the next message touches that device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+from bs_coordination.client import DeviceCoordinationClient, LeaseKeeper
+from bs_coordination.errors import (
+    CoordinationError,
+    LockConflictError,
+    LockNotFoundError,
+    ServiceError,
+)
+from bs_coordination.models import DeviceLock, LockState, LockType, names_overlap
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How many preemption events about unknown locks of ours are remembered (see ``_early``).
+_EARLY_EVENTS = 256
+
+PreemptionListener = Callable[[dict[str, DeviceLock]], None]
+
+
+def describe_lock(lock: DeviceLock) -> str:
+    """``'motor' held by 'bob' (MAINTENANCE, reason: 'encoder')`` for error messages."""
+    text = f"{lock.device_name!r} is held by {lock.user_id!r} ({lock.lock_type.value}"
+    if lock.state is not LockState.ACTIVE:
+        text += f", {lock.state.value}"
+    if lock.reason:
+        text += f", reason: {lock.reason!r}"
+    return text + ")"
+
+
+def queue_item_uid() -> str | None:
+    """The uid of the queue item being run when this is a queue-server worker, else ``None``.
+
+    The worker keeps it in ``_running_plan_info`` and does not put it in the RunEngine
+    metadata; the worker process object *is* the worker, so this is the only in-process route.
+    """
+    info = getattr(multiprocessing.current_process(), "_running_plan_info", None)
+    if isinstance(info, dict):
+        uid = info.get("item_uid")
+        if isinstance(uid, str) and uid:
+            return uid
+    return None
+
+
+def queue_item_name() -> str | None:
+    info = getattr(multiprocessing.current_process(), "_running_plan_info", None)
+    if isinstance(info, dict) and isinstance(info.get("name"), str):
+        return str(info["name"])
+    return None
+
+
+class ClientThread:
+    """An asyncio loop on a daemon thread; coroutines are submitted to it from any thread."""
+
+    def __init__(self, name: str = "bs-coordination-client") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        self.loop.run_forever()
+        # Cancel what is left so that closing the loop does not warn about pending tasks.
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def start(self) -> None:
+        self.thread.start()
+        self._started.wait()
+
+    @property
+    def on_thread(self) -> bool:
+        return threading.get_ident() == self.thread.ident
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run ``coro`` on the client loop and wait for its result (never on the client thread)."""
+        if self.on_thread:
+            coro.close()
+            raise RuntimeError("ClientThread.call() from the client thread would deadlock")
+        return self.submit(coro).result(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if not self.on_thread:
+                self.thread.join(timeout)
+
+
+class PlanLocks:
+    """The locks of one plan: one key, the devices held under it, what was refused."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, *, plan_uid: str | None, reason: str | None, wait: float) -> None:
+        self.id = next(self._ids)
+        self.plan_uid = plan_uid
+        self.reason = reason
+        self.wait = wait
+        #: Device name -> our lock as last seen (token, state). Client thread only.
+        self.held: dict[str, DeviceLock] = {}
+        #: Device name -> the error that refused it (later messages fail at once).
+        self.refused: dict[str, LockConflictError] = {}
+        #: Objects (device or component) whose device is held and active: no check needed.
+        self.covered: set[Any] = set()
+        #: Device name -> objects in ``covered`` because of it (to uncover on preemption).
+        self.cover_refs: dict[str, list[Any]] = {}
+        self.closed = False
+        self.failed = False  # a request was refused: do not wait again during cleanup
+        self._key: str | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._alock: asyncio.Lock | None = None  # created on the client loop
+        self._changed: asyncio.Event | None = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"<PlanLocks #{self.id} devices={sorted(self.held)} closed={self.closed}>"
+
+    @property
+    def device_names(self) -> list[str]:
+        return sorted(self.held)
+
+    def cover(self, name: str, obj: Any) -> None:
+        """RunEngine thread: ``obj`` belongs to held device ``name``; skip it from now on."""
+        self.covered.add(obj)
+        self.cover_refs.setdefault(name, []).append(obj)
+
+    def uncover(self, name: str) -> None:
+        """Client thread: the next message touching ``name`` must ask again."""
+        for obj in list(self.cover_refs.get(name, ())):
+            self.covered.discard(obj)
+
+
+class PlanCoordinator:
+    """Takes ``QUEUE_EXECUTING`` locks for the plans of one RunEngine and follows their fate.
+
+    ``install()`` creates one; ``coordinated_wrapper`` uses it. It runs the client (requests,
+    lease heartbeats, WebSocket monitoring) on a ``ClientThread`` and tells its preemption
+    listeners (the suspender) which of the running plan's devices are preempted.
+    """
+
+    def __init__(
+        self,
+        url: str = "http://localhost:60620",
+        user_id: str = "queue_server",
+        wait: float = 60.0,
+        lease: float = 300.0,
+        *,
+        ws_url: str | None = None,
+        api_key: str | None = None,
+        reason: str | None = None,
+        heartbeat: float | None = None,
+        http_timeout: float = 30.0,
+        plan_uid: Callable[[], str | None] | None = None,
+    ) -> None:
+        if lease is None or lease <= 0:
+            raise ValueError("lease: QUEUE_EXECUTING locks need a lease > 0 seconds")
+        if wait < 0:
+            raise ValueError("wait: must be >= 0 seconds")
+        self.url = url
+        self.user_id = user_id
+        self.wait = float(wait)
+        self.lease = float(lease)
+        self.reason = reason
+        self.heartbeat = heartbeat
+        self.http_timeout = http_timeout
+        self.plan_uid_source = plan_uid or queue_item_uid
+        self._client_args = dict(base_url=url, ws_url=ws_url, timeout=http_timeout,
+                                 api_key=api_key)
+        self._thread: ClientThread | None = None
+        self.client: DeviceCoordinationClient | None = None
+        self.sessions: dict[int, PlanLocks] = {}
+        self._owner: dict[str, PlanLocks] = {}  # device name -> open session holding it
+        #: Device name -> our preempted lock (with ``preempted_by``). Client thread only.
+        self.preempted: dict[str, DeviceLock] = {}
+        self._early: OrderedDict[tuple[str, int], DeviceLock] = OrderedDict()
+        self._listeners: list[PreemptionListener] = []
+        self._resume_hooks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._monitor_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<PlanCoordinator {self.url} user={self.user_id!r}>"
+
+    # -- life cycle (any thread but the client thread) ---------------------------------
+    def start(self) -> None:
+        """Start the client thread and begin following lock events (in the background:
+        a service that is down now does not stop a profile collection from loading)."""
+        if self._thread is not None:
+            return
+        self._thread = ClientThread()
+        self._thread.start()
+        self._thread.call(self._start(), self.http_timeout)
+
+    async def _start(self) -> None:
+        self.client = DeviceCoordinationClient(**self._client_args)  # type: ignore[arg-type]
+        self.client.add_lock_update_callback(self._on_event)
+        self.client.add_status_callback(self._on_status)
+        self._monitor_task = asyncio.get_running_loop().create_task(self._keep_monitoring())
+
+    async def _keep_monitoring(self) -> None:
+        """Start monitoring; retry until it starts (it reconnects by itself afterwards)."""
+        delay = 0.5
+        while True:
+            try:
+                await self._ensure_monitoring()
+                return
+            except CoordinationError as exc:
+                log.warning("coordination service %s not reachable yet (%s); retrying in %.0f s",
+                            self.url, exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _ensure_monitoring(self) -> None:
+        assert self.client is not None
+        if not self.client.monitoring:
+            await self.client.start_websocket_monitoring()
+
+    def close(self) -> None:
+        """Stop heartbeats and monitoring and end the client thread. Locks still held by a
+        running plan are left to their lease."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        try:
+            thread.call(self._close(), self.http_timeout)
+        except Exception:
+            log.exception("closing the coordination client failed")
+        thread.stop()
+
+    async def _close(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+        for session in list(self.sessions.values()):
+            await self._forget(session)
+        if self.client is not None:
+            await self.client.disconnect()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def add_preemption_listener(self, listener: PreemptionListener) -> None:
+        """``listener(preempted)`` is called on the client thread with a copy of
+        ``{device_name: our preempted lock}`` every time it changes."""
+        self._listeners.append(listener)
+
+    def add_resume_hook(self, hook: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """``await hook()`` runs on the RunEngine loop whenever the RunEngine resumes a plan
+        (after a pause or a suspension)."""
+        self._resume_hooks.append(hook)
+
+    # -- the RunEngine sees the coordinator as a Pausable object --------------------------
+    # The plan wrapper's lock messages carry the coordinator as ``msg.obj``, so the RunEngine
+    # counts it among the objects it has seen and calls ``pause()``/``resume()`` on it. That
+    # is the one moment a suspension requested while the RunEngine was paused can be
+    # re-requested: after the RunEngine rewound, before it runs a message.
+    def pause(self) -> None:
+        """Nothing to do when the RunEngine pauses (locks are kept)."""
+
+    async def resume(self) -> None:
+        for hook in list(self._resume_hooks):
+            await hook()
+
+    # -- plans (RunEngine thread) ---------------------------------------------------------
+    def open_session(self, *, plan_uid: str | None = None, reason: str | None = None,
+                     wait: float | None = None) -> PlanLocks:
+        if self._thread is None:
+            raise CoordinationError("the plan coordinator is not running (uninstalled?)")
+        if plan_uid is None:
+            try:
+                plan_uid = self.plan_uid_source()
+            except Exception:
+                log.exception("plan_uid source failed; locking without a plan_uid")
+        return PlanLocks(plan_uid=plan_uid, reason=reason or self.reason,
+                         wait=self.wait if wait is None else float(wait))
+
+    async def acquire(self, session: PlanLocks, names: Iterable[str]) -> None:
+        """On the RunEngine loop: hold ``names`` (active) for ``session``, or raise.
+
+        The request runs on the client loop and is shielded: a RunEngine suspension cancels
+        this await, but not the request, whose grant is recorded (or released if the plan has
+        ended by then). The plan wrapper asks again after the suspension.
+        """
+        thread = self._thread
+        if thread is None:
+            raise CoordinationError("the plan coordinator is not running (uninstalled?)")
+        fut = thread.submit(self._acquire(session, tuple(names)))
+        await asyncio.shield(asyncio.wrap_future(fut))
+
+    def close_session(self, session: PlanLocks, *, release: bool = True) -> None:
+        """Any thread: the plan ended. Release its locks (``release``) or leave them to their
+        lease (a halt), stop its heartbeat and stop watching them."""
+        session.closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        fut = thread.submit(self._end(session, release))
+        if thread.on_thread:
+            return
+        try:
+            fut.result(self.http_timeout)
+        except CoordinationError as exc:
+            log.warning("could not release the locks of %r (%s); they expire with their lease",
+                        session, exc.message)
+        except Exception:
+            log.exception("could not release the locks of %r; they expire with their lease",
+                          session)
+
+    # -- client thread ------------------------------------------------------------------
+    async def _acquire(self, session: PlanLocks, names: tuple[str, ...]) -> None:
+        if session._alock is None:
+            session._alock = asyncio.Lock()
+            session._changed = asyncio.Event()
+        async with session._alock:
+            if session.closed:
+                raise CoordinationError("the plan has ended; no more locks are taken for it")
+            self.sessions[session.id] = session
+            want = [n for n in dict.fromkeys(names) if n not in session.held]
+            if want:
+                await self._request(session, want)
+            await self._wait_active(session, names)
+
+    async def _request(self, session: PlanLocks, want: list[str]) -> None:
+        assert self.client is not None
+        # No lock without the event stream: a plan that cannot hear of a preemption must not
+        # run (fail closed).
+        try:
+            await self._ensure_monitoring()
+        except CoordinationError as exc:
+            raise ServiceError(
+                f"cannot follow lock events from {self.url} ({exc.message}); "
+                "refusing to run the plan without preemption monitoring") from exc
+        wait = 0.0 if session.failed else session.wait
+        key = session._key
+        response = await self.client.request_locks(
+            want, LockType.QUEUE_EXECUTING, self.user_id, timeout=self.lease,
+            reason=session.reason, plan_uid=session.plan_uid, wait=wait, lock_key=key)
+        if not response.success:
+            session.failed = True
+            err = self._conflict_error(want, response.message, response.conflicts, wait)
+            blocked = [n for n in want if any(names_overlap(n, c.device_name)
+                                                for c in response.conflicts)] or want
+            for n in blocked:
+                session.refused[n] = err
+            raise err
+        if key is None:
+            session._key = response.lock_key
+        if session.closed:
+            # The plan ended while this request waited: give the grant straight back.
+            await self._release_key(session, response.lock_key)
+            raise CoordinationError("the plan ended while its lock request was waiting")
+        for lock in response.locks:
+            self._track(session, lock)
+        if session._keeper is None and session._key is not None:
+            assert self.client is not None
+            session._keeper = self.client.keep_alive(session._key, self.lease, self.heartbeat)
+
+    def _conflict_error(self, want: list[str], message: str, conflicts: list[DeviceLock],
+                        wait: float) -> LockConflictError:
+        if conflicts:
+            holders = "; ".join(describe_lock(c) for c in conflicts[:3])
+            more = f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""
+            text = f"could not lock {', '.join(map(repr, want))}"
+            text += f" within {wait:g} s" if wait else ""
+            text += f": {holders}{more}"
+        else:
+            text = f"could not lock {', '.join(map(repr, want))}: {message}"
+        return LockConflictError(text, conflicts)
+
+    async def _wait_active(self, session: PlanLocks, names: tuple[str, ...]) -> None:
+        """Wait while one of ``names`` is preempted (the suspender is suspending the RunEngine
+        meanwhile); fail if one of them was lost."""
+        assert session._changed is not None
+        while True:
+            if session.closed:
+                raise CoordinationError("the plan has ended")
+            missing = [n for n in names if n not in session.held]
+            if missing:
+                raise CoordinationError(
+                    f"the lock on {missing[0]!r} was lost (expired or force-released)")
+            if not any(session.held[n].state is LockState.PREEMPTED for n in names):
+                return
+            session._changed.clear()
+            await session._changed.wait()
+
+    def _track(self, session: PlanLocks, lock: DeviceLock) -> None:
+        name = lock.device_name
+        session.held[name] = lock
+        self._owner[name] = session
+        early = self._early.pop((name, lock.token), None)
+        if early is not None:  # the preemption overtook our own grant's answer
+            self._on_event(name, early, "preempted")
+
+    async def _end(self, session: PlanLocks, release: bool) -> None:
+        key = session._key
+        await self._forget(session)
+        if release and key is not None:
+            await self._release_key(session, key)
+
+    async def _release_key(self, session: PlanLocks, key: str | None) -> None:
+        if key is None or self.client is None:
+            return
+        try:
+            await self.client.release_lock(None, key, self.user_id)
+        except LockNotFoundError:
+            pass  # nothing left under the key (expired, force-released)
+
+    async def _forget(self, session: PlanLocks) -> None:
+        self.sessions.pop(session.id, None)
+        keeper, session._keeper = session._keeper, None
+        if keeper is not None:
+            await keeper.stop()
+        changed = False
+        for name in list(session.held):
+            if self._owner.get(name) is session:
+                del self._owner[name]
+            if self.preempted.pop(name, None) is not None:
+                changed = True
+        if session._changed is not None:
+            session._changed.set()
+        if changed:
+            self._notify()
+
+    def _notify(self) -> None:
+        snapshot = dict(self.preempted)
+        for listener in list(self._listeners):
+            try:
+                listener(snapshot)
+            except Exception:
+                log.exception("preemption listener %r failed", listener)
+
+    def _ours(self, lock: DeviceLock) -> bool:
+        return lock.user_id == self.user_id and lock.lock_type is LockType.QUEUE_EXECUTING
+
+    def _on_event(self, device_name: str, lock: DeviceLock, action: str) -> None:
+        if not self._ours(lock):
+            return
+        name = lock.device_name
+        session = self._owner.get(name)
+        mine = session.held.get(name) if session is not None else None
+        if session is None or mine is None:
+            if action == "preempted":
+                self._early[(name, lock.token)] = lock
+                while len(self._early) > _EARLY_EVENTS:
+                    self._early.popitem(last=False)
+            return
+        if action == "preempted" and lock.token == mine.token:
+            session.held[name] = lock
+            session.uncover(name)
+            self.preempted[name] = lock
+            log.warning("lock on %r preempted by %s", name,
+                        describe_lock(lock.preempted_by) if lock.preempted_by else "?")  # type: ignore[arg-type]
+            self._notify()
+        elif action == "restored" and mine.state is LockState.PREEMPTED:
+            session.held[name] = lock
+            if self.preempted.pop(name, None) is not None:
+                log.info("lock on %r restored", name)
+                self._notify()
+        elif action in ("expired", "force_released", "released") and lock.token == mine.token:
+            self._lose(session, name, action)
+        elif action in ("renewed", "upgraded") and lock.token == mine.token:
+            session.held[name] = lock
+        if session._changed is not None:
+            session._changed.set()
+
+    def _lose(self, session: PlanLocks, name: str, why: str) -> None:
+        session.held.pop(name, None)
+        session.uncover(name)
+        if self._owner.get(name) is session:
+            del self._owner[name]
+        if not session.closed:
+            log.warning("the running plan lost its lock on %r (%s); it is requested again "
+                        "before the next message that touches the device", name, why)
+        if self.preempted.pop(name, None) is not None:
+            self._notify()
+
+    def _on_status(self, locks: list[DeviceLock]) -> None:
+        """(Re)connected: resynchronise the plan's locks from the full status."""
+        ours = {(lk.device_name): lk for lk in locks if self._ours(lk)}
+        changed = False
+        for session in list(self.sessions.values()):
+            for name, mine in list(session.held.items()):
+                now = ours.get(name)
+                if now is None or (now.plan_uid != mine.plan_uid):
+                    self._lose(session, name, "gone after reconnect")
+                    continue
+                session.held[name] = now
+                if now.state is LockState.PREEMPTED:
+                    session.uncover(name)
+                    if name not in self.preempted:
+                        changed = True
+                    self.preempted[name] = now
+                elif self.preempted.pop(name, None) is not None:
+                    changed = True
+            if session._changed is not None:
+                session._changed.set()
+        if changed:
+            self._notify()
+
+
+__all__ = ["ClientThread", "PlanCoordinator", "PlanLocks", "describe_lock", "queue_item_uid"]

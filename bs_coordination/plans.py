@@ -1,0 +1,324 @@
+"""The plan wrapper: every device a plan touches is held with a ``QUEUE_EXECUTING`` lock.
+
+::
+
+    from bs_coordination.plans import coordinated_decorator, coordinated_wrapper
+
+    RE(coordinated_wrapper(scan([det], motor, -1, 1, 10), handle))   # handle = install(RE, ...)
+
+    @coordinated_decorator(handle)
+    def my_plan(dets, motor):
+        ...
+
+``install()`` puts the wrapper into ``RE.preprocessors``, so plans need not be wrapped by hand.
+
+How it works, and why:
+
+- Devices known up front (the bound arguments of the plan generator, recursively inside
+  lists, tuples, dicts and wrapped plans, e.g. ``SupplementalData`` baseline devices) are
+  requested in **one** atomic request before the plan's first message: all or none, so two
+  plans never deadlock over each other's devices. Any other device is locked the first time
+  a message touches it (``obj``, and ``args`` of ``collect``/``locate``), by the root
+  device's name (``bluesky.utils.root_ancestor``: ``stage`` for ``stage.coarse.x``).
+- The lock I/O is a ``Msg("coordination_lock", coordinator, session, names)`` inserted before
+  the message; ``lock_command`` (registered with ``RE.register_command``) awaits it inside
+  the RunEngine loop, so the plan generator never blocks. A refusal is raised by that
+  command and thrown into the plan at that point, so the plan's own cleanup runs.
+- Once a device is locked, a message costs one set lookup (``obj in covered``).
+- The locks are released in a plain ``try/finally`` around the plan: it runs when the plan
+  ends, fails, is stopped or aborted (``finalize_wrapper`` would be skipped on a halt and on
+  errors raised while mutating messages). A **halt** deliberately keeps them: a halted
+  RunEngine skipped its cleanup, so its devices stay reserved until the lease runs out (the
+  heartbeat stops), as they do when the process is killed.
+
+This is a small hand-written generator rather than ``bluesky.preprocessors.plan_mutator``:
+``plan_mutator`` keeps every message of the plan alive until the plan ends (memory grows with
+plan length) and adds about half a microsecond per message on its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Generator, Iterable
+from typing import Any
+
+from bluesky.utils import Msg, PlanHalt, ensure_generator, make_decorator, root_ancestor
+
+from bs_coordination._re_client import PlanCoordinator, PlanLocks
+from bs_coordination.errors import CoordinationError, InvalidRequestError
+from bs_coordination.models import check_device_name
+
+log = logging.getLogger(__name__)
+
+#: The RunEngine command that takes locks (registered by ``install``).
+LOCK_COMMAND = "coordination_lock"
+#: Commands that carry further devices in ``msg.args``.
+_ARGS_COMMANDS = frozenset({"collect", "locate"})
+#: Bound on the objects looked at when collecting a plan's arguments.
+_MAX_SCAN = 10_000
+
+
+class _Granted:
+    """The reply of ``lock_command``: the locks are held (a cancelled command replies None)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "GRANTED"
+
+
+GRANTED = _Granted()
+
+
+async def lock_command(msg: Msg) -> _Granted:
+    """RunEngine command ``coordination_lock``: ``Msg(LOCK_COMMAND, coordinator, session,
+    names)`` returns once ``names`` are held for ``session``, or raises (conflict, service
+    unreachable). Register with ``RE.register_command(LOCK_COMMAND, lock_command)``."""
+    coordinator, (session, names) = msg.obj, msg.args
+    await coordinator.acquire(session, names)
+    return GRANTED
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+def is_device(obj: Any) -> bool:
+    """True for ophyd and ophyd-async devices and signals (anything named that can be read,
+    set, triggered, kicked off or staged)."""
+    if obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, Msg)):
+        return False
+    try:
+        name = obj.name
+    except Exception:
+        return False
+    if not isinstance(name, str):
+        return False
+    return any(callable(getattr(obj, attr, None))
+               for attr in ("read", "set", "trigger", "kickoff", "stage", "describe"))
+
+
+def device_name(obj: Any) -> str:
+    """The lock name of ``obj``: the name of its root device (``stage`` for ``stage.coarse.x``)."""
+    root = root_ancestor(obj)
+    name = getattr(root, "name", None)
+    try:
+        return check_device_name(name)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"cannot lock {obj!r}: its device has no usable name ({exc})") from None
+
+
+def plan_devices(plan: Any) -> list[Any]:
+    """Devices among the bound arguments of a not yet started plan generator.
+
+    Looks recursively into lists, tuples, sets, dict values and wrapped plan generators (a
+    preprocessor's generator holds the plan it wraps), so ``scan([det], motor, ...)`` gives
+    ``[det, motor]`` and a ``SupplementalData``-wrapped plan adds its baseline devices.
+    """
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    budget = [_MAX_SCAN]
+
+    def visit(value: Any, depth: int) -> None:
+        if budget[0] <= 0 or depth > 6 or id(value) in seen:
+            return
+        budget[0] -= 1
+        seen.add(id(value))
+        if inspect.isgenerator(value):
+            if inspect.getgeneratorstate(value) == inspect.GEN_CREATED:
+                for v in value.gi_frame.f_locals.values():
+                    visit(v, depth + 1)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for v in value:
+                visit(v, depth + 1)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif is_device(value):
+            found.setdefault(id(value), value)
+
+    visit(plan, 0)
+    return list(found.values())
+
+
+def plan_name(plan: Any) -> str | None:
+    """The name of the innermost plan behind preprocessor wrappers (for the lock reason)."""
+    name = None
+    for _ in range(10):
+        if not inspect.isgenerator(plan):
+            break
+        name = plan.__name__
+        inner = None
+        if inspect.getgeneratorstate(plan) == inspect.GEN_CREATED:
+            inner = next((v for v in plan.gi_frame.f_locals.values() if inspect.isgenerator(v)),
+                         None)
+        if inner is None or not name.endswith("_wrapper"):
+            break
+        plan = inner
+    return name
+
+
+# -- the wrapper -------------------------------------------------------------------------------
+
+def _lock(coordinator: PlanCoordinator, session: PlanLocks,
+          names: tuple[str, ...]) -> Generator[Msg, Any, None]:
+    while True:
+        reply = yield Msg(LOCK_COMMAND, coordinator, session, names)
+        if reply is GRANTED:
+            return
+        # None: a suspension cancelled the command (its request carries on); ask again.
+
+
+def coordinated_wrapper(
+    plan: Iterable[Msg],
+    coordinator: Any,
+    devices: Iterable[Any] | None = None,
+    *,
+    wait: float | None = None,
+    plan_uid: str | None = None,
+    reason: str | None = None,
+) -> Generator[Msg, Any, Any]:
+    """Run ``plan`` holding ``QUEUE_EXECUTING`` locks on every device it touches.
+
+    ``coordinator``: the handle returned by ``install()`` or a ``PlanCoordinator``.
+    ``devices``: the devices to lock up front in one request (default: those among the plan
+    generator's bound arguments). ``wait``: seconds to wait for a taken device (default: the
+    coordinator's). ``plan_uid``: default the queue item's uid under the queue server.
+    Returns the plan's return value. Raises ``LockConflictError`` naming device, holder,
+    lock type and reason when a device cannot be had within ``wait``.
+    """
+    coord: PlanCoordinator = getattr(coordinator, "coordinator", coordinator)
+    up_front = list(devices) if devices is not None else plan_devices(plan)
+    name = plan_name(plan)
+    if reason is None:
+        reason = coord.reason or (f"RunEngine plan {name!r}" if name else "RunEngine plan")
+    session = coord.open_session(plan_uid=plan_uid, reason=reason, wait=wait)
+    gen = ensure_generator(plan)
+    release = True
+    try:
+        names: dict[str, None] = {}
+        for obj in up_front:
+            names[device_name(obj)] = None
+        yield from _lock(coord, session, tuple(names))
+        return (yield from _drive(gen, coord, session))
+    except PlanHalt:
+        release = False  # a halt skips cleanup: the devices stay held until the lease ends
+        raise
+    finally:
+        gen.close()
+        coord.close_session(session, release=release)
+
+
+def _drive(plan: Generator[Msg, Any, Any], coord: PlanCoordinator,
+           session: PlanLocks) -> Generator[Msg, Any, Any]:
+    """Pass the plan's messages through, inserting lock requests before first touches."""
+    covered = session.covered
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            msg = plan.send(reply) if error is None else plan.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        error = None
+        obj = msg.obj
+        try:
+            fast = obj is None or obj in covered
+        except TypeError:  # unhashable: not a device
+            fast = True
+        if not fast or msg.command in _ARGS_COMMANDS:
+            try:
+                names = _needed(msg, session)
+                if names:
+                    yield from _lock(coord, session, names)
+                    _cover(msg, session)
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # refused: the plan sees it where it touched the device
+                error, reply = exc, None
+                continue
+        try:
+            reply = yield msg
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            error, reply = exc, None
+
+
+def _objects(msg: Msg) -> list[Any]:
+    objs = [msg.obj] if msg.obj is not None else []
+    if msg.command in _ARGS_COMMANDS:
+        objs.extend(msg.args)
+    return objs
+
+
+def _needed(msg: Msg, session: PlanLocks) -> tuple[str, ...]:
+    """Devices of ``msg`` not held yet; covers objects whose device is held and active.
+    Raises at once for a device already refused to this plan."""
+    needed: dict[str, None] = {}
+    for obj in _objects(msg):
+        try:
+            if obj in session.covered:
+                continue
+        except TypeError:
+            continue
+        if not is_device(obj):
+            session.covered.add(obj)  # never a device: never look again
+            continue
+        name = device_name(obj)
+        refused = session.refused.get(name)
+        if refused is not None:
+            raise refused
+        lock = session.held.get(name)
+        if lock is not None and lock.is_active:
+            session.cover(name, obj)
+        else:
+            needed[name] = None
+    return tuple(needed)
+
+
+def _cover(msg: Msg, session: PlanLocks) -> None:
+    for obj in _objects(msg):
+        if is_device(obj):
+            name = device_name(obj)
+            lock = session.held.get(name)
+            if lock is not None and lock.is_active:
+                session.cover(name, obj)
+
+
+coordinated_decorator = make_decorator(coordinated_wrapper)
+coordinated_decorator.__doc__ = """Decorator form of ``coordinated_wrapper``::
+
+    @coordinated_decorator(handle)
+    def my_plan(dets, motor): ...
+"""
+
+
+class CoordinatedPreprocessor:
+    """The entry ``install()`` appends to ``RE.preprocessors``: wraps every plan."""
+
+    _bs_coordination = True  # how a second install() finds the first one
+
+    def __init__(self, coordinator: PlanCoordinator) -> None:
+        self.coordinator = coordinator
+
+    def __call__(self, plan: Iterable[Msg]) -> Generator[Msg, Any, Any]:
+        return coordinated_wrapper(plan, self.coordinator)
+
+    def __repr__(self) -> str:
+        return f"CoordinatedPreprocessor({self.coordinator!r})"
+
+
+__all__ = [
+    "GRANTED",
+    "LOCK_COMMAND",
+    "CoordinatedPreprocessor",
+    "CoordinationError",
+    "PlanCoordinator",
+    "coordinated_decorator",
+    "coordinated_wrapper",
+    "device_name",
+    "is_device",
+    "lock_command",
+    "plan_devices",
+]
