@@ -362,8 +362,12 @@ class RedisStore(Store):
                         f"since: {since[:40]!r} is not an event id of this service",
                         field="since")
                 if isinstance(info, dict):
-                    trimmed = info.get("max-deleted-entry-id") or "0-0"
-                    if _order(after) < _order(trimmed):
+                    # Trimming removes the oldest entries: if any were removed, everything
+                    # before the first retained entry may be gone (ids are not contiguous, so
+                    # the one just before it is unknown and a client exactly there resyncs).
+                    first = info.get("first-entry")
+                    trimmed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
+                    if trimmed and first and _order(after) < _order(first[0]):
                         raise EventGap(f"event {since} is older than the retained log")
                 else:
                     entries = []  # no stream yet
