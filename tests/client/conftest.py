@@ -49,6 +49,7 @@ class TcpProxy:
         self.target_port = target_port
         self.paused = False
         self.accepted = 0
+        self.refused = 0
         self.sent = bytearray()
         self._server: asyncio.Server | None = None
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -72,6 +73,7 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.paused:
+            self.refused += 1
             writer.transport.abort()
             return
         self.accepted += 1
