@@ -25,6 +25,7 @@ import uvicorn
 
 from bs_coordination.service import create_app
 from bs_coordination.service.config import Settings
+from bs_coordination.stores import Store
 
 #: How long a service may take to start or stop.
 SERVER_START_SECONDS = 15.0
@@ -95,10 +96,14 @@ class LiveService:
 
 
 @contextlib.contextmanager
-def run_service(store_url: str = "memory", **settings: Any) -> Iterator[LiveService]:
-    """Start a service on 127.0.0.1 and an ephemeral port; stop it on exit."""
+def run_service(store_url: str = "memory", *, store: Store | None = None,
+                **settings: Any) -> Iterator[LiveService]:
+    """Start a service on 127.0.0.1 and an ephemeral port; stop it on exit.
+
+    ``store`` (a ``Store`` object, e.g. a ``MemoryStore`` with a small log) replaces the one
+    ``store_url`` names."""
     cfg = Settings(host="127.0.0.1", port=0, store=store_url, log_level="WARNING", **settings)
-    app = create_app(cfg)
+    app = create_app(cfg, store=store)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=2)
     server = ThreadedServer(config)
@@ -113,11 +118,13 @@ ServiceFactory = Callable[..., LiveService]
 
 @pytest.fixture
 def service_factory() -> Iterator[ServiceFactory]:
-    """``service_factory(store_url="memory", **settings) -> LiveService``; all stop after the test."""
+    """``service_factory(store_url="memory", store=None, **settings) -> LiveService``; all stop
+    after the test."""
     with contextlib.ExitStack() as stack:
 
         def start(store_url: str = "memory", **settings: Any) -> LiveService:
             return stack.enter_context(run_service(store_url, **settings))
+
 
         yield start
 
@@ -138,7 +145,7 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def service(service_factory: ServiceFactory, store_url: str) -> LiveService:
+def service(store_url: str, service_factory: ServiceFactory) -> LiveService:
     """The lock service on each store of ``store_url``."""
     return service_factory(store_url)
 

@@ -350,6 +350,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _error_text(ex: BaseException) -> str:
+    """``Error while executing script '...': ValueError: bad PV`` (the loader's message
+    drops the type of the startup code's exception: put it back)."""
+    cause = ex.__cause__
+    text = str(ex)
+    if type(ex).__name__ == "ScriptLoadingError" and cause is not None:
+        if str(cause) and text.endswith(str(cause)):
+            return f"{text[: -len(str(cause))]}{type(cause).__name__}: {cause}"
+        return f"{text} ({type(cause).__name__})"
+    return f"{type(ex).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Write one JSON result to the original standard output, then exit at once.
 
@@ -367,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         tb = getattr(ex, "tb", None)  # ScriptLoadingError carries the startup traceback
         if not isinstance(tb, str):
             tb = "".join(traceback.format_exception(type(ex), ex, ex.__traceback__))
-        result = {"ok": False, "error": f"{type(ex).__name__}: {ex}", "traceback": tb}
+        result = {"ok": False, "error": _error_text(ex), "traceback": tb}
     data = json.dumps(result, default=str).encode()
     with os.fdopen(out_fd, "wb") as out:
         out.write(data)

@@ -16,7 +16,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from bs_coordination.errors import CoordinationError, LockConflictError, StoreUnavailableError
+from bs_coordination.errors import (
+    CoordinationError,
+    InvalidRequestError,
+    LockConflictError,
+    StoreUnavailableError,
+)
 from bs_coordination.models import DEVICE_NAME_RULE, ErrorResponse
 from bs_coordination.stores import EventGap
 
@@ -51,7 +56,10 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "value_error" and msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if not field:
-        return msg  # model-level rules say which field they are about themselves
+        if kind == "value_error":
+            return msg  # model-level rules say which field they are about themselves
+        loc = err.get("loc") or ("body",)
+        return f"{loc[0]}: {msg}"
     return f"{field}: {msg}"
 
 
@@ -79,7 +87,12 @@ async def _on_coordination(request: Request, exc: Exception) -> JSONResponse:
         log.warning("store unavailable during %s %s: %s", request.method, request.url.path,
                     exc.message)
     conflicts = exc.conflicts if isinstance(exc, LockConflictError) else []
-    return error_response(exc.status_code, exc.message, conflicts=conflicts)
+    detail = None
+    if isinstance(exc, InvalidRequestError):
+        # Same shape as a schema error, so a client reads both the same way.
+        loc = [exc.field] if exc.field else []
+        detail = [{"type": "value_error", "loc": loc, "msg": exc.message}]
+    return error_response(exc.status_code, exc.message, conflicts=conflicts, detail=detail)
 
 
 async def _on_gap(request: Request, exc: Exception) -> JSONResponse:
