@@ -50,6 +50,8 @@ class TcpProxy:
         self.paused = False
         self.accepted = 0
         self.refused = 0
+        #: Seconds to hold each chunk a client sends before forwarding it (a slow network).
+        self.delay = 0.0
         self.sent = bytearray()
         self._server: asyncio.Server | None = None
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -104,6 +106,8 @@ class TcpProxy:
             while data := await src.read(65536):
                 if record:
                     self.sent.extend(data)
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
                 dst.write(data)
                 await dst.drain()
 
