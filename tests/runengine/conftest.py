@@ -1,0 +1,181 @@
+"""Fixtures of the RunEngine tests: a real ``RunEngine``, ``ophyd.sim`` devices, the live
+service, an HTTP "other party" (maintenance staff, an operator) and ``wait_until``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from bluesky import RunEngine
+from ophyd import Component as Cpt
+from ophyd import Device
+from ophyd.sim import SynAxis, SynGauss
+
+from bs_coordination.plugin import CoordinationHandle, install
+
+USER = "queue_server"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition",
+               interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        time.sleep(interval)
+
+
+class Service:
+    """The lock service as another party sees it (plain HTTP, its own keys)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=10)
+
+    def locks(self) -> list[dict[str, Any]]:
+        r = self.http.get("/api/locks/status")
+        r.raise_for_status()
+        return list(r.json()["locks"])
+
+    def held(self, user_id: str = USER) -> dict[str, dict[str, Any]]:
+        """Locks of ``user_id`` by device name."""
+        return {lk["device_name"]: lk for lk in self.locks() if lk["user_id"] == user_id}
+
+    def lock(self, device: str, lock_type: str, user_id: str, reason: str | None = None,
+             timeout: float | None = None) -> str:
+        r = self.http.post("/api/lock/request", json={
+            "device_name": device, "lock_type": lock_type, "user_id": user_id,
+            "reason": reason, "timeout": timeout})
+        assert r.status_code == 200, r.text
+        return str(r.json()["lock_key"])
+
+    def release(self, lock_key: str) -> None:
+        r = self.http.post("/api/lock/release", json={"lock_key": lock_key})
+        assert r.status_code == 200, r.text
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class XY(Device):
+    x = Cpt(SynAxis)
+    y = Cpt(SynAxis)
+
+
+class SampleStage(Device):
+    coarse = Cpt(XY)
+
+
+class Devices:
+    """Fresh ophyd.sim devices for one test (positions start at 0)."""
+
+    def __init__(self) -> None:
+        self.motor = SynAxis(name="motor")
+        self.motor1 = SynAxis(name="motor1")
+        self.motor2 = SynAxis(name="motor2")
+        self.slow_motor = SynAxis(name="slow_motor", delay=0.02)
+        self.det = SynGauss("det", self.motor, "motor", center=0, Imax=1)
+        self.det1 = SynGauss("det1", self.motor1, "motor1", center=0, Imax=1)
+        self.det2 = SynGauss("det2", self.motor2, "motor2", center=0, Imax=1)
+        self.stage = SampleStage(name="stage")
+
+
+@pytest.fixture
+def devices() -> Devices:
+    return Devices()
+
+
+@pytest.fixture
+def service(live_service: Any) -> Iterator[Service]:
+    s = Service(live_service.url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def RE() -> RunEngine:
+    # The RunEngine's loop thread is left running (idle): stopping it from here leaves its
+    # coroutines to be collected later on the test thread, which upsets CPython 3.11.
+    return RunEngine({})
+
+
+@pytest.fixture
+def coordinate(RE: RunEngine, live_service: Any) -> Iterator[Callable[..., CoordinationHandle]]:
+    """``coordinate(**install_kwargs)`` installs the plugin on ``RE`` against the live service
+    (short ``wait`` by default); it is uninstalled after the test."""
+    handles: list[CoordinationHandle] = []
+
+    def make(**kwargs: Any) -> CoordinationHandle:
+        kwargs.setdefault("wait", 2.0)
+        kwargs.setdefault("lease", 30.0)
+        handle = install(RE, live_service.url, USER, **kwargs)
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        handle.uninstall()
+
+
+class Recorder:
+    """A RunEngine subscriber keeping documents. ``on_event(n, fn)`` runs ``fn`` at the n-th
+    primary event, inline (the plan waits for it) or, with ``background=True``, in a thread
+    of its own (to act on the RunEngine while it runs)."""
+
+    def __init__(self) -> None:
+        self.docs: list[tuple[str, dict[str, Any]]] = []
+        self.primary: list[dict[str, Any]] = []
+        self.interruptions: list[str] = []
+        self._streams: dict[str, str] = {}
+        self._hooks: dict[int, tuple[Callable[[], None], bool]] = {}
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def on_event(self, n: int, fn: Callable[[], None], background: bool = False) -> None:
+        self._hooks[n] = (fn, background)
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        self.docs.append((name, doc))
+        if name == "descriptor":
+            self._streams[doc["uid"]] = doc.get("name", "primary")
+        elif name == "event":
+            stream = self._streams.get(doc["descriptor"])
+            if stream == "interruptions":
+                self.interruptions.append(str(doc["data"]["interruption"]))
+            elif stream == "primary":
+                self.primary.append(doc)
+                hook = self._hooks.pop(len(self.primary), None)
+                if hook is None:
+                    return
+                fn, background = hook
+                if background:
+                    t = threading.Thread(target=self._run, args=(fn,), daemon=True)
+                    self.threads.append(t)
+                    t.start()
+                else:
+                    self._run(fn)
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(30)
+        if self.errors:
+            raise self.errors[0]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()

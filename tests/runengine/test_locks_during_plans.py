@@ -1,0 +1,226 @@
+"""Which locks a plan holds, and that it gives them back however it ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.plans as bp
+import pytest
+from bluesky import RunEngine
+from bluesky.preprocessors import SupplementalData
+from bluesky.utils import Msg, RunEngineInterrupted
+
+from bs_coordination.errors import LockConflictError
+from bs_coordination.plans import CoordinatedPreprocessor, coordinated_decorator
+from bs_coordination.suspender import LockPreemptedSuspender
+
+from .conftest import USER, Devices, Recorder, Service, wait_until
+
+
+def test_plan_holds_exactly_the_devices_it_touches(RE: RunEngine, coordinate: Any,
+                                                   devices: Devices, service: Service,
+                                                   recorder: Recorder) -> None:
+    sd = SupplementalData(baseline=[devices.det2])
+    RE.preprocessors.append(sd)
+    coordinate(plan_uid=lambda: "queue-item-42")
+    seen: list[dict[str, dict[str, Any]]] = []
+    recorder.on_event(2, lambda: seen.append(service.held()))
+
+    RE(bp.scan([devices.det], devices.motor, -1, 1, 5), recorder)
+    recorder.join()
+
+    held = seen[0]
+    assert set(held) == {"det", "motor", "det2"}  # det2: the baseline reading
+    assert all(lk["lock_type"] == "QUEUE_EXECUTING" and lk["state"] == "active"
+               for lk in held.values())
+    assert all(lk["plan_uid"] == "queue-item-42" for lk in held.values())
+    assert service.locks() == []
+
+
+def test_devices_touched_later_and_components_lock_their_root(
+        RE: RunEngine, coordinate: Any, devices: Devices, service: Service) -> None:
+    coordinate()
+    snapshots: list[set[str]] = []
+
+    def plan() -> Any:  # no bound devices: everything is found message by message
+        snapshots.append(set(service.held()))
+        yield from bps.mv(devices.stage.coarse.x, 1.5)
+        snapshots.append(set(service.held()))
+        yield from bps.trigger(devices.det1, wait=True)
+        snapshots.append(set(service.held()))
+
+    RE(bp.count([], num=1))  # an empty plan works too
+    RE(plan())
+    assert snapshots == [set(), {"stage"}, {"stage", "det1"}]
+    assert devices.stage.coarse.x.position == 1.5
+    assert service.locks() == []
+
+
+def test_decorated_plan_locks_its_arguments_up_front(RE: RunEngine, coordinate: Any,
+                                                     devices: Devices, service: Service) -> None:
+    handle = coordinate()
+    snapshots: list[set[str]] = []
+
+    @coordinated_decorator(handle)
+    def move_then_read(motor: Any, dets: list[Any]) -> Any:
+        snapshots.append(set(service.held()))
+        yield from bps.mv(motor, 2)
+        for d in dets:
+            yield from bps.trigger(d, wait=True)
+        return "done"
+
+    # Run without the installed preprocessor, so only the decorator takes locks.
+    RE.preprocessors.clear()
+    result = RE(move_then_read(devices.motor1, [devices.det1, devices.det2]))
+    assert snapshots == [{"motor1", "det1", "det2"}]
+    assert result == ()
+    assert service.locks() == []
+
+
+def test_no_lock_left_after_an_exception(RE: RunEngine, coordinate: Any, devices: Devices,
+                                         service: Service) -> None:
+    coordinate()
+
+    def failing() -> Any:
+        yield from bps.mv(devices.motor, 1)
+        yield from bps.mv(devices.motor2, 1)
+        raise RuntimeError("the plan broke")
+
+    with pytest.raises(RuntimeError, match="the plan broke"):
+        RE(failing())
+    assert service.locks() == []
+
+
+def _pausing_plan(devices: Devices) -> Any:
+    yield from bps.checkpoint()
+    yield from bps.mv(devices.motor, 1)
+    yield from bps.trigger(devices.det, wait=True)
+    yield Msg("pause", defer=False)
+    yield from bps.mv(devices.motor, 2)
+
+
+@pytest.mark.parametrize("how", ["stop", "abort"])
+def test_no_lock_left_after_stop_or_abort(RE: RunEngine, coordinate: Any, devices: Devices,
+                                          service: Service, how: str) -> None:
+    coordinate()
+    with pytest.raises(RunEngineInterrupted):
+        RE(_pausing_plan(devices))
+    assert set(service.held()) == {"motor", "det"}  # paused: still held
+    getattr(RE, how)()
+    assert RE.state == "idle"
+    assert service.locks() == []
+    assert devices.motor.position == 1
+
+
+def test_stop_from_another_thread_mid_plan(RE: RunEngine, coordinate: Any, devices: Devices,
+                                           service: Service, recorder: Recorder) -> None:
+    coordinate()
+    recorder.on_event(3, RE.stop, background=True)
+    with pytest.raises(RunEngineInterrupted):
+        RE(bp.count([devices.det], num=1000, delay=0.01), recorder)
+    recorder.join()
+    assert len(recorder.primary) < 1000
+    assert service.locks() == []
+
+
+def test_halt_leaves_locks_to_expire_with_their_lease(RE: RunEngine, coordinate: Any,
+                                                      devices: Devices, service: Service) -> None:
+    coordinate(lease=1.0)
+    with pytest.raises(RunEngineInterrupted):
+        RE(_pausing_plan(devices))
+    RE.halt()
+    assert RE.state == "idle"
+    # A halt skips cleanup: the devices stay reserved ... until the lease runs out.
+    assert set(service.held()) == {"motor", "det"}
+    wait_until(lambda: service.locks() == [], timeout=5.0, what="the halted plan's locks expire")
+
+
+def test_plan_longer_than_its_lease_keeps_its_locks(RE: RunEngine, coordinate: Any,
+                                                    devices: Devices, service: Service,
+                                                    recorder: Recorder) -> None:
+    coordinate(lease=0.6)
+    seen: list[dict[str, dict[str, Any]]] = []
+    recorder.on_event(15, lambda: seen.append(service.held()))
+    RE(bp.count([devices.det], num=15, delay=0.1), recorder)  # about 1.5 s: 2.5 leases
+    recorder.join()
+    assert set(seen[0]) == {"det"}
+    assert service.locks() == []
+
+
+def test_install_twice_replaces(RE: RunEngine, coordinate: Any, devices: Devices,
+                                service: Service) -> None:
+    first = coordinate()
+    second = coordinate()
+    assert not first.installed
+    assert [p for p in RE.preprocessors if isinstance(p, CoordinatedPreprocessor)] == [
+        second.preprocessor]
+    assert [s for s in RE.suspenders if isinstance(s, LockPreemptedSuspender)] == [
+        second.suspender]
+    assert RE.preprocessors[-1] is second.preprocessor
+    RE(bp.scan([devices.det], devices.motor, 0, 1, 3))
+    assert service.locks() == []
+    second.uninstall()
+    assert not any(isinstance(p, CoordinatedPreprocessor) for p in RE.preprocessors)
+    assert not RE.suspenders
+    assert "coordination_lock" not in RE.commands
+
+
+def test_device_held_by_maintenance_waits_then_fails(RE: RunEngine, coordinate: Any,
+                                                      devices: Devices,
+                                                      service: Service) -> None:
+    import time
+
+    coordinate(wait=1.0)
+    service.lock("motor", "MAINTENANCE", "maint_bob", reason="replacing the encoder")
+    start = time.monotonic()
+    with pytest.raises(LockConflictError) as info:
+        RE(bp.scan([devices.det], devices.motor, -1, 1, 5))
+    waited = time.monotonic() - start
+    text = str(info.value)
+    for part in ("'motor'", "maint_bob", "MAINTENANCE", "replacing the encoder"):
+        assert part in text
+    assert waited >= 1.0
+    assert devices.motor.position == 0  # moved nothing
+    assert service.held() == {}  # no lock of the plan left (det was not taken either)
+    assert set(service.held("maint_bob")) == {"motor"}
+
+
+def test_device_refused_mid_plan_fails_there_and_cleans_up(
+        RE: RunEngine, coordinate: Any, devices: Devices, service: Service) -> None:
+    coordinate(wait=0.2)
+    service.lock("motor2", "MAINTENANCE", "maint_bob", reason="bake-out")
+    reached: list[str] = []
+
+    def plan() -> Any:
+        yield from bps.mv(devices.motor1, 3)
+        reached.append("motor1 moved")
+        try:
+            yield from bps.mv(devices.motor2, 3)
+            reached.append("motor2 moved")
+        finally:
+            reached.append("cleanup ran")
+
+    with pytest.raises(LockConflictError, match="bake-out"):
+        RE(plan())
+    assert reached == ["motor1 moved", "cleanup ran"]
+    assert devices.motor2.position == 0
+    assert service.held() == {}
+
+
+def test_operator_lock_preempted_for_the_plan_and_restored(
+        RE: RunEngine, coordinate: Any, devices: Devices, service: Service,
+        recorder: Recorder) -> None:
+    coordinate()
+    service.lock("motor", "MANUAL_OPERATOR", "alice", reason="alignment")
+    seen: list[list[dict[str, Any]]] = []
+    recorder.on_event(2, lambda: seen.append(service.locks()))
+    RE(bp.scan([devices.det], devices.motor, -1, 1, 4), recorder)
+    recorder.join()
+
+    during = {(lk["user_id"], lk["device_name"]): lk["state"] for lk in seen[0]}
+    assert during[("alice", "motor")] == "preempted"
+    assert during[(USER, "motor")] == "active"
+    after = service.locks()
+    assert [(lk["user_id"], lk["device_name"], lk["state"]) for lk in after] == [
+        ("alice", "motor", "active")]
