@@ -44,6 +44,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -93,7 +94,8 @@ class RedisStore(Store):
                                       socket_connect_timeout=connect_timeout)
         # One quick retry, so a request during an outage fails fast instead of after
         # redis-py 8's ten retries.
-        self._redis = aioredis.Redis.from_url(
+        # ``Any``: redis-py types every reply as ``bytes | str``; this client decodes.
+        self._redis: Any = aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout, **common,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
         # Transactions hold a connection across round trips and may leave a WATCH behind
@@ -248,21 +250,19 @@ class RedisStore(Store):
 
         read(("TIME",), snap.set_time)
         for n in needs.records:
-            read(("HVALS", k.records(n)), lambda v, n=n: snap.set_records(n, v))
+            read(("HVALS", k.records(n)), partial(snap.set_records, n))
         for n in needs.under:
-            read(("SMEMBERS", k.under(n)), lambda v, n=n: snap.set_under(n, v))
+            read(("SMEMBERS", k.under(n)), partial(snap.set_under, n))
         for h in needs.key_names:
-            read(("SMEMBERS", k.key_names(h)), lambda v, h=h: snap.set_key_names(h, v))
+            read(("SMEMBERS", k.key_names(h)), partial(snap.set_key_names, h))
         if needs.waiters:
             read(("HVALS", k.waiters), snap.set_waiters)
         counters = snap.counters_to_reserve(needs)
         for name, count in counters.items():
             if write:
-                read(("INCRBY", k.counter(name), count),
-                     lambda v, name=name, count=count: snap.set_counter(name, int(v), count))
+                read(("INCRBY", k.counter(name), count), partial(snap.set_counter, name, count))
             else:
-                read(("GET", k.counter(name)),
-                     lambda v, name=name: snap.set_counter(name, int(v or 0), 0))
+                read(("GET", k.counter(name)), partial(snap.set_counter, name, 0))
 
         if write:
             watch = [*(k.records(n) for n in needs.records), *(k.under(n) for n in needs.under),
@@ -382,7 +382,7 @@ class RedisStore(Store):
         """Follow the stream with ``XREAD BLOCK`` on a client of its own without a read
         timeout; a lost connection is retried (with backoff) from the last id seen."""
         last = _check_id(since) if since is not None else None
-        client = aioredis.Redis.from_url(self._url, socket_timeout=None, **self._common,
+        client: Any = aioredis.Redis.from_url(self._url, socket_timeout=None, **self._common,
                                          retry=Retry(ExponentialBackoff(), 0))
         delay = 0.1
         try:

@@ -75,8 +75,11 @@ class Snapshot:
     def set_waiters(self, values: Iterable[str]) -> None:
         self.waiters = [Waiter.from_dict(json.loads(v)) for v in values]
 
-    def set_counter(self, name: str, top: int, count: int) -> None:
-        self.counters[name] = (top - count, top)
+    def set_counter(self, name: str, count: int, top: str | int | None) -> None:
+        """``top``: the counter after reserving ``count`` values (``INCRBY``), or its value
+        (``GET``, ``count`` 0)."""
+        value = int(top or 0)
+        self.counters[name] = (value - count, value)
 
     def counters_to_reserve(self, needs: Needs) -> dict[str, int]:
         """Every counter this attempt uses is reserved again in each round, after that round's

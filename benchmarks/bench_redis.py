@@ -1,0 +1,224 @@
+"""Lock+release pairs/s through the service on the Redis store, against redis-py's own
+``redis.asyncio.lock.Lock`` on the same Redis, with the same concurrency, in one run.
+
+    python benchmarks/bench_redis.py [--clients 50] [--seconds 5]
+
+Starts a private ``redis-server`` on a free port (append-only, ``--appendfsync``), then:
+
+1. **anchor**: ``--clients`` asyncio tasks, each looping ``Lock.acquire()`` + ``release()``
+   on its own lock name (no contention, so redis-py's 0.1 s polling never runs);
+2. **service**: ``python -m bs_coordination.service --store redis://...`` (one uvicorn worker)
+   and ``--clients`` aiohttp tasks, each looping POST ``/api/lock/request`` + POST
+   ``/api/lock/release`` on its own device.
+
+Prints pairs/s, p50 and p99 latency of a pair, the ratio service/anchor (target >= 0.5), and
+the Redis round trips and commands per operation (counted in-process on a ``RedisStore``).
+Not a test: figures depend on the machine (load generator and service share it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_clients(clients: int, seconds: float, pair) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    """Run ``pair(i)`` in a loop on ``clients`` tasks: 1 s warm-up, then ``seconds`` measured."""
+    latencies: list[float] = []
+    measuring = False
+    stop = False
+
+    async def loop(i: int) -> None:
+        while not stop:
+            t0 = time.perf_counter()
+            await pair(i)
+            if measuring:
+                latencies.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(loop(i)) for i in range(clients)]
+    await asyncio.sleep(1.0)
+    measuring = True
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    measuring = False
+    elapsed = time.perf_counter() - start
+    stop = True
+    await asyncio.gather(*tasks)
+    return len(latencies) / elapsed, latencies
+
+
+async def bench_anchor(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    r = aioredis.Redis.from_url(url, max_connections=clients + 10)
+    # One Lock per task: a shared instance would mix tokens (thread_local is per thread).
+    locks = [r.lock(f"bench:anchor:{i}", timeout=30, thread_local=False) for i in range(clients)]
+
+    async def pair(i: int) -> None:
+        await locks[i].acquire()
+        await locks[i].release()
+
+    try:
+        return await run_clients(clients, seconds, pair)
+    finally:
+        await r.aclose()
+
+
+async def bench_service(base: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    conn = aiohttp.TCPConnector(limit=clients + 10)
+    async with aiohttp.ClientSession(base, connector=conn) as http:
+
+        async def pair(i: int) -> None:
+            device = f"bench{i}"
+            async with http.post("/api/lock/request", json={
+                    "device_name": device, "lock_type": "MANUAL_OPERATOR", "user_id": "bench",
+                    "timeout": 30}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            async with http.post("/api/lock/release", json={
+                    "lock_key": body["lock_key"], "device_name": device}) as r:
+                assert r.status == 200, await r.text()
+
+        return await run_clients(clients, seconds, pair)
+
+
+async def round_trips(url: str, n: int = 200) -> dict[str, float]:
+    """Round trips and Redis commands per request and per release, warm, one replica."""
+    from bs_coordination.models import LockRequest, LockType
+    from bs_coordination.stores.redis import RedisStore
+
+    store = RedisStore(url, prefix="bench-rt")
+    batches = 0
+    original = store._batch
+
+    async def counting(conn, commands):  # type: ignore[no-untyped-def]
+        nonlocal batches
+        batches += 1
+        return await original(conn, commands)
+
+    store._batch = counting  # type: ignore[method-assign]
+    info = aioredis.Redis.from_url(url)
+
+    async def commands() -> int:
+        return int((await info.info("stats"))["total_commands_processed"])
+
+    req = LockRequest(device_name="rt", lock_type=LockType.MANUAL_OPERATOR, user_id="bench")
+    grant = await store.request(req)  # warm the cache
+    await store.release(grant.lock_key, "rt")
+    out: dict[str, float] = {}
+    try:
+        batches, c0 = 0, await commands()
+        for _ in range(n):
+            g = await store.request(req)
+            await store.release(g.lock_key, "rt")
+        out["pair_round_trips"] = batches / n
+        out["pair_commands"] = (await commands() - c0 - 1) / n
+        # Separate the two halves: a request alone, then a release alone.
+        batches = 0
+        c0 = await commands()
+        g = await store.request(req)
+        out["request_round_trips"], out["request_commands"] = batches, await commands() - c0 - 1
+        batches = 0
+        c0 = await commands()
+        await store.release(g.lock_key, "rt")
+        out["release_round_trips"], out["release_commands"] = batches, await commands() - c0 - 1
+    finally:
+        await info.aclose()
+        await store.close()
+    return out
+
+
+def report(name: str, rate: float, lat: list[float]) -> None:
+    print(f"{name:<34} {rate:9.0f} pairs/s   p50 {1000 * pct(lat, 0.5):6.2f} ms   "
+          f"p99 {1000 * pct(lat, 0.99):6.2f} ms   (n={len(lat)})")
+
+
+async def main_async(args: argparse.Namespace, url: str) -> None:
+    rt = await round_trips(url)
+    anchor_rate, anchor_lat = await bench_anchor(url, args.clients, args.seconds)
+
+    port = free_port()
+    service = subprocess.Popen(
+        [sys.executable, "-m", "bs_coordination.service", "--host", "127.0.0.1",
+         "--port", str(port), "--store", url, "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("COORDINATION_")})
+    try:
+        wait_port(port)
+        rate, lat = await bench_service(f"http://127.0.0.1:{port}", args.clients, args.seconds)
+    finally:
+        service.terminate()
+        service.wait(10)
+
+    print(f"\nlock+release, {args.clients} concurrent clients, {args.seconds:g} s measured, "
+          f"redis appendfsync={args.appendfsync}")
+    report("redis-py Lock (anchor)", anchor_rate, anchor_lat)
+    report("service, Redis store, 1 worker", rate, lat)
+    print(f"ratio service/anchor: {rate / anchor_rate:.2f} (target >= 0.5)")
+    print(f"mean pair latency: anchor {1000 * statistics.fmean(anchor_lat):.2f} ms, "
+          f"service {1000 * statistics.fmean(lat):.2f} ms")
+    print("Redis round trips per operation (warm, one replica): "
+          f"request {rt['request_round_trips']:g} ({rt['request_commands']:g} commands), "
+          f"release {rt['release_round_trips']:g} ({rt['release_commands']:g} commands); "
+          f"mean per pair {rt['pair_round_trips']:.2f} ({rt['pair_commands']:.1f} commands); "
+          "redis-py Lock: acquire 1, release 1")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
+    args = p.parse_args()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d:
+        port = free_port()
+        redis = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "",
+             "--appendonly", "yes", "--appendfsync", args.appendfsync,
+             "--logfile", str(Path(d) / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(port)
+            asyncio.run(main_async(args, f"redis://127.0.0.1:{port}/0"))
+        finally:
+            redis.terminate()
+            redis.wait(10)
+
+
+if __name__ == "__main__":
+    main()
