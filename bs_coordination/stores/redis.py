@@ -19,8 +19,10 @@ live in Python and must stay the one copy both stores run):
    any watched key changed; then the attempt starts over (bounded, with jitter). Event ids are
    the stream ids ``EXEC`` returns, so messages are built after it.
 
-With a warm cache an operation is two round trips (fetch, commit); a refusal is one, since it
-writes nothing. Read-only operations (``device_status``) read inside ``MULTI``/``EXEC``
+With a warm cache an operation is two round trips (fetch, commit; an operation that changes
+nothing still sends an empty ``EXEC`` to confirm its reads). A refusal is one round trip: it
+writes nothing, and the holder it names held the device at the instant it was read, during the
+request. Read-only operations (``device_status``) read inside ``MULTI``/``EXEC``
 instead of under ``WATCH``, which is one consistent snapshot per round trip.
 
 Fencing tokens come from one counter that only increases. Values are reserved before the
@@ -201,14 +203,15 @@ class RedisStore(Store):
                 if error is not None:
                     raise error
                 assert changes is not None
-                if not write or changes.empty:
+                if not write or conn is None:
                     return result, []
-                assert conn is not None
+                # Also with no changes: an empty EXEC confirms the reads were one state.
                 clean = False
                 messages = await self._commit(conn, snap, changes)
                 clean = True
                 if messages is not None:
-                    self.notify_changed()
+                    if not changes.empty:
+                        self.notify_changed()
                     return result, messages
                 # A watched key changed: start over on fresh reads.
                 snap = Snapshot()
@@ -275,7 +278,9 @@ class RedisStore(Store):
             replies = await self._batch(conn, [*head, *(c for c, _ in reads)])
             values = replies[len(head):]
         else:
-            replies = await self._batch(conn, [("MULTI",), *(c for c, _ in reads), ("EXEC",)])
+            # UNWATCH: a refusal may have left this pooled connection watching keys.
+            replies = await self._batch(
+                conn, [("UNWATCH",), ("MULTI",), *(c for c, _ in reads), ("EXEC",)])
             values = replies[-1]
             if values is None or isinstance(values, Exception):
                 raise ResponseError(f"snapshot read failed: {values}")
