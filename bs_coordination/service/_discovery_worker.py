@@ -94,10 +94,10 @@ def classify(
         return SIGNAL
     if cls is None and ("Signal" in classname or module.startswith("ophyd.signal")):
         return SIGNAL
+    if movable:  # an ophyd-async Motor is flyable too, and still a motor
+        return MOTOR
     if flyable:
         return FLYER
-    if movable:
-        return MOTOR
     if not readable:
         return DEVICE
     if cls is not None:
@@ -131,11 +131,21 @@ def _pv_info(obj: Any) -> dict[str, str | None]:
         # EpicsSignal writes to ``setpoint_pvname``; EpicsSignalRO has no write PV.
         info["write_pv"] = _str_or_none(getattr(obj, "setpoint_pvname", None))
     else:
-        source = getattr(obj, "source", None)  # ophyd-async: "ca://PV", "pva://PV"
-        if isinstance(source, str):
+        # ophyd-async EPICS signals: the backend knows both PVs; `source` is "ca://PV".
+        backend = getattr(getattr(obj, "_connector", None), "backend", None)
+        info["read_pv"] = _str_or_none(getattr(backend, "read_pv", None))
+        info["write_pv"] = _str_or_none(getattr(backend, "write_pv", None))
+        source = getattr(obj, "source", None)
+        if info["read_pv"] is None and isinstance(source, str):
             proto, _, rest = source.partition("://")
             if rest and proto.split("+")[-1] in ("ca", "pva"):
                 info["read_pv"] = rest
+        # The backend names a write PV even for a read-only SignalR: the class decides.
+        bases = _mro_names(type(obj))
+        if "SignalR" in bases and not bases & {"SignalW", "SignalX"}:
+            info["write_pv"] = None
+        if bases & {"SignalW", "SignalX"} and "SignalR" not in bases:
+            info["read_pv"] = None
     prefix = getattr(obj, "prefix", None)
     if isinstance(prefix, str) and prefix:
         info["prefix"] = prefix

@@ -119,6 +119,9 @@ class EventHub:
                     # Wake waiting requests here too: the change may come from another replica.
                     store.notify_changed()
                     self.publish(msg)
+                    # One request can append hundreds of events at once: let the connections
+                    # forward each one before the next, so a burst alone never fills a queue.
+                    await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except EventGap as exc:

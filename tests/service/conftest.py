@@ -103,7 +103,7 @@ class WsClient:
         return frame
 
     async def send(self, msg: Any) -> None:
-        await self.conn.send(msg if isinstance(msg, str) else json.dumps(msg))
+        await self.conn.send(msg if isinstance(msg, (str, bytes)) else json.dumps(msg))
 
     async def expect(self, pred: Callable[[dict[str, Any]], bool],
                      timeout: float = EVENT_WAIT) -> dict[str, Any]:
