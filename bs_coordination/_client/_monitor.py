@@ -119,8 +119,9 @@ class LockMonitor:
         for task in (self._reader, self._dispatcher):
             if task is not None and not task.done():
                 task.cancel()
+        me = asyncio.current_task()
         for task in (self._reader, self._dispatcher):
-            if task is not None:
+            if task is not None and task is not me:  # a callback may stop monitoring
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._reader = self._dispatcher = None

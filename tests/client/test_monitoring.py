@@ -229,3 +229,16 @@ async def test_stop_ends_monitoring_and_it_can_start_again(
     await eventually(lambda: len(rec.events) >= 3)
     assert [e[1] for e in rec.events] == ["det1", "det2", "det3"]
     assert rec.events == await history(client)
+
+
+async def test_monitoring_outlives_the_http_timeout(live_service: Any,
+                                                    eventually: Any) -> None:
+    rec = Recorder()
+    async with DeviceCoordinationClient(live_service.url, timeout=0.5) as short:
+        short.add_lock_update_callback(rec.sync)
+        await short.start_websocket_monitoring()
+        await asyncio.sleep(1.5)  # three HTTP timeouts with no traffic on the socket
+        assert short.websocket_connected and short.reconnect_count == 0
+        await short.request_lock("det1", MANUAL, "alice")
+        await eventually(lambda: len(rec.events) == 1)
+        assert rec.events[0][:3] == ("acquired", "det1", "alice")
