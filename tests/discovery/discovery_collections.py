@@ -65,6 +65,29 @@ EPICS_STARTUP = textwrap.dedent(
     """
 )
 
+#: ophyd-async devices: a nested soft device, and an EPICS motor (never connected).
+ASYNC_STARTUP = textwrap.dedent(
+    """
+    from ophyd_async.core import StandardReadable, soft_signal_rw
+    from ophyd_async.epics.motor import Motor
+
+    class Sensor(StandardReadable):
+        def __init__(self, name=""):
+            with self.add_children_as_readables():
+                self.value = soft_signal_rw(float)
+            self.mode = soft_signal_rw(str)
+            super().__init__(name=name)
+
+    class Table(StandardReadable):
+        def __init__(self, name=""):
+            self.sensor = Sensor()
+            super().__init__(name=name)
+
+    table = Table(name="table")
+    m_async = Motor("XF:31ID{Mtr:2}", name="m_async")
+    """
+)
+
 
 def write_collection(root: Path, files: dict[str, str]) -> Path:
     """Write ``root/startup/<name>`` for each file; return ``root``."""

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from bluesky_queueserver.manager.profile_ops import load_existing_plans_and_devices
 from discovery_collections import (
+    ASYNC_STARTUP,
     EPICS_STARTUP,
     SIM_DEVICES,
     SIM_STARTUP,
@@ -90,6 +91,27 @@ async def test_epics_pv_names(tmp_path, epics_env):
     assert m1.device_type.value == "motor" and m1.device_class == "EpicsMotor"
     assert reg.get_device("m1.user_setpoint").read_pv == "XF:31ID{Mtr:1}.VAL"
     assert reg.get_device("m1.user_readback").read_pv == "XF:31ID{Mtr:1}.RBV"
+    await reg.close()
+
+
+async def test_ophyd_async_devices(tmp_path, epics_env):
+    reg = registry(write_collection(tmp_path / "pc", {"00-async.py": ASYNC_STARTUP}))
+    await reg.reload()
+    assert {d.name for d in reg.list_devices().devices} == {"table", "m_async"}
+    table = reg.get_device("table")
+    assert table.device_type.value == "device" and table.capabilities.readable
+    assert reg.get_device("table.sensor").device_class == "Sensor"
+    value = reg.get_device("table.sensor.value")
+    assert value.device_type.value == "signal" and value.device_class == "SignalRW"
+    motor = reg.get_device("m_async")
+    assert motor.device_type.value == "motor"  # movable (and flyable): a motor
+    assert motor.capabilities.movable and motor.capabilities.readable
+    setpoint = reg.get_device("m_async.user_setpoint")
+    assert (setpoint.read_pv, setpoint.write_pv) == ("XF:31ID{Mtr:2}.VAL", "XF:31ID{Mtr:2}.VAL")
+    readback = reg.get_device("m_async.user_readback")
+    assert (readback.read_pv, readback.write_pv) == ("XF:31ID{Mtr:2}.RBV", None)
+    stop = reg.get_device("m_async.motor_stop")
+    assert (stop.read_pv, stop.write_pv) == (None, "XF:31ID{Mtr:2}.STOP")
     await reg.close()
 
 
