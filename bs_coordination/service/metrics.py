@@ -1,0 +1,252 @@
+"""``GET /metrics``: Prometheus metrics of one service process (``prometheus-client``).
+
+``install_metrics(app)`` adds an ASGI middleware and the ``/metrics`` route. The middleware
+times every HTTP request (labelled by route template, never by device name, so the label set
+stays bounded), counts lock-request outcomes, and, through the app's lifespan messages,
+follows the event hub from start to shutdown to count lock events. Gauges (locks by type,
+WebSocket subscribers, store up) are read at scrape time.
+
+=============================================  =================================================
+``bs_coordination_locks{lock_type,state}``      locks held now (gauge, at scrape)
+``bs_coordination_lock_requests_total{outcome}``  lock requests answered by this process:
+                                                ``granted``, ``conflict``, ``invalid``,
+                                                ``unavailable``, ``error``
+``bs_coordination_lock_grants_total``           grants (``acquired`` and ``restored`` events)
+``bs_coordination_lock_conflicts_total``        requests refused because a holder was in the way
+``bs_coordination_lock_preemptions_total``      locks preempted by a higher priority
+``bs_coordination_lock_expiries_total``         leases that ran out
+``bs_coordination_lock_events_total{action}``   every lock event, by action
+``bs_coordination_http_request_duration_seconds{method,route}``  request latency (histogram)
+``bs_coordination_http_requests_total{method,route,status}``     requests answered
+``bs_coordination_websocket_subscribers``       open ``/ws`` connections (gauge)
+``bs_coordination_store_errors_total``          requests refused because the store was down (503)
+``bs_coordination_store_up``                    1 if the store answered the scrape's ping
+=============================================  =================================================
+
+Event counters count the event log, which every replica sharing a Redis store sees whole: sum
+them over one replica, not all. Request counters are per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bs_coordination.models import LockState, LockType
+
+log = logging.getLogger(__name__)
+
+#: Latency buckets (seconds): lock operations take about a millisecond; ``wait`` may hold one long.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LOCK_REQUEST_PATH = "/api/lock/request"
+_OUTCOMES = {200: "granted", 409: "conflict", 503: "unavailable"}
+
+
+class Metrics:
+    """The metrics of one app, in a registry of its own (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.locks = Gauge("bs_coordination_locks", "Locks held now", ["lock_type", "state"], registry=r)
+        self.requests = Counter("bs_coordination_lock_requests", "Lock requests answered, by outcome",
+                                ["outcome"], registry=r)
+        self.grants = Counter("bs_coordination_lock_grants", "Locks granted (acquired or restored)",
+                              registry=r)
+        self.conflicts = Counter("bs_coordination_lock_conflicts",
+                                 "Lock requests refused because a holder was in the way", registry=r)
+        self.preemptions = Counter("bs_coordination_lock_preemptions",
+                                   "Locks preempted by a higher-priority request", registry=r)
+        self.expiries = Counter("bs_coordination_lock_expiries", "Leases that ran out", registry=r)
+        self.events = Counter("bs_coordination_lock_events", "Lock events, by action", ["action"], registry=r)
+        self.latency = Histogram("bs_coordination_http_request_duration_seconds", "HTTP request latency",
+                                 ["method", "route"], buckets=BUCKETS, registry=r)
+        self.http = Counter("bs_coordination_http_requests", "HTTP requests answered",
+                            ["method", "route", "status"], registry=r)
+        self.subscribers = Gauge("bs_coordination_websocket_subscribers", "Open /ws connections", registry=r)
+        self.store_errors = Counter("bs_coordination_store_errors",
+                                    "Requests refused because the store was unavailable (503)", registry=r)
+        self.store_up = Gauge("bs_coordination_store_up", "1 if the store answered the last scrape's ping",
+                              registry=r)
+        for t in LockType:  # every series exists from the start, at 0
+            for s in LockState:
+                self.locks.labels(t.value, s.value).set(0)
+        for outcome in ("granted", "conflict", "invalid", "unavailable", "error"):
+            self.requests.labels(outcome)
+        self._follower: asyncio.Task[None] | None = None
+        self._own_subscriber = False
+        self._stopping = False
+
+    # -- events ---------------------------------------------------------------------------
+    def count_event(self, action: str) -> None:
+        self.events.labels(action).inc()
+        if action in ("acquired", "restored"):
+            self.grants.inc()
+        elif action == "preempted":
+            self.preemptions.inc()
+        elif action == "expired":
+            self.expiries.inc()
+
+    def start(self, app: Any) -> None:
+        """Follow the app's event hub (called once its lifespan has started it)."""
+        hub = getattr(app.state, "hub", None)
+        if hub is None or self._follower is not None:
+            return
+        self._stopping = False
+        first = hub.subscribe()  # now, so no event after startup is missed
+        self._own_subscriber = True
+
+        async def follow() -> None:
+            sub = first
+            try:
+                while True:
+                    get = asyncio.ensure_future(sub.queue.get())
+                    dropped = asyncio.ensure_future(sub.dropped.wait())
+                    try:
+                        await asyncio.wait({get, dropped}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for f in (get, dropped):
+                            f.cancel()
+                    if get.done() and not get.cancelled():
+                        with contextlib.suppress(ValueError, KeyError, TypeError):
+                            self.count_event(json.loads(get.result().text)["action"])
+                    elif sub.dropped.is_set():
+                        # The hub drops everyone when the log was trimmed past it: keep counting.
+                        hub.unsubscribe(sub)
+                        if self._stopping:
+                            return
+                        sub = hub.subscribe()
+            finally:
+                hub.unsubscribe(sub)
+                self._own_subscriber = False
+
+        self._follower = asyncio.create_task(follow(), name="bs-coordination-metrics")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+
+    # -- requests -------------------------------------------------------------------------
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.latency.labels(method, route).observe(seconds)
+        self.http.labels(method, route, str(status)).inc()
+        if status == 503:
+            self.store_errors.inc()
+        if route == LOCK_REQUEST_PATH and method == "POST":
+            outcome = _OUTCOMES.get(status) or ("invalid" if 400 <= status < 500 else "error")
+            self.requests.labels(outcome).inc()
+            if status == 409:
+                self.conflicts.inc()
+
+    async def scrape(self, app: Any) -> bytes:
+        """Refresh the gauges from the store and the hub, then render the text format."""
+        store = getattr(app.state, "store", None)
+        hub = getattr(app.state, "hub", None)
+        if hub is not None:
+            self.subscribers.set(max(0, hub.subscriber_count - (1 if self._own_subscriber else 0)))
+        if store is not None:
+            try:
+                await store.ping()
+                locks = await store.all_locks()
+            except Exception as exc:
+                log.debug("metrics: store unavailable: %s", exc)
+                self.store_up.set(0)
+            else:
+                self.store_up.set(1)
+                counts: dict[tuple[str, str], int] = {}
+                for lock in locks:
+                    key = (lock.lock_type.value, lock.state.value)
+                    counts[key] = counts.get(key, 0) + 1
+                for t in LockType:
+                    for s in LockState:
+                        self.locks.labels(t.value, s.value).set(counts.get((t.value, s.value), 0))
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (no per-request task, no body buffering): times HTTP requests and
+    starts/stops the event follower with the app's lifespan."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, owner: Any) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(scope.get("method", "GET"), route, status, time.perf_counter() - start)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                self.metrics._stopping = True  # the hub is about to drop every subscriber
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.metrics.start(self.owner)
+            elif message["type"].startswith("lifespan.shutdown"):
+                await self.metrics.stop()
+            await send(message)
+
+        await self.app(scope, receive_wrapper, send_wrapper)
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                     "description": "Metrics in the Prometheus text format"}},
+)
+async def metrics_endpoint(request: Request) -> Response:
+    """Locks by type, grants, conflicts, preemptions, expiries, request latency, WebSocket
+    subscribers and store errors, in the Prometheus text format."""
+    metrics: Metrics = request.app.state.metrics
+    return Response(await metrics.scrape(request.app), media_type=CONTENT_TYPE_LATEST)
+
+
+def install_metrics(app: FastAPI) -> Metrics:
+    """Add the metrics middleware and ``GET /metrics`` to ``app`` (before it starts)."""
+    metrics = Metrics()
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics, owner=app)
+    app.include_router(router)
+    return metrics
+
+
+__all__ = ["Metrics", "MetricsMiddleware", "install_metrics"]
