@@ -140,14 +140,28 @@ class TcpProxy:
 
 
 @pytest.fixture
-async def proxy(live_service: Any) -> AsyncIterator[TcpProxy]:
-    """A ``TcpProxy`` in front of ``live_service``."""
-    p = TcpProxy(live_service.port)
-    await p.start()
+async def make_proxy() -> AsyncIterator[Callable[[int], Awaitable[TcpProxy]]]:
+    """``await make_proxy(port)``: a started ``TcpProxy`` to that port, closed after the test."""
+    proxies: list[TcpProxy] = []
+
+    async def make(port: int) -> TcpProxy:
+        p = TcpProxy(port)
+        await p.start()
+        proxies.append(p)
+        return p
+
     try:
-        yield p
+        yield make
     finally:
-        await p.close()
+        for p in proxies:
+            await p.close()
+
+
+@pytest.fixture
+async def proxy(live_service: Any, make_proxy: Callable[[int], Awaitable[TcpProxy]]
+                ) -> TcpProxy:
+    """A ``TcpProxy`` in front of ``live_service``."""
+    return await make_proxy(live_service.port)
 
 
 @pytest.fixture

@@ -148,3 +148,41 @@ async def test_service_restart_without_persistence_resyncs(
     assert rec.statuses[1] == ["det9:active"]  # the restarted service's first status
     assert "event log restarted" in caplog.text
 
+
+
+@pytest.mark.redis
+async def test_resume_on_another_replica_of_a_redis_store(
+        redis_server: Any, service_factory: Any, make_proxy: Any, eventually: Any) -> None:
+    """Two service processes on one Redis: the watcher loses replica A and resumes on B,
+    from the shared event stream (Redis Stream ids), without losing or repeating an event."""
+    a = service_factory(redis_server.url)
+    b = service_factory(redis_server.url)
+    proxy = await make_proxy(a.port)
+    rec = Recorder()
+    watcher = DeviceCoordinationClient(a.url, ws_url=proxy.ws_url, timeout=10,
+                                       reconnect_delay=0.05, max_reconnect_delay=0.2)
+    try:
+        async with DeviceCoordinationClient(a.url) as via_a, \
+                DeviceCoordinationClient(b.url) as via_b:
+            watcher.add_lock_update_callback(rec.on_update)
+            watcher.add_status_callback(rec.on_status)
+            await watcher.start_websocket_monitoring()
+            alice = await via_a.request_lock("det1", MANUAL, "alice")
+            await eventually(lambda: len(rec.events) == 1)
+            assert watcher.last_event_id is not None and "-" in watcher.last_event_id
+
+            proxy.pause()
+            proxy.retarget(b.port)
+            await eventually(lambda: not watcher.websocket_connected, what="the disconnect")
+            await via_b.request_lock("det1", LockType.MAINTENANCE, "bob")
+            await via_a.request_lock("det2", MANUAL, "carol")
+            await via_a.release_lock("det1", alice.lock_key, "alice")
+            proxy.resume()
+            expected = await history(via_b)
+            assert len(expected) == 5
+            await eventually(lambda: len(rec.events) >= 5, what="the missed events")
+            assert rec.events == expected
+            assert watcher.get_all_cached_locks() == await active_locks(via_b)
+            assert len(rec.statuses) == 2
+    finally:
+        await watcher.disconnect()
