@@ -86,6 +86,7 @@ class DeviceCoordinationClient:
         self._monitor = LockMonitor(self._http, self.ws_url, reconnect_delay=reconnect_delay,
                                     max_reconnect_delay=max_reconnect_delay, heartbeat=heartbeat)
         self._background: set[asyncio.Task[Any]] = set()
+        self._keepers: set[LeaseKeeper] = set()
 
     def __repr__(self) -> str:  # never show the API key
         return f"<DeviceCoordinationClient {self.base_url}>"
@@ -123,8 +124,12 @@ class DeviceCoordinationClient:
                         status, message_of(status, body))
 
     async def disconnect(self) -> None:
-        """Stop monitoring, finish releases still under way, close the session."""
+        """Stop monitoring and lease heartbeats, finish releases still under way, close the
+        session."""
         await self._monitor.stop()
+        keepers, self._keepers = list(self._keepers), set()
+        for keeper in keepers:
+            await keeper.stop()
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         await self._http.close()
@@ -246,8 +251,12 @@ class DeviceCoordinationClient:
                    interval: float | None = None) -> LeaseKeeper:
         """Start renewing ``lock_key``'s lease every ``interval`` (default ``timeout / 3``)
         seconds; returns the running ``LeaseKeeper`` (``await keeper.stop()``, or use it as
-        ``async with``). It logs failed renewals and stops by itself when the lock is gone."""
-        return LeaseKeeper(self.renew_lock, lock_key, timeout, interval)
+        ``async with``). It logs failed renewals and stops by itself when the lock is gone;
+        ``disconnect`` stops it too. Call it from inside the running event loop."""
+        keeper = LeaseKeeper(self.renew_lock, lock_key, timeout, interval)
+        self._keepers = {k for k in self._keepers if k.running}
+        self._keepers.add(keeper)
+        return keeper
 
     # -- status --------------------------------------------------------------------------
     async def get_lock_status(self, device_name: str) -> LockStatus:

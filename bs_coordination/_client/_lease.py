@@ -9,7 +9,6 @@ sooner; the heartbeat stops by itself when the service says the key holds nothin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -70,8 +69,8 @@ class LeaseKeeper:
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # ``wait`` (not ``await task``) so a cancellation of the caller is not swallowed.
+            await asyncio.wait({task})
 
     async def __aenter__(self) -> LeaseKeeper:
         return self

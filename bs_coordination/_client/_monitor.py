@@ -96,7 +96,8 @@ class LockMonitor:
         self._stopping = False
         self._queue = asyncio.Queue()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="bs-coordination-callbacks")
+        self._dispatcher = asyncio.create_task(self._dispatch(self._queue),
+                                               name="bs-coordination-callbacks")
         self._reader = asyncio.create_task(self._run(ready), name="bs-coordination-websocket")
         try:
             await asyncio.wait_for(asyncio.shield(ready), timeout)
@@ -116,14 +117,19 @@ class LockMonitor:
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.close()
-        for task in (self._reader, self._dispatcher):
-            if task is not None and not task.done():
-                task.cancel()
+        # A callback may stop monitoring: its own task (the dispatcher) is not cancelled but
+        # ends after the callback returns, because its queue is no longer the current one.
         me = asyncio.current_task()
-        for task in (self._reader, self._dispatcher):
-            if task is not None and task is not me:  # a callback may stop monitoring
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        self._queue = asyncio.Queue()
+        tasks = [t for t in (self._reader, self._dispatcher) if t is not None and t is not me]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # ``wait`` (not ``await task``) so a cancellation of the caller is not swallowed.
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("monitoring task ended with %r", task.exception())
         self._reader = self._dispatcher = None
         self._ws = None
 
@@ -256,9 +262,9 @@ class LockMonitor:
             _cache.apply_event(self.cache, action, lock)
         self._queue.put_nowait(("event", device_name, lock, action))
 
-    async def _dispatch(self) -> None:
-        while True:
-            item = await self._queue.get()
+    async def _dispatch(self, queue: asyncio.Queue[tuple[Any, ...]]) -> None:
+        while queue is self._queue:
+            item = await queue.get()
             if item[0] == "event":
                 _, device_name, lock, action = item
                 for lock_cb in list(self.lock_callbacks):

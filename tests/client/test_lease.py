@@ -82,3 +82,13 @@ async def test_heartbeat_checks_its_arguments(client: DeviceCoordinationClient) 
         client.keep_alive("k", timeout=0)
     with pytest.raises(ValueError, match="interval"):
         client.keep_alive("k", timeout=10, interval=-1)
+
+
+async def test_disconnect_stops_the_heartbeat(live_service: Any,
+                                              other: DeviceCoordinationClient) -> None:
+    client = DeviceCoordinationClient(live_service.url)
+    granted = await client.request_lock("det1", QUEUE, "queue", timeout=60)
+    keeper = client.keep_alive(granted.lock_key, timeout=60, interval=0.05)
+    await client.disconnect()
+    assert not keeper.running and not client.connected
+    assert await other.is_device_locked("det1")  # the lock itself stays until its lease ends

@@ -242,3 +242,21 @@ async def test_monitoring_outlives_the_http_timeout(live_service: Any,
         await short.request_lock("det1", MANUAL, "alice")
         await eventually(lambda: len(rec.events) == 1)
         assert rec.events[0][:3] == ("acquired", "det1", "alice")
+
+
+async def test_a_callback_may_stop_monitoring(client: DeviceCoordinationClient,
+                                              other: DeviceCoordinationClient,
+                                              eventually: Any) -> None:
+    seen: list[str] = []
+
+    async def stop_after_first(device_name: str, lock: DeviceLock, action: str) -> None:
+        seen.append(device_name)
+        await client.stop_websocket_monitoring()
+
+    client.add_lock_update_callback(stop_after_first)
+    await client.start_websocket_monitoring()
+    await other.request_lock("det1", MANUAL, "bob")
+    await eventually(lambda: not client.monitoring, what="monitoring to stop")
+    await other.request_lock("det2", MANUAL, "bob")
+    assert seen == ["det1"]
+    assert not client.websocket_connected
