@@ -148,8 +148,10 @@ class LockMonitor:
                 ws = await self.transport.open().ws_connect(url, heartbeat=self.heartbeat)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 if not seen_status:
+                    # A refused handshake (e.g. 401/403 with authentication on) keeps its status.
+                    status = getattr(exc, "status", NO_ANSWER)
                     ready.set_exception(ServiceError(
-                        f"cannot open WebSocket {self.ws_url}: {exc}", status_code=NO_ANSWER))
+                        f"cannot open WebSocket {self.ws_url}: {exc}", status_code=status))
                     return
                 log.warning("WebSocket %s: reconnect failed (%s); retrying in %.1f s",
                             self.ws_url, exc, delay)

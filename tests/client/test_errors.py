@@ -140,3 +140,13 @@ async def test_monitoring_with_nothing_listening_fails_at_once() -> None:
         assert not client.monitoring
     finally:
         await client.disconnect()
+
+
+async def test_a_refused_websocket_handshake_keeps_its_status(odd_service: str) -> None:
+    async with DeviceCoordinationClient(odd_service,
+                                        ws_url=odd_service.replace("http", "ws") + "/nowhere"
+                                        ) as client:
+        with pytest.raises(ServiceError) as info:
+            await client.start_websocket_monitoring(timeout=5)
+        assert info.value.status_code == 404
+        assert "cannot open WebSocket" in info.value.message
