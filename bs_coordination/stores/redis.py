@@ -41,8 +41,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -61,7 +63,13 @@ from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import EventGap, Store, to_message
+from bs_coordination.stores.redis_script import APPLY, ScriptCall, is_noscript, pack
 from bs_coordination.stores.redis_txn import Needs, Snapshot, View, WatchCache
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as async_timeout
+else:  # redis-py depends on it there
+    from async_timeout import timeout as async_timeout
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,10 @@ TAIL_BLOCK_MS = 2000
 #: Events read per ``XREAD``.
 TAIL_BATCH = 500
 _EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
+
+
+class _ScriptMissing(Exception):
+    """Redis does not have ``APPLY`` (restarted): load it and start the attempt over."""
 
 
 class _Unknown(Exception):
@@ -106,6 +118,7 @@ class RedisStore(Store):
                                                           **common)
         self._url = url
         self._common = common
+        self._socket_timeout = socket_timeout
         self._cache = WatchCache()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -197,7 +210,10 @@ class RedisStore(Store):
                     if conn is None:
                         conn = await self._txn_pool.get_connection()
                     clean = False
-                    await self._fetch(conn, snap, view.needs, write)
+                    try:
+                        await self._fetch(conn, snap, view.needs, write)
+                    except _ScriptMissing:
+                        snap = await self._load_script(conn)
                     clean = True
                     continue
                 if error is not None:
@@ -207,7 +223,12 @@ class RedisStore(Store):
                     return result, []
                 # Also with no changes: an empty EXEC confirms the reads were one state.
                 clean = False
-                messages = await self._commit(conn, snap, changes)
+                try:
+                    messages = await self._commit(conn, snap, changes)
+                except _ScriptMissing:
+                    snap = await self._load_script(conn)
+                    clean = True
+                    continue
                 clean = True
                 if messages is not None:
                     if not changes.empty:
@@ -220,7 +241,7 @@ class RedisStore(Store):
                 f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
         except _Unknown as exc:
             raise self._down(exc.__cause__ or exc) from None
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise self._down(exc) from None
         finally:
             if conn is not None:
@@ -230,65 +251,73 @@ class RedisStore(Store):
                 await self._txn_pool.release(conn)
 
     async def _batch(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write and read every reply (errors as values)."""
-        await conn.send_packed_command(conn.pack_commands(commands))
+        """Send ``commands`` in one write and read every reply (errors as values), within one
+        ``socket_timeout`` for the whole batch."""
+        await conn.send_packed_command(pack(commands), check_health=False)
         replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+        async with async_timeout(self._socket_timeout):
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as exc:
+                    replies.append(exc)
         return replies
+
+    async def _load_script(self, conn: Any) -> Snapshot:
+        """Register ``APPLY`` (Redis restarted and forgot it); the attempt starts over."""
+        [sha] = await self._batch(conn, [("SCRIPT", "LOAD", APPLY)])
+        if isinstance(sha, Exception):
+            raise sha
+        return Snapshot()
 
     async def _fetch(self, conn: Any, snap: Snapshot, needs: Needs, write: bool) -> None:
         """One round trip: read what the last run was missing (under ``WATCH`` when writing,
-        else everything read so far again, inside ``MULTI``/``EXEC``)."""
+        else everything read so far again, as one snapshot)."""
         k = self.keys
         if not write:
             needs = snap.read.union(needs)
-        reads: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
-
-        def read(cmd: tuple[Any, ...], sink: Callable[[Any], None]) -> None:
-            reads.append((cmd, sink))
-
-        read(("TIME",), snap.set_time)
+        call = ScriptCall()
+        sinks: list[Callable[[Any], None]] = [snap.set_time]
+        call.add("TIME")
         for n in needs.records:
-            read(("HVALS", k.records(n)), partial(snap.set_records, n))
+            call.add("HVALS", k.records(n))
+            sinks.append(partial(snap.set_records, n))
         for n in needs.under:
-            read(("SMEMBERS", k.under(n)), partial(snap.set_under, n))
+            call.add("SMEMBERS", k.under(n))
+            sinks.append(partial(snap.set_under, n))
         for h in needs.key_names:
-            read(("SMEMBERS", k.key_names(h)), partial(snap.set_key_names, h))
+            call.add("SMEMBERS", k.key_names(h))
+            sinks.append(partial(snap.set_key_names, h))
         if needs.waiters:
-            read(("HVALS", k.waiters), snap.set_waiters)
-        counters = snap.counters_to_reserve(needs)
-        for name, count in counters.items():
+            call.add("HVALS", k.waiters)
+            sinks.append(snap.set_waiters)
+        for name, count in snap.counters_to_reserve(needs).items():
             if write:
-                read(("INCRBY", k.counter(name), count), partial(snap.set_counter, name, count))
+                call.add("INCRBY", k.counter(name), count)
+                sinks.append(partial(snap.set_counter, name, count))
             else:
-                read(("GET", k.counter(name)), partial(snap.set_counter, name, 0))
+                call.add("GET", k.counter(name))
+                sinks.append(partial(snap.set_counter, name, 0))
 
+        head: list[tuple[Any, ...]] = []
         if write:
-            watch = [*(k.records(n) for n in needs.records), *(k.under(n) for n in needs.under),
-                     *(k.key_names(h) for h in needs.key_names)]
-            if needs.waiters:
-                watch.append(k.waiters)
-            head: list[tuple[Any, ...]] = [] if snap.rounds else [("UNWATCH",)]
-            if watch:
-                head.append(("WATCH", *watch))
-            replies = await self._batch(conn, [*head, *(c for c, _ in reads)])
-            values = replies[len(head):]
+            # The reads (and the reservations after them) come after the WATCH.
+            head = [] if snap.rounds else [("UNWATCH",)]
+            watched = [key for key in call.keys if not key.startswith(k.counter(""))]
+            if watched:
+                head.append(("WATCH", *watched))
         else:
-            # UNWATCH: a refusal may have left this pooled connection watching keys.
-            replies = await self._batch(
-                conn, [("UNWATCH",), ("MULTI",), *(c for c, _ in reads), ("EXEC",)])
-            values = replies[-1]
-            if values is None or isinstance(values, Exception):
-                raise ResponseError(f"snapshot read failed: {values}")
             snap.reset()
-        for value in values:
+        replies = await self._batch(conn, [*head, call.command()])
+        for value in replies[:-1]:
             if isinstance(value, Exception):
                 raise value
-        for (_, sink), value in zip(reads, values, strict=True):
+        values = replies[-1]
+        if is_noscript(values):
+            raise _ScriptMissing
+        if isinstance(values, Exception):
+            raise values
+        for sink, value in zip(sinks, values, strict=True):
             sink(value)
         snap.rounds += 1
         snap.read = snap.read.union(needs)
@@ -298,53 +327,59 @@ class RedisStore(Store):
                       ) -> list[LockUpdateMessage] | None:
         """Write ``ch`` in one ``MULTI``/``EXEC``; ``None`` if a watched key changed."""
         k = self.keys
-        cmds: list[tuple[Any, ...]] = []
+        call = ScriptCall()
         final = snap.apply(ch)
         for name, (before, after) in final.items():
             if before and not after:
-                cmds.extend(("SREM", k.under(a), name) for a in locktable.ancestors(name))
-                cmds.append(("SREM", k.names, name))
+                for a in locktable.ancestors(name):
+                    call.add("SREM", k.under(a), name)
+                call.add("SREM", k.names, name)
             elif after and not before:
-                cmds.extend(("SADD", k.under(a), name) for a in locktable.ancestors(name))
-                cmds.append(("SADD", k.names, name))
+                for a in locktable.ancestors(name):
+                    call.add("SADD", k.under(a), name)
+                call.add("SADD", k.names, name)
         for rid, rec in ch.deletes.items():
-            cmds.append(("HDEL", k.records(rid[0]), rid[1]))
-            cmds.append(("SREM", k.key_names(rid[1]), rid[0]))
+            call.add("HDEL", k.records(rid[0]), rid[1])
+            call.add("SREM", k.key_names(rid[1]), rid[0])
             if rec.expires_at is not None:
-                cmds.append(("ZREM", k.expiry, rk.expiry_member(rid)))
+                call.add("ZREM", k.expiry, rk.expiry_member(rid))
         for rid, rec in ch.puts.items():
-            cmds.append(("HSET", k.records(rid[0]), rid[1], _dump(rec.to_dict())))
-            cmds.append(("SADD", k.key_names(rid[1]), rid[0]))
+            call.add("HSET", k.records(rid[0]), rid[1], _dump(rec.to_dict()))
+            call.add("SADD", k.key_names(rid[1]), rid[0])
             if rec.expires_at is not None:
-                cmds.append(("ZADD", k.expiry, repr(rec.expires_at), rk.expiry_member(rid)))
+                call.add("ZADD", k.expiry, repr(rec.expires_at), rk.expiry_member(rid))
             else:
-                cmds.append(("ZREM", k.expiry, rk.expiry_member(rid)))
+                call.add("ZREM", k.expiry, rk.expiry_member(rid))
         for ticket in ch.waiters_deleted:
-            cmds.append(("HDEL", k.waiters, ticket))
+            call.add("HDEL", k.waiters, ticket)
         for ticket, w in ch.waiters_put.items():
-            cmds.append(("HSET", k.waiters, ticket, _dump(w.to_dict())))
+            call.add("HSET", k.waiters, ticket, _dump(w.to_dict()))
         messages = [to_message(e, "") for e in ch.events]
-        first_xadd = len(cmds)
-        for m in messages:
-            cmds.append(("XADD", k.events, "MAXLEN", "~", rk.EVENTS_MAXLEN, "*",
-                         rk.EVENT_FIELD, m.model_dump_json(exclude={"event_id"})))
+        xadds = [call.add("XADD", k.events, "MAXLEN", "~", rk.EVENTS_MAXLEN, "*",
+                          rk.EVENT_FIELD, m.model_dump_json(exclude={"event_id"}))
+                 for m in messages]
+        body = [call.command()] if call.count else []
         try:
-            replies = await self._batch(conn, [("MULTI",), *cmds, ("EXEC",)])
-        except (RedisError, OSError) as exc:
+            replies = await self._batch(conn, [("MULTI",), *body, ("EXEC",)])
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise _Unknown("the commit's outcome is unknown") from exc
         result = replies[-1]
         if result is None:
             return None
         if isinstance(result, Exception):
             raise result
-        for value in result:
-            if isinstance(value, Exception):
-                # MULTI/EXEC is not rolled back: a failed write (never expected) is logged.
-                log.error("lock store write failed inside a transaction: %s", value)
-                raise value
+        if not body:
+            return []
+        [values] = result
+        if is_noscript(values):
+            raise _ScriptMissing
+        if isinstance(values, Exception):
+            # A script stopped by an error keeps what it wrote before it (never expected).
+            log.error("lock store write failed inside a transaction: %s", values)
+            raise values
         self._cache.commit(final, ch)
-        ids = result[first_xadd:]
-        return [m.model_copy(update={"event_id": i}) for m, i in zip(messages, ids, strict=True)]
+        return [m.model_copy(update={"event_id": values[i]}) for m, i in zip(messages, xadds,
+                                                                              strict=True)]
 
     # -- event log ---------------------------------------------------------------------
     def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
