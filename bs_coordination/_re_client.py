@@ -37,7 +37,7 @@ from bs_coordination.errors import (
     LockNotFoundError,
     ServiceError,
 )
-from bs_coordination.models import DeviceLock, LockState, LockType, names_overlap
+from bs_coordination.models import DeviceLock, LockHolder, LockState, LockType, names_overlap
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,12 @@ _EARLY_EVENTS = 256
 PreemptionListener = Callable[[dict[str, DeviceLock]], None]
 
 
-def describe_lock(lock: DeviceLock) -> str:
-    """``'motor' held by 'bob' (MAINTENANCE, reason: 'encoder')`` for error messages."""
+def describe_lock(lock: LockHolder) -> str:
+    """``'motor' is held by 'bob' (MAINTENANCE, reason: 'encoder')`` for messages."""
     text = f"{lock.device_name!r} is held by {lock.user_id!r} ({lock.lock_type.value}"
-    if lock.state is not LockState.ACTIVE:
-        text += f", {lock.state.value}"
+    state = getattr(lock, "state", LockState.ACTIVE)
+    if state is not LockState.ACTIVE:
+        text += f", {state.value}"
     if lock.reason:
         text += f", reason: {lock.reason!r}"
     return text + ")"
@@ -486,8 +487,9 @@ class PlanCoordinator:
             session.held[name] = lock
             session.uncover(name)
             self.preempted[name] = lock
-            log.warning("lock on %r preempted by %s", name,
-                        describe_lock(lock.preempted_by) if lock.preempted_by else "?")  # type: ignore[arg-type]
+            by = lock.preempted_by
+            log.warning("the plan's lock on %r is preempted: %s", name,
+                        describe_lock(by) if by is not None else "by a higher priority")
             self._notify()
         elif action == "restored" and mine.state is LockState.PREEMPTED:
             session.held[name] = lock
