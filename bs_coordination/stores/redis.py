@@ -114,8 +114,8 @@ class RedisStore(Store):
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
         # Transactions hold a connection across round trips and may leave a WATCH behind
         # (a refusal writes nothing); their own pool keeps that away from plain commands.
-        self._txn_pool = aioredis.ConnectionPool.from_url(url, socket_timeout=socket_timeout,
-                                                          **common)
+        # ``_batch`` bounds a whole round trip itself (redis-py would start a task per send).
+        self._txn_pool = aioredis.ConnectionPool.from_url(url, socket_timeout=None, **common)
         self._url = url
         self._common = common
         self._socket_timeout = socket_timeout
@@ -253,9 +253,9 @@ class RedisStore(Store):
     async def _batch(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write and read every reply (errors as values), within one
         ``socket_timeout`` for the whole batch."""
-        await conn.send_packed_command(pack(commands), check_health=False)
         replies: list[Any] = []
         async with async_timeout(self._socket_timeout):
+            await conn.send_packed_command(pack(commands), check_health=False)
             for _ in commands:
                 try:
                     replies.append(await conn.read_response(timeout=math.inf))

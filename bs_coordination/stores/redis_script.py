@@ -71,7 +71,10 @@ def pack(commands: list[tuple[Any, ...]]) -> bytes:
     for cmd in commands:
         out.append(b"*%d\r\n" % len(cmd))
         for arg in cmd:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            if isinstance(arg, int):
+                data = b"%d" % arg
+            else:
+                data = arg.encode() if isinstance(arg, str) else arg
             out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
 
