@@ -55,6 +55,10 @@ async def test_start_returns_with_the_initial_status_in_the_cache(
     assert client.last_event_id == (await client.get_all_locks()).last_event_id
     await client.start_websocket_monitoring()  # a second start is a no-op
     assert len(rec.statuses) == 1
+    client.remove_status_callback(rec.status)
+    await client.stop_websocket_monitoring()
+    await client.start_websocket_monitoring()
+    assert len(rec.statuses) == 1
 
 
 async def test_sync_and_async_callbacks_see_every_change(
@@ -172,7 +176,7 @@ async def test_cache_follows_acquired_preempted_released_restored_expired(
     assert short.success
 
 
-async def test_cache_follows_renewed_upgraded_and_force_released(
+async def test_cache_follows_renewed_upgraded_force_released_and_consumed(
         client: DeviceCoordinationClient, other: DeviceCoordinationClient,
         eventually: Any) -> None:
     rec = Recorder()
@@ -193,7 +197,17 @@ async def test_cache_follows_renewed_upgraded_and_force_released(
     await other.force_release("det1", reason="stuck")
     await eventually(lambda: len(rec.events) == 4)
     assert client.get_all_cached_locks() == {}
-    assert [e[0] for e in rec.events] == ["acquired", "renewed", "upgraded", "force_released"]
+
+    # A plan's QUEUE_EXECUTING lock consumes its own reservation (rule 7).
+    await other.request_lock("det3", LockType.QUEUE_QUEUED, "queue", timeout=30, plan_uid="p1")
+    await other.request_lock("det3", LockType.QUEUE_EXECUTING, "queue", timeout=30,
+                             plan_uid="p1")
+    await eventually(lambda: len(rec.events) == 7)
+    cached = client.get_cached_lock_status("det3")
+    assert cached is not None and cached.lock_type is LockType.QUEUE_EXECUTING
+    assert client.get_all_cached_locks() == await active_locks(client)
+    assert [e[0] for e in rec.events] == ["acquired", "renewed", "upgraded", "force_released",
+                                          "acquired", "consumed", "acquired"]
 
 
 async def test_expiry_of_a_preempted_lock_leaves_the_holder_in_the_cache(
