@@ -185,7 +185,8 @@ async def test_invalid_requests_raise_invalid_request_error(
         client: DeviceCoordinationClient) -> None:
     with pytest.raises(InvalidRequestError) as info:
         await client.request_lock("det1", "NOT_A_TYPE", "alice")
-    assert "lock_type" in info.value.message
+    assert "lock_type" in info.value.message and info.value.field == "lock_type"
+    assert info.value.status_code == 422
     with pytest.raises(InvalidRequestError) as info:
         await client.request_lock("det1", LockType.QUEUE_EXECUTING, "queue", timeout=None)
     assert "timeout" in info.value.message
