@@ -114,8 +114,15 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
 
 
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette logs the traceback and re-raises after this; the client gets the same body
+    # shape as for every other error, and no internals.
+    return error_response(500, f"internal error ({type(exc).__name__}); see the service log")
+
+
 def install_handlers(app: FastAPI) -> None:
     """Register the one mapping from exceptions to status codes."""
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(CoordinationError, _on_coordination)
     app.add_exception_handler(EventGap, _on_gap)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -33,6 +33,7 @@ async def live() -> Live:
 @router.get(
     "/ready",
     response_model=Ready,
+    response_model_exclude_none=True,
     responses={503: {"model": Ready, "description": "Not ready; `reason` says why."}},
     summary="Readiness: the lock store answers",
 )
@@ -41,8 +42,8 @@ async def ready(store: StoreDep) -> Ready | JSONResponse:
         await store.ping()
     except CoordinationError as exc:
         body = Ready(status="not ready", store=store.kind, reason=exc.message)
-        return JSONResponse(status_code=503, content=body.model_dump())
+        return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     except Exception as exc:  # a probe answers, whatever went wrong
         body = Ready(status="not ready", store=store.kind, reason=f"{type(exc).__name__}: {exc}")
-        return JSONResponse(status_code=503, content=body.model_dump())
+        return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     return Ready(status="ready", store=store.kind)
