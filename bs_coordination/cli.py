@@ -445,8 +445,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
     """Run the service in this process (``python -m bs_coordination.service``)."""
     from bs_coordination.service.__main__ import main as serve_main
 
-    result = serve_main(list(argv))
-    return int(result or 0)
+    serve_main(list(argv))  # returns when the server stops; bad settings exit(2) inside
+    return EXIT_OK
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _global_options(parser, defaults=True)
     # The same options after the subcommand (``status --json``); SUPPRESS keeps the global values.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _global_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
