@@ -96,6 +96,17 @@ class Connection:
                 self.cursor = event_order(snapshot_id)
                 self.last_sent = snapshot_id
             return True
+        wanted = event_order(since)
+        if any(wanted) and (snapshot_id is None or wanted > event_order(snapshot_id)):
+            # An id this log never issued (e.g. a memory store that restarted): following it
+            # would skip every event up to it, so continue from the snapshot instead.
+            await self.send(_error(
+                f"since: event {since[:40]!r} is unknown here (newest is {snapshot_id!r}; did the "
+                "service restart?); initial_status holds the current state"))
+            if snapshot_id:
+                self.cursor = event_order(snapshot_id)
+                self.last_sent = snapshot_id
+            return True
         self.cursor = event_order(since)
         self.last_sent = since
         try:

@@ -145,3 +145,14 @@ async def test_openapi_describes_every_endpoint_and_error(http) -> None:
     assert conflict["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     release_params = {p["name"]: p for p in paths["/api/lock/release"]["post"]["parameters"]}
     assert release_params["lock_key"]["deprecated"] is True
+
+
+async def test_events_since_an_id_never_issued_is_410(api) -> None:
+    """A client that outlived a restart of a memory-store service must not wait forever."""
+    await api.grant("det1")
+    last = (await api.status())["last_event_id"]
+    never = "99999999999999-0" if "-" in last else "99999"
+    r = await api.client.get("/api/events", params={"since": never})
+    assert r.status_code == 410 and "restart" in r.json()["message"]
+    r = await api.client.get("/api/events", params={"since": "0"})
+    assert r.status_code == 200 and len(r.json()["events"]) == 1

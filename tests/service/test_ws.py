@@ -265,3 +265,15 @@ async def test_a_stalled_subscriber_is_dropped_and_never_delays_others(
         # And the service is still fine for the healthy one.
         await healthy.send(json.dumps({"type": "ping"}))
         assert json.loads(await asyncio.wait_for(healthy.recv(), 10))["type"] == "pong"
+
+
+async def test_since_an_id_never_issued_continues_from_the_snapshot(api, ws) -> None:
+    await api.grant("det1")
+    last = (await api.status())["last_event_id"]
+    never = "99999999999999-0" if "-" in last else "99999"
+    async with ws(since=never) as c:
+        assert c.frames[0]["data"]["total_count"] == 1
+        err = await c.recv()
+        assert err["type"] == "error" and "restart" in err["message"]
+        await api.grant("det2")
+        assert (await c.update("acquired", "det2"))["event_id"] != last

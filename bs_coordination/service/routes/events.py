@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from bs_coordination.errors import InvalidRequestError
 from bs_coordination.models import EventsResponse
+from bs_coordination.stores import EventGap
 from bs_coordination.stores.base import event_order
 
 from ..deps import StoreDep
@@ -28,8 +29,9 @@ async def events(
     store: StoreDep,
     since: Annotated[str | None, Query(max_length=64, description=(
         "Return events after this id (from `last_event_id` or an event's `event_id`); "
-        "without it, the newest `limit` retained events. 410 if the log no longer reaches "
-        "back to it: reload `/api/locks/status` and continue from its `last_event_id`."))] = None,
+        "without it, the newest `limit` retained events; `0`: from the first event. 410 if "
+        "the log no longer reaches back to it, or never issued it (the service restarted): "
+        "reload `/api/locks/status` and continue from its `last_event_id`."))] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PAGE)] = 1000,
 ) -> EventsResponse:
     """Events after ``since``, at most ``limit`` of them. Page by passing the last
@@ -42,5 +44,10 @@ async def events(
                 f"since: {since[:40]!r} is not an event id of this service", field="since"
             ) from None
     last = await store.last_event_id()
+    wanted = event_order(since) if since is not None else (0,)
+    if any(wanted) and (last is None or wanted > event_order(last)):
+        # Not an id this log issued (a restarted memory store starts again at 1): answering
+        # "nothing new" would hide every event until the counter passes it again.
+        raise EventGap(f"event {since} is unknown here (newest is {last}; did the service restart?)")
     got = await store.events_after(since, limit=limit)
     return EventsResponse(events=got, last_event_id=got[-1].event_id if got else (since or last))
