@@ -81,6 +81,8 @@ MAX_ATTEMPTS = 64
 TAIL_BLOCK_MS = 2000
 #: Events read per ``XREAD``.
 TAIL_BATCH = 500
+#: Events this process appended that are kept to spare the tail parsing them again.
+OWN_EVENTS_KEPT = 2000
 _EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 
 
@@ -120,6 +122,7 @@ class RedisStore(Store):
         self._common = common
         self._socket_timeout = socket_timeout
         self._cache = WatchCache()
+        self._own: dict[str, LockUpdateMessage] = {}  # events this process appended, by id
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -378,11 +381,19 @@ class RedisStore(Store):
             log.error("lock store write failed inside a transaction: %s", values)
             raise values
         self._cache.commit(final, ch)
-        return [m.model_copy(update={"event_id": values[i]}) for m, i in zip(messages, xadds,
-                                                                              strict=True)]
+        out = [m.model_copy(update={"event_id": values[i]})
+               for m, i in zip(messages, xadds, strict=True)]
+        for m in out:  # the tail will read them back: no need to parse them again
+            self._own[m.event_id] = m  # type: ignore[index]
+        while len(self._own) > OWN_EVENTS_KEPT:
+            del self._own[next(iter(self._own))]
+        return out
 
     # -- event log ---------------------------------------------------------------------
     def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
+        own = self._own.get(event_id)
+        if own is not None:
+            return own
         msg = LockUpdateMessage.model_validate_json(fields[rk.EVENT_FIELD])
         return msg.model_copy(update={"event_id": event_id})
 
