@@ -1,39 +1,42 @@
 """The Redis store: locks that survive restarts and are shared by several service replicas.
 
 It runs the same ``locktable`` code as the memory store. How an operation becomes one atomic
-read-modify-write (optimistic ``WATCH``/``MULTI`` rather than a Lua script, because the rules
-live in Python and must stay the one copy both stores run):
+read-modify-write: optimistic ``WATCH``/``MULTI``, not a compare-and-swap script holding the
+rules, because the rules live in Python and must stay the one copy both stores run.
 
 1. **Speculate.** The operation runs on a ``Txn`` over a view answered from a local cache of
    what this process last saw (never trusted, only a guess). Every key the view is asked for
-   and has not read under ``WATCH`` in this attempt is noted as *missing*. The lock table is
-   pure, so running it on a guess has no effect; its result is thrown away.
-2. **Fetch.** One pipelined round trip on a dedicated connection: ``WATCH`` the missing keys,
-   ``TIME`` (the clock every replica shares), read them, and reserve fencing-token/ticket
-   values with ``INCRBY`` (after the ``WATCH``, so for any device the token order is the
-   commit order; see ``_View.counter``).
+   and has not read in this attempt is noted as *missing* (``redis_txn.View``). The lock
+   table is pure, so running it on a guess has no effect; its result is thrown away.
+2. **Fetch.** One round trip on a dedicated connection: ``WATCH`` the missing keys, then one
+   call of the ``APPLY`` script (``redis_script``: it runs a list of plain commands) doing
+   ``TIME`` (the clock every replica shares), the reads, and ``INCRBY`` reservations of
+   fencing-token/ticket values. They come after the ``WATCH``, so for any device the token
+   order is the commit order (see ``Snapshot.counters_to_reserve``).
 3. **Run again** on what was read. If it asks for something not yet read (e.g. the records
    on names found in an "under" set), fetch that too (more keys are watched) and run again.
-4. **Commit** ``txn.changes()`` in one ``MULTI``/``EXEC``: record hashes, the "under", key and
-   name sets, the expiry sorted set, waiters, and one ``XADD`` per event. ``EXEC`` fails when
-   any watched key changed; then the attempt starts over (bounded, with jitter). Event ids are
-   the stream ids ``EXEC`` returns, so messages are built after it.
+4. **Commit** ``txn.changes()`` in one ``MULTI``/``APPLY``/``EXEC``: record hashes, the
+   "under", key and name sets, the expiry sorted set, waiters, and one ``XADD`` per event.
+   ``EXEC`` fails when any watched key changed; then the attempt starts over (bounded, with
+   jitter). Event ids are the stream ids ``EXEC`` returns, so messages are built after it.
 
 With a warm cache an operation is two round trips (fetch, commit; an operation that changes
 nothing still sends an empty ``EXEC`` to confirm its reads). A refusal is one round trip: it
 writes nothing, and the holder it names held the device at the instant it was read, during the
-request. Read-only operations (``device_status``) read inside ``MULTI``/``EXEC``
-instead of under ``WATCH``, which is one consistent snapshot per round trip.
+request. Read-only operations (``device_status``) need no ``WATCH``: one ``APPLY`` call is
+atomic, so each round trip reads one consistent snapshot. ``APPLY`` is loaded once per Redis
+process (``EVALSHA``; after a restart ``NOSCRIPT`` makes the attempt load it and start over).
 
 Fencing tokens come from one counter that only increases. Values are reserved before the
 commit, so two grants on *unrelated* devices may commit in the opposite order of their tokens;
 for one device (and every name overlapping it) a later grant always has a larger token.
 
 Failing closed: any connection error, timeout or Redis error becomes ``StoreUnavailableError``
-("lock store unavailable: ...", HTTP 503), and no grant is returned unless ``EXEC`` succeeded.
-Connections come from a pool that reconnects on the next use, so the store heals by itself
-when Redis returns. The event tail uses its own client without a read timeout (redis-py 8's
-5 s default plus retries breaks ``XREAD BLOCK``).
+("lock store unavailable: ...", HTTP 503, never the URL's password), and no grant is returned
+unless ``EXEC`` succeeded. Connections come from a pool that reconnects on the next use, so
+the store heals by itself when Redis returns; one round trip is bounded by ``socket_timeout``
+(2 s) and a refused connection fails at once. The event tail uses its own client without a
+read timeout (redis-py 8's 5 s default plus retries breaks ``XREAD BLOCK``).
 """
 
 from __future__ import annotations
