@@ -361,13 +361,25 @@ def cmd_devices(http: Http, args: argparse.Namespace, out: TextIO) -> int:
     if isinstance(devices, dict):  # {name: {...}} form
         devices = [{"name": k, **v} for k, v in devices.items()]
     if not devices:
-        out.write("no devices: the service discovers devices only when started with "
-                  "--profile-collection (COORDINATION_PROFILE_COLLECTION)\n")
+        out.write(no_devices_reason(http) + "\n")
         return EXIT_OK
     rows = [[str(d.get("name", "")), str(d.get("device_type", "")), str(d.get("device_class", "")),
              str(d.get("module", "") or "")] for d in devices]
     table(sorted(rows), ["NAME", "TYPE", "CLASS", "MODULE"], out)
     return EXIT_OK
+
+
+def no_devices_reason(http: Http) -> str:
+    """Why the device list is empty, from ``/api/device-config/status`` when it says."""
+    status, info = http.call("GET", "/api/device-config/status")
+    if status == 200 and isinstance(info, dict) and info.get("configured"):
+        if info.get("last_error"):
+            return f"no devices: loading the profile collection {info.get('path')} failed: {info['last_error']}"
+        if not info.get("ready"):
+            return f"no devices yet: the profile collection {info.get('path')} is still loading"
+        return f"no devices: the profile collection {info.get('path')} defines none"
+    return ("no devices: the service discovers devices only when started with "
+            "--profile-collection (COORDINATION_PROFILE_COLLECTION)")
 
 
 def event_line(msg: dict[str, Any]) -> str:
