@@ -125,8 +125,9 @@ def plan_devices(plan: Any) -> list[Any]:
         budget[0] -= 1
         seen.add(id(value))
         if inspect.isgenerator(value):
-            if inspect.getgeneratorstate(value) == inspect.GEN_CREATED:
-                for v in value.gi_frame.f_locals.values():
+            frame = value.gi_frame
+            if frame is not None and inspect.getgeneratorstate(value) == inspect.GEN_CREATED:
+                for v in frame.f_locals.values():
                     visit(v, depth + 1)
         elif isinstance(value, (list, tuple, set, frozenset)):
             for v in value:
@@ -149,9 +150,9 @@ def plan_name(plan: Any) -> str | None:
             break
         name = plan.__name__
         inner = None
-        if inspect.getgeneratorstate(plan) == inspect.GEN_CREATED:
-            inner = next((v for v in plan.gi_frame.f_locals.values() if inspect.isgenerator(v)),
-                         None)
+        frame = plan.gi_frame
+        if frame is not None and inspect.getgeneratorstate(plan) == inspect.GEN_CREATED:
+            inner = next((v for v in frame.f_locals.values() if inspect.isgenerator(v)), None)
         if inner is None or not name.endswith("_wrapper"):
             break
         plan = inner
