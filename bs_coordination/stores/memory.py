@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TypeVar
@@ -38,6 +39,10 @@ class MemoryStore(Store):
         self._counters: dict[str, int] = {}
         self._expiry: list[tuple[float, str, str]] = []
         self._events: deque[LockUpdateMessage] = deque(maxlen=event_log_size)
+        # Ids are "<start ms>-<n>" (the shape of a Redis Stream id): ids of an earlier run of
+        # the service sort before this run's, so a client resuming across a restart is told to
+        # resynchronise instead of silently missing this run's first events.
+        self._epoch = int(time.time() * 1000)
         self._last_id = 0
         self._appended = asyncio.Event()
 
@@ -86,26 +91,43 @@ class MemoryStore(Store):
     async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
         if since is None:
             return list(self._events)[-limit:]
-        after = _parse_id(since)
-        if self._events and after < _parse_id(self._events[0].event_id) - 1:
+        after = self._seq(since)
+        if self._events and after < self._seq(self._events[0].event_id) - 1:
             raise EventGap(f"event {since} is older than the retained log")
-        out = [m for m in self._events if _parse_id(m.event_id) > after]
+        out = [m for m in self._events if self._seq(m.event_id) > after]
         return out[:limit]
 
     async def last_event_id(self) -> str | None:
-        return str(self._last_id) if self._last_id else None
+        return self._id(self._last_id) if self._last_id else None
 
     async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
-        last = _parse_id(since) if since is not None else self._last_id
+        last = self._seq(since) if since is not None else self._last_id
         while True:
             appended = self._appended
             if self._last_id > last:
-                batch = await self.events_after(str(last), limit=len(self._events) or 1)
+                batch = await self.events_after(self._id(last), limit=len(self._events) or 1)
                 for m in batch:
-                    last = _parse_id(m.event_id)
+                    last = self._seq(m.event_id)
                     yield m
                 continue
             await appended.wait()
+
+    def _id(self, seq: int) -> str:
+        return f"{self._epoch}-{seq}"
+
+    def _seq(self, event_id: str | None) -> int:
+        """This run's sequence number of ``event_id``; ``EventGap`` for another run's id."""
+        if not event_id or event_id == "0":
+            return 0
+        try:
+            parts = [int(part) for part in event_id.split("-")]
+        except ValueError:
+            raise InvalidRequestError(
+                f"since: {event_id[:40]!r} is not an event id of this service", field="since") from None
+        if len(parts) != 2 or parts[0] != self._epoch:
+            raise EventGap(f"event {event_id} belongs to an earlier run of the service")
+        seq = parts[1]
+        return seq
 
     # -- writing -----------------------------------------------------------------------
     def _apply(self, ch: Changes) -> list[LockUpdateMessage]:
@@ -143,7 +165,7 @@ class MemoryStore(Store):
         messages = []
         for event in ch.events:
             self._last_id += 1
-            msg = to_message(event, str(self._last_id))
+            msg = to_message(event, self._id(self._last_id))
             self._events.append(msg)
             messages.append(msg)
         if messages:
@@ -153,10 +175,3 @@ class MemoryStore(Store):
             self.notify_changed()
         return messages
 
-
-def _parse_id(event_id: str | None) -> int:
-    try:
-        return int(event_id) if event_id else 0
-    except ValueError:
-        raise InvalidRequestError(
-            f"since: {event_id[:40]!r} is not an event id of this service", field="since") from None
