@@ -45,7 +45,7 @@ from typing import Any
 
 from bluesky.utils import Msg, PlanHalt, ensure_generator, make_decorator, root_ancestor
 
-from bs_coordination._re_client import PlanCoordinator, PlanLocks
+from bs_coordination._re_client import PlanCoordinator, PlanLocks, queue_item_name
 from bs_coordination.errors import CoordinationError, InvalidRequestError
 from bs_coordination.models import check_device_name
 
@@ -190,7 +190,7 @@ def coordinated_wrapper(
     """
     coord: PlanCoordinator = getattr(coordinator, "coordinator", coordinator)
     up_front = list(devices) if devices is not None else plan_devices(plan)
-    name = plan_name(plan)
+    name = queue_item_name() or plan_name(plan)
     if reason is None:
         reason = coord.reason or (f"RunEngine plan {name!r}" if name else "RunEngine plan")
     session = coord.open_session(plan_uid=plan_uid, reason=reason, wait=wait)
