@@ -331,7 +331,8 @@ async def run_worker(source: DiscoverySource, timeout: float, python: str) -> di
             await proc.wait()
         raise
     try:
-        result = json.loads(out) if out else None
+        # A large result takes tens of ms to parse: off the event loop, locking goes on.
+        result = await asyncio.to_thread(json.loads, out) if out else None
     except ValueError:
         result = None
     if not isinstance(result, dict):
@@ -367,6 +368,8 @@ class DeviceCatalog:
     warnings: list[str]
     index: dict[str, DeviceInfo]
     aliases: dict[str, str]
+    #: Serialized answers, built once per catalog (a list of 1,000 devices is megabytes).
+    rendered: dict[Any, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, result: dict[str, Any], source: str, duration_s: float) -> DeviceCatalog:
@@ -512,7 +515,8 @@ class DeviceRegistry:
             source = resolve_source(cfg.path, cfg.mode)
             log.info("discovering devices from %s", source)
             result = await run_worker(source, cfg.timeout, cfg.python)
-            catalog = DeviceCatalog.build(result, str(source), time.monotonic() - started)
+            catalog = await asyncio.to_thread(
+                DeviceCatalog.build, result, str(source), time.monotonic() - started)
         except (DiscoveryError, _Failure) as exc:
             self._fail(exc.message, getattr(exc, "detail", None), started)
             raise DiscoveryError(self._failure_message(), detail=self.status().model_dump(
@@ -574,6 +578,16 @@ class DeviceRegistry:
         return DeviceListResponse(devices=devices, total_count=len(devices),
                                   source=cat.source if cat else None,
                                   loaded_at=cat.loaded_at if cat else None)
+
+    def list_devices_json(self, device_type: DeviceType | None = None) -> bytes:
+        """``list_devices`` as JSON, rendered once per device list and type."""
+        cat = self._catalog
+        if cat is None:
+            return self.list_devices(device_type).model_dump_json().encode()
+        key = ("devices", device_type)
+        if key not in cat.rendered:
+            cat.rendered[key] = self.list_devices(device_type).model_dump_json().encode()
+        return cat.rendered[key]
 
     def get_device(self, name: str) -> DeviceInfo:
         """The device or component ``name``; ``UnknownDeviceError`` (404) with close names."""

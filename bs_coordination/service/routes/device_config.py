@@ -42,11 +42,13 @@ async def list_devices(
     registry: RegistryDep,
     device_type: Annotated[DeviceType | None, Query(
         description="Only root devices of this type.")] = None,
-) -> DeviceListResponse:
+) -> Response:
     """Every root device of the profile collection with its components (dotted names), type,
     capabilities and EPICS PV names where ophyd knows them. Empty when no collection is
     configured or none has loaded yet (see ``/api/device-config/status``)."""
-    return registry.list_devices(device_type)
+    # Rendered once per device list: validating and serializing thousands of nodes on every
+    # request would stall the lock requests sharing this event loop.
+    return Response(registry.list_devices_json(device_type), media_type="application/json")
 
 
 @router.get(
