@@ -27,7 +27,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from bs_coordination.errors import CoordinationError
+from bs_coordination.errors import CoordinationError, InvalidRequestError
 from bs_coordination.stores import EventGap, Store
 from bs_coordination.stores.base import event_order
 
@@ -123,6 +123,11 @@ class Connection:
                 self.cursor = max(self.cursor, event_order(snapshot_id))
                 self.last_sent = snapshot_id
             return True
+        except CoordinationError as exc:
+            await self.send(_error(exc.message))
+            bad_input = isinstance(exc, InvalidRequestError)
+            await self.ws.close(POLICY_VIOLATION if bad_input else TRY_AGAIN_LATER)
+            return False
 
     async def _send_frame(self, frame: Frame) -> None:
         if frame.order <= self.cursor:

@@ -75,16 +75,21 @@ async def test_events_history_pages_with_since_and_limit(api) -> None:
 async def test_events_since_a_trimmed_id_is_410(service_factory) -> None:
     svc = service_factory(store=MemoryStore(event_log_size=4))
     async with httpx.AsyncClient(base_url=svc.url) as c:
+        first_id = None
         for i in range(4):
             r = await c.post("/api/lock/request", json={
                 "device_name": f"d{i}", "lock_type": "MANUAL_OPERATOR", "user_id": "a"})
             key = r.json()["lock_key"]
+            if first_id is None:
+                first_id = (await c.get("/api/events")).json()["events"][0]["event_id"]
             await c.post("/api/lock/release", json={"lock_key": key})
-        r = await c.get("/api/events", params={"since": "1"})
+        r = await c.get("/api/events", params={"since": first_id})
         assert r.status_code == 410
         assert "since" in r.json()["message"] and "last_event_id" in r.json()["message"]
-        r = await c.get("/api/events", params={"since": "6"})
-        assert r.status_code == 200 and len(r.json()["events"]) == 2
+        kept = (await c.get("/api/events")).json()["events"]
+        assert len(kept) == 4
+        r = await c.get("/api/events", params={"since": kept[1]["event_id"]})
+        assert r.status_code == 200 and r.json()["events"] == kept[2:]
 
 
 async def test_health_probes(service, http) -> None:
