@@ -1,6 +1,7 @@
 """The child-process side of device discovery: load a profile collection, describe its devices.
 
-Run by the service as::
+Run by the service by file path (so the child imports neither the service nor FastAPI), or
+by hand as::
 
     python -m bs_coordination.service._discovery_worker --startup-dir DIR
     python -m bs_coordination.service._discovery_worker --startup-script FILE.py

@@ -59,7 +59,10 @@ MAX_RESULT_BYTES = 512 * 1024 * 1024
 MAX_SUGGESTIONS = 5
 
 _MODULE_NAME_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_WORKER_MODULE = "bs_coordination.service._discovery_worker"
+#: The child runs the worker file by path, so it imports neither this package nor FastAPI.
+_WORKER_FILE = str(Path(__file__).with_name("_discovery_worker.py"))
+_WORKER_BOOT = ("import runpy, sys; path = sys.argv[1]; sys.argv = sys.argv[1:]; "
+                "runpy.run_path(path, run_name='__main__')")
 
 
 class DiscoveryMode(str, Enum):
@@ -296,7 +299,7 @@ async def run_worker(source: DiscoverySource, timeout: float, python: str) -> di
     startup code fails, the child crashes, or it runs past ``timeout`` seconds (it is killed).
     """
     proc = await asyncio.create_subprocess_exec(
-        python, "-m", _WORKER_MODULE, f"--{source.kind}", source.target,
+        python, "-c", _WORKER_BOOT, _WORKER_FILE, f"--{source.kind}", source.target,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
