@@ -36,8 +36,13 @@ class DeviceCoordinationService:
 
 
 def run_app(app: Any, settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    import logging
+
     import uvicorn
 
+    logging.getLogger("bs_coordination").setLevel(settings.log_level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=host or settings.host, port=port or settings.port,
                 log_level=settings.log_level.lower(), ws_max_size=WS_MAX_BYTES)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
@@ -16,8 +15,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import sys
 
     settings = parse_settings(sys.argv[1:] if argv is None else argv, os.environ)
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_app(create_app(settings), settings)
 
 

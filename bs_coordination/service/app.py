@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     if settings is None:
         settings = parse_settings([], os.environ)
     install_query_filter()
-    logging.getLogger("bs_coordination").setLevel(settings.log_level)
+    # Log levels and handlers are the runner's business (``__main__``, ``DeviceCoordinationService
+    # .run``): an app factory that changed global logging would surprise its host process.
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
