@@ -46,7 +46,12 @@ T = TypeVar("T")
 #: How many preemption events about unknown locks of ours are remembered (see ``_early``).
 _EARLY_EVENTS = 256
 
-PreemptionListener = Callable[[dict[str, DeviceLock]], None]
+#: ``listener(preempted, offline)``: the running plan's preempted locks by device, and why the
+#: event stream is down while a plan runs (``None`` when it is up or no plan runs).
+PreemptionListener = Callable[[dict[str, DeviceLock], "str | None"], None]
+
+#: How often the connection watchdog looks at the WebSocket (a local flag, no I/O).
+_WATCHDOG_SECONDS = 0.05
 
 
 def describe_lock(lock: LockHolder) -> str:
@@ -216,6 +221,9 @@ class PlanCoordinator:
         self._listeners: list[PreemptionListener] = []
         self._resume_hooks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._monitor_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._online = False
+        self._offline_reason: str | None = None  # as last told to the listeners
 
     def __repr__(self) -> str:
         return f"<PlanCoordinator {self.url} user={self.user_id!r}>"
@@ -234,7 +242,35 @@ class PlanCoordinator:
         self.client = DeviceCoordinationClient(**self._client_args)  # type: ignore[arg-type]
         self.client.add_lock_update_callback(self._on_event)
         self.client.add_status_callback(self._on_status)
-        self._monitor_task = asyncio.get_running_loop().create_task(self._keep_monitoring())
+        loop = asyncio.get_running_loop()
+        self._monitor_task = loop.create_task(self._keep_monitoring())
+        self._watchdog_task = loop.create_task(self._watch_connection())
+
+    async def _watch_connection(self) -> None:
+        """A plan that cannot hear of preemptions must not go on touching devices: while the
+        event stream is down during a plan, the listeners are told (the suspender suspends
+        the RunEngine until it is back and resynchronised)."""
+        assert self.client is not None
+        while True:
+            online = self.client.websocket_connected
+            if online != self._online:
+                self._online = online
+                if online:
+                    log.info("lock event stream from %s is up", self.url)
+                else:
+                    log.warning("lock event stream from %s is down; reconnecting", self.url)
+                self._notify_if_changed()
+            await asyncio.sleep(_WATCHDOG_SECONDS)
+
+    def _offline(self) -> str | None:
+        if self._online or not self.sessions:
+            return None
+        return (f"lost contact with the lock service at {self.url}: a preemption would go "
+                "unnoticed; waiting for the event stream to reconnect")
+
+    def _notify_if_changed(self) -> None:
+        if self._offline() != self._offline_reason:
+            self._notify()
 
     async def _keep_monitoring(self) -> None:
         """Start monitoring; retry until it starts (it reconnects by itself afterwards)."""
@@ -267,8 +303,9 @@ class PlanCoordinator:
         thread.stop()
 
     async def _close(self) -> None:
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
+        for task in (self._monitor_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
         for session in list(self.sessions.values()):
             await self._forget(session)
         if self.client is not None:
@@ -279,8 +316,9 @@ class PlanCoordinator:
         return self._thread is not None
 
     def add_preemption_listener(self, listener: PreemptionListener) -> None:
-        """``listener(preempted)`` is called on the client thread with a copy of
-        ``{device_name: our preempted lock}`` every time it changes."""
+        """``listener(preempted, offline)`` is called on the client thread with a copy of
+        ``{device_name: our preempted lock}`` and the offline reason (``None``: the event
+        stream is up, or no plan runs) every time either changes."""
         self._listeners.append(listener)
 
     def add_resume_hook(self, hook: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -353,22 +391,34 @@ class PlanCoordinator:
         async with session._alock:
             if session.closed:
                 raise CoordinationError("the plan has ended; no more locks are taken for it")
-            self.sessions[session.id] = session
+            if session.id not in self.sessions:
+                await self._ensure_online()
+                self.sessions[session.id] = session
+                self._notify_if_changed()
             want = [n for n in dict.fromkeys(names) if n not in session.held]
             if want:
                 await self._request(session, want)
             await self._wait_active(session, names)
 
-    async def _request(self, session: PlanLocks, want: list[str]) -> None:
+    async def _ensure_online(self) -> None:
+        """No plan without the event stream: a plan that cannot hear of a preemption must not
+        start (fail closed). Waits up to the HTTP timeout for a reconnect under way."""
         assert self.client is not None
-        # No lock without the event stream: a plan that cannot hear of a preemption must not
-        # run (fail closed).
         try:
             await self._ensure_monitoring()
+            deadline = asyncio.get_running_loop().time() + self.http_timeout
+            while not self.client.websocket_connected:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ServiceError(f"no event stream after {self.http_timeout:g} s")
+                await asyncio.sleep(_WATCHDOG_SECONDS)
         except CoordinationError as exc:
             raise ServiceError(
                 f"cannot follow lock events from {self.url} ({exc.message}); "
                 "refusing to run the plan without preemption monitoring") from exc
+        self._online = True
+
+    async def _request(self, session: PlanLocks, want: list[str]) -> None:
+        assert self.client is not None
         wait = 0.0 if session.failed else session.wait
         key = session._key
         response = await self.client.request_locks(
@@ -445,7 +495,7 @@ class PlanCoordinator:
             pass  # nothing left under the key (expired, force-released)
 
     async def _forget(self, session: PlanLocks) -> None:
-        self.sessions.pop(session.id, None)
+        registered = self.sessions.pop(session.id, None) is not None
         keeper, session._keeper = session._keeper, None
         if keeper is not None:
             await keeper.stop()
@@ -459,12 +509,15 @@ class PlanCoordinator:
             session._changed.set()
         if changed:
             self._notify()
+        elif registered:
+            self._notify_if_changed()
 
     def _notify(self) -> None:
         snapshot = dict(self.preempted)
+        self._offline_reason = offline = self._offline()
         for listener in list(self._listeners):
             try:
-                listener(snapshot)
+                listener(snapshot, offline)
             except Exception:
                 log.exception("preemption listener %r failed", listener)
 

@@ -3,7 +3,9 @@
 It watches no ophyd signal: the ``PlanCoordinator`` tells it, from the service's WebSocket
 events, which of the plan's devices are preempted. It trips on the first preemption, with a
 justification naming device, preemptor and reason, and clears when every lock is restored;
-the RunEngine then resumes from its last checkpoint.
+the RunEngine then resumes from its last checkpoint. It also trips while the event stream is
+down during a plan (a preemption then would go unnoticed), until it has reconnected and
+resynchronised.
 
 Thread safety: ``update()`` may be called from any thread; the trip and the clear always run
 on the RunEngine loop (``RE.loop.call_soon_threadsafe``). ``SuspenderBase.__call__`` waits only
@@ -76,6 +78,7 @@ class LockPreemptedSuspender(SuspenderBase):
     def __init__(self, *, sleep: float = 0, pre_plan: Any = None, post_plan: Any = None) -> None:
         super().__init__(_NoSignal(), sleep=sleep, pre_plan=pre_plan, post_plan=post_plan)
         self.preempted: dict[str, DeviceLock] = {}
+        self.offline: str | None = None
         self._requested = False  # a suspension was requested for the current trip (loop only)
 
     def __repr__(self) -> str:
@@ -87,27 +90,32 @@ class LockPreemptedSuspender(SuspenderBase):
     def _should_resume(self, value: Any) -> bool:
         return not value
 
-    def update(self, preempted: Mapping[str, DeviceLock]) -> None:
-        """Any thread: ``preempted`` is every preempted lock of the running plan, by device."""
+    def update(self, preempted: Mapping[str, DeviceLock], offline: str | None = None) -> None:
+        """Any thread: ``preempted`` is every preempted lock of the running plan, by device;
+        ``offline`` says why the lock event stream is down while the plan runs."""
         re = self.RE
         if re is None:
             return
-        re.loop.call_soon_threadsafe(self._apply, dict(preempted))
+        re.loop.call_soon_threadsafe(self._apply, dict(preempted), offline)
 
-    def _apply(self, preempted: dict[str, DeviceLock]) -> None:
+    def _apply(self, preempted: dict[str, DeviceLock], offline: str | None = None) -> None:
         """On the RunEngine loop."""
         if self.RE is None:
             return
         self.preempted = preempted
-        if preempted:
-            self._tripped_message = justification(preempted)
+        self.offline = offline
+        if preempted or offline:
+            reasons = [justification(preempted)] if preempted else []
+            reasons += [offline] if offline else []
+            self._tripped_message = "; ".join(reasons)
             if not self.tripped:
                 # SuspenderBase requests the suspension only when the RunEngine is running.
                 self._requested = bool(self.RE.state.is_running)
                 log.warning("suspending the RunEngine: %s", self._tripped_message)
                 self(True)
         elif self.tripped:
-            log.info("every preempted lock is restored: the RunEngine may resume")
+            log.info("every lock is restored and the event stream is up: the RunEngine may "
+                     "resume")
             self._requested = False
             self(False)
 

@@ -3,6 +3,7 @@ service, an HTTP "other party" (maintenance staff, an operator) and ``wait_until
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +66,79 @@ class Service:
         self.http.close()
 
 
+class TcpProxy:
+    """A loopback TCP forwarder to ``target_port``. ``cut()`` drops every connection and
+    refuses new ones (as a network failure does) until ``restore()``."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.accepting = True
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.accepting:
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                self._conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.accepting = False
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def restore(self) -> None:
+        self.accepting = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy(live_service: Any) -> Iterator[TcpProxy]:
+    p = TcpProxy(live_service.port)
+    yield p
+    p.close()
+
+
 class XY(Device):
     x = Cpt(SynAxis)
     y = Cpt(SynAxis)
@@ -113,10 +187,10 @@ def coordinate(RE: RunEngine, live_service: Any) -> Iterator[Callable[..., Coord
     (short ``wait`` by default); it is uninstalled after the test."""
     handles: list[CoordinationHandle] = []
 
-    def make(**kwargs: Any) -> CoordinationHandle:
+    def make(url: str | None = None, **kwargs: Any) -> CoordinationHandle:
         kwargs.setdefault("wait", 2.0)
         kwargs.setdefault("lease", 30.0)
-        handle = install(RE, live_service.url, USER, **kwargs)
+        handle = install(RE, url or live_service.url, USER, **kwargs)
         handles.append(handle)
         return handle
 

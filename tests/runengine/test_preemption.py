@@ -16,7 +16,7 @@ import pytest
 from bluesky import RunEngine
 from bluesky.utils import Msg, RunEngineInterrupted
 
-from .conftest import Devices, Recorder, Service, wait_until
+from .conftest import Devices, Recorder, Service, TcpProxy, wait_until
 
 
 def test_maintenance_preemption_suspends_the_plan_until_released(
@@ -126,6 +126,42 @@ def test_maintenance_on_a_component_suspends_the_plan_holding_its_root(
     assert "'stage'" in seen["why"] and "'stage.coarse'" in seen["why"]
     assert sorted({e["seq_num"] for e in recorder.primary}) == list(range(1, 11))
     assert not handle.suspender.tripped
+    assert service.locks() == []
+
+
+def test_lost_event_stream_suspends_and_a_missed_preemption_is_caught_after_reconnect(
+        RE: RunEngine, coordinate: Any, devices: Devices, service: Service,
+        recorder: Recorder, proxy: TcpProxy) -> None:
+    handle = coordinate(url=proxy.url)  # the RunEngine reaches the service through the proxy
+    RE.record_interruptions = True
+    motor = devices.slow_motor
+    seen: dict[str, Any] = {}
+
+    def outage_then_maintenance() -> None:
+        proxy.cut()
+        wait_until(lambda: recorder.interruptions, what="the suspension on the lost stream")
+        seen["first_why"] = recorder.interruptions[0]
+        wait_until(lambda: motor.readback.get() == motor.setpoint.get(), what="motion ends")
+        # Maintenance takes the motor while the RunEngine cannot hear of it.
+        key = service.lock("slow_motor", "MAINTENANCE", "maint_bob", reason="while offline")
+        position = motor.position
+        proxy.restore()
+        wait_until(lambda: handle.coordinator.client.websocket_connected, timeout=15,
+                   what="the event stream reconnects")
+        wait_until(lambda: "maint_bob" in handle.suspender._get_justification(),
+                   what="the suspender learns of the missed preemption")
+        time.sleep(0.3)  # still suspended: maintenance holds the motor
+        seen["tripped"] = handle.suspender.tripped
+        seen["moved"] = bool(motor.position != position)
+        service.release(key)
+
+    recorder.on_event(3, outage_then_maintenance, background=True)
+    RE(bp.scan([devices.det], motor, 0, 1, 20), recorder)
+    recorder.join()
+    assert "lost contact with the lock service" in seen["first_why"]
+    assert seen["tripped"] is True
+    assert seen["moved"] is False
+    assert sorted({e["seq_num"] for e in recorder.primary}) == list(range(1, 21))
     assert service.locks() == []
 
 
