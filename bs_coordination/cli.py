@@ -557,12 +557,27 @@ def _login() -> str:
         return "operator"
 
 
+def join_key_values(argv: list[str]) -> list[str]:
+    """``--key -Xy...`` -> ``--key=-Xy...``: a lock key may start with ``-``, which argparse
+    would otherwise take for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--key" and i + 1 < len(argv):
+            out.append(f"--key={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bs-coordination`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return cmd_serve(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_key_values(argv))
     http = Http(args.url, args.api_key, args.request_timeout)
     out = sys.stdout
     try:

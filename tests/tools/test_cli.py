@@ -214,6 +214,14 @@ def test_url_and_user_come_from_the_environment(live_service, capsys, monkeypatc
     assert body["locks"][0]["user_id"] == "env-user"
 
 
+def test_a_key_starting_with_a_dash_is_a_key_not_an_option(live_service, capsys):
+    # Lock keys are URL-safe base64: one in 64 starts with "-".
+    code, _, err = run(capsys, live_service.url, "release", "--key", "-not-an-option")
+    assert code == cli.EXIT_NOT_FOUND, err
+    code, _, err = run(capsys, live_service.url, "renew", "--key", "-x", "--timeout", "30")
+    assert code == cli.EXIT_NOT_FOUND, err
+
+
 def test_unreachable_service_exits_1(capsys, unused_port):
     code, out, err = run(capsys, f"http://127.0.0.1:{unused_port}", "status")
     assert code == cli.EXIT_ERROR == 1
@@ -255,3 +263,4 @@ def test_serve_runs_the_service(unused_port):
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
