@@ -215,6 +215,7 @@ class PlanCoordinator:
         self.client: DeviceCoordinationClient | None = None
         self.sessions: dict[int, PlanLocks] = {}
         self._owner: dict[str, PlanLocks] = {}  # device name -> open session holding it
+        self._current: PlanLocks | None = None  # the session of the plan running now
         #: Device name -> our preempted lock (with ``preempted_by``). Client thread only.
         self.preempted: dict[str, DeviceLock] = {}
         self._early: OrderedDict[tuple[str, int], DeviceLock] = OrderedDict()
@@ -340,16 +341,25 @@ class PlanCoordinator:
 
     # -- plans (RunEngine thread) ---------------------------------------------------------
     def open_session(self, *, plan_uid: str | None = None, reason: str | None = None,
-                     wait: float | None = None) -> PlanLocks:
+                     wait: float | None = None) -> tuple[PlanLocks, bool]:
+        """RunEngine thread: the locks of a starting plan, and whether the caller owns them.
+
+        A plan wrapped twice (a ``coordinated_decorator`` plan run by a RunEngine whose
+        preprocessor wraps it again) shares the outer plan's locks: a second key of the same
+        user would conflict with the first. Only the owner closes the session."""
         if self._thread is None:
             raise CoordinationError("the plan coordinator is not running (uninstalled?)")
+        current = self._current
+        if current is not None and not current.closed:
+            return current, False
         if plan_uid is None:
             try:
                 plan_uid = self.plan_uid_source()
             except Exception:
                 log.exception("plan_uid source failed; locking without a plan_uid")
-        return PlanLocks(plan_uid=plan_uid, reason=reason or self.reason,
-                         wait=self.wait if wait is None else float(wait))
+        self._current = PlanLocks(plan_uid=plan_uid, reason=reason or self.reason,
+                                  wait=self.wait if wait is None else float(wait))
+        return self._current, True
 
     async def acquire(self, session: PlanLocks, names: Iterable[str]) -> None:
         """On the RunEngine loop: hold ``names`` (active) for ``session``, or raise.

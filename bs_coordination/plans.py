@@ -193,7 +193,7 @@ def coordinated_wrapper(
     name = queue_item_name() or plan_name(plan)
     if reason is None:
         reason = coord.reason or (f"RunEngine plan {name!r}" if name else "RunEngine plan")
-    session = coord.open_session(plan_uid=plan_uid, reason=reason, wait=wait)
+    session, owner = coord.open_session(plan_uid=plan_uid, reason=reason, wait=wait)
     gen = ensure_generator(plan)
     release = True
     try:
@@ -207,7 +207,8 @@ def coordinated_wrapper(
         raise
     finally:
         gen.close()
-        coord.close_session(session, release=release)
+        if owner:
+            coord.close_session(session, release=release)
 
 
 def _drive(plan: Generator[Msg, Any, Any], coord: PlanCoordinator,
@@ -300,10 +301,20 @@ class CoordinatedPreprocessor:
 
     _bs_coordination = True  # how a second install() finds the first one
 
-    def __init__(self, coordinator: PlanCoordinator) -> None:
+    def __init__(self, coordinator: PlanCoordinator, RE: Any = None) -> None:
         self.coordinator = coordinator
+        self.RE = RE
+        self._warned = False
 
     def __call__(self, plan: Iterable[Msg]) -> Generator[Msg, Any, Any]:
+        if self.RE is not None and not self._warned and self.RE.preprocessors[-1] is not self:
+            # The last preprocessor is the outermost: one added after us inserts messages
+            # (e.g. SupplementalData's baseline readings) that we never see.
+            self._warned = True
+            log.warning("the device coordination preprocessor is not the last entry of "
+                        "RE.preprocessors: devices used by later entries (%r) are not locked; "
+                        "call install() again after adding them",
+                        self.RE.preprocessors[self.RE.preprocessors.index(self) + 1:])
         return coordinated_wrapper(plan, self.coordinator)
 
     def __repr__(self) -> str:

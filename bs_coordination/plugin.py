@@ -125,7 +125,7 @@ def install(
     coordinator.add_preemption_listener(suspender.update)
     coordinator.add_resume_hook(suspender.recheck)
     coordinator.start()
-    preprocessor = CoordinatedPreprocessor(coordinator)
+    preprocessor = CoordinatedPreprocessor(coordinator, RE)
     RE.register_command(LOCK_COMMAND, lock_command)
     RE.install_suspender(suspender)
     RE.preprocessors.append(preprocessor)

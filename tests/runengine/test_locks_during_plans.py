@@ -57,8 +57,10 @@ def test_devices_touched_later_and_components_lock_their_root(
     assert service.locks() == []
 
 
+@pytest.mark.parametrize("preprocessor", [False, True])
 def test_decorated_plan_locks_its_arguments_up_front(RE: RunEngine, coordinate: Any,
-                                                     devices: Devices, service: Service) -> None:
+                                                     devices: Devices, service: Service,
+                                                     preprocessor: bool) -> None:
     handle = coordinate()
     snapshots: list[set[str]] = []
 
@@ -68,13 +70,15 @@ def test_decorated_plan_locks_its_arguments_up_front(RE: RunEngine, coordinate: 
         yield from bps.mv(motor, 2)
         for d in dets:
             yield from bps.trigger(d, wait=True)
+        yield from bps.mv(devices.motor2, 1)  # not an argument: locked when touched
+        snapshots.append(set(service.held()))
         return "done"
 
-    # Run without the installed preprocessor, so only the decorator takes locks.
-    RE.preprocessors.clear()
-    result = RE(move_then_read(devices.motor1, [devices.det1, devices.det2]))
-    assert snapshots == [{"motor1", "det1", "det2"}]
-    assert result == ()
+    if not preprocessor:  # only the decorator takes locks
+        RE.preprocessors.clear()
+    # With the preprocessor too, both wrappers share one set of locks (one key).
+    RE(move_then_read(devices.motor1, [devices.det1, devices.det2]))
+    assert snapshots == [{"motor1", "det1", "det2"}, {"motor1", "det1", "det2", "motor2"}]
     assert service.locks() == []
 
 
@@ -224,3 +228,41 @@ def test_operator_lock_preempted_for_the_plan_and_restored(
     after = service.locks()
     assert [(lk["user_id"], lk["device_name"], lk["state"]) for lk in after] == [
         ("alice", "motor", "active")]
+
+
+def test_plan_waits_for_a_device_freed_within_wait(RE: RunEngine, coordinate: Any,
+                                                   devices: Devices, service: Service) -> None:
+    import threading
+    import time
+
+    coordinate(wait=10.0)
+    key = service.lock("det", "QUEUE_EXECUTING", "other_re", reason="another beamline plan",
+                       timeout=30)
+    freed: list[float] = []
+
+    def free_later() -> None:
+        time.sleep(0.5)
+        freed.append(time.monotonic())
+        service.release(key)
+
+    threading.Thread(target=free_later, daemon=True).start()
+    started: list[float] = []
+
+    def plan(dets: list[Any]) -> Any:
+        started.append(time.monotonic())
+        yield from bp.count(dets, num=2)
+
+    RE(plan([devices.det]))  # the up-front request waits at the service until det is free
+    assert started and freed and started[0] >= freed[0]
+    assert service.locks() == []
+
+
+def test_warns_when_a_preprocessor_is_added_after_install(
+        RE: RunEngine, coordinate: Any, devices: Devices, service: Service,
+        caplog: pytest.LogCaptureFixture) -> None:
+    coordinate()
+    RE.preprocessors.append(SupplementalData(baseline=[devices.det2]))
+    with caplog.at_level("WARNING", logger="bs_coordination.plans"):
+        RE(bp.count([devices.det], num=1))
+    assert "not the last entry of RE.preprocessors" in caplog.text
+    assert service.locks() == []
