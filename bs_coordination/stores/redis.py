@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import random
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -61,11 +60,12 @@ from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from bs_coordination import locktable
-from bs_coordination.errors import CoordinationError, InvalidRequestError, StoreUnavailableError
+from bs_coordination.errors import CoordinationError, StoreUnavailableError
 from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
-from bs_coordination.stores.base import EventGap, Store, to_message
+from bs_coordination.stores.base import Store, to_message
+from bs_coordination.stores.redis_events import RedisEventLog
 from bs_coordination.stores.redis_script import APPLY, ScriptCall, is_noscript, pack
 from bs_coordination.stores.redis_txn import Needs, Snapshot, View, WatchCache
 
@@ -80,13 +80,6 @@ T = TypeVar("T")
 
 #: Attempts of one operation before giving up under contention.
 MAX_ATTEMPTS = 64
-#: How long one ``XREAD BLOCK`` waits before it re-issues (milliseconds).
-TAIL_BLOCK_MS = 2000
-#: Events read per ``XREAD``.
-TAIL_BATCH = 500
-#: Events this process appended that are kept to spare the tail parsing them again.
-OWN_EVENTS_KEPT = 2000
-_EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 
 
 class _ScriptMissing(Exception):
@@ -122,10 +115,10 @@ class RedisStore(Store):
         # ``_batch`` bounds a whole round trip itself (redis-py would start a task per send).
         self._txn_pool = aioredis.ConnectionPool.from_url(url, socket_timeout=None, **common)
         self._url = url
-        self._common = common
         self._socket_timeout = socket_timeout
         self._cache = WatchCache()
-        self._own: dict[str, LockUpdateMessage] = {}  # events this process appended, by id
+        self.events = RedisEventLog(self._redis, self.keys.events, url, common, self.where,
+                                    self._down)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -386,100 +379,22 @@ class RedisStore(Store):
         self._cache.commit(final, ch)
         out = [m.model_copy(update={"event_id": values[i]})
                for m, i in zip(messages, xadds, strict=True)]
-        for m in out:  # the tail will read them back: no need to parse them again
-            self._own[m.event_id] = m  # type: ignore[index]
-        while len(self._own) > OWN_EVENTS_KEPT:
-            del self._own[next(iter(self._own))]
+        self.events.appended(out)
         return out
 
-    # -- event log ---------------------------------------------------------------------
-    def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
-        own = self._own.get(event_id)
-        if own is not None:
-            return own
-        msg = LockUpdateMessage.model_validate_json(fields[rk.EVENT_FIELD])
-        return msg.model_copy(update={"event_id": event_id})
-
+    # -- event log (redis_events) --------------------------------------------------------
     async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
-        stream = self.keys.events
-        with self._unavailable():
-            if since is None:
-                entries = list(reversed(await self._redis.xrevrange(stream, count=limit)))
-            else:
-                after = _check_id(since)
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.xinfo_stream(stream)
-                    pipe.xrange(stream, min=f"({after}", count=limit)
-                    info, entries = await pipe.execute(raise_on_error=False)
-                if isinstance(entries, ResponseError):
-                    raise InvalidRequestError(
-                        f"since: {since[:40]!r} is not an event id of this service",
-                        field="since")
-                if isinstance(info, dict):
-                    # Trimming removes the oldest entries: if any were removed, everything
-                    # before the first retained entry may be gone (ids are not contiguous, so
-                    # the one just before it is unknown and a client exactly there resyncs).
-                    first = info.get("first-entry")
-                    trimmed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
-                    if trimmed and first and _order(after) < _order(first[0]):
-                        raise EventGap(f"event {since} is older than the retained log")
-                else:
-                    entries = []  # no stream yet
-        return [self._message(i, f) for i, f in entries]
+        return await self.events.events_after(since, limit)
 
     async def last_event_id(self) -> str | None:
-        with self._unavailable():
-            last = await self._redis.xrevrange(self.keys.events, count=1)
-        return last[0][0] if last else None
+        return await self.events.last_event_id()
 
-    async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
-        """Follow the stream with ``XREAD BLOCK`` on a client of its own without a read
-        timeout; a lost connection is retried (with backoff) from the last id seen."""
-        last = _check_id(since) if since is not None else None
-        client: Any = aioredis.Redis.from_url(self._url, socket_timeout=None, **self._common,
-                                         retry=Retry(ExponentialBackoff(), 0))
-        delay = 0.1
-        try:
-            while True:
-                try:
-                    if last is None:
-                        last = await self.last_event_id() or "0-0"
-                    # The guard catches a half-open connection that would block forever.
-                    reply = await asyncio.wait_for(
-                        client.xread({self.keys.events: last}, count=TAIL_BATCH,
-                                     block=TAIL_BLOCK_MS),
-                        TAIL_BLOCK_MS / 1000 + 10)
-                    delay = 0.1
-                except (RedisError, OSError, asyncio.TimeoutError, StoreUnavailableError) as exc:
-                    log.warning("event tail: Redis at %s unavailable (%s); retrying",
-                                self.where, type(exc).__name__)
-                    await client.connection_pool.disconnect()
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                for _stream, entries in reply or []:
-                    for event_id, fields in entries:
-                        last = event_id
-                        yield self._message(event_id, fields)
-        finally:
-            await client.aclose()
+    def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
+        return self.events.tail(since)
 
 
 def _dump(d: dict[str, Any]) -> str:
     return json.dumps(d, separators=(",", ":"))
-
-
-def _check_id(event_id: str) -> str:
-    if not isinstance(event_id, str) or not _EVENT_ID.match(event_id) or any(
-            int(p) >= 2**64 for p in event_id.split("-")):
-        raise InvalidRequestError(
-            f"since: {str(event_id)[:40]!r} is not an event id of this service", field="since")
-    return event_id
-
-
-def _order(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    return (int(ms), int(seq or 0))
 
 
 __all__ = ["RedisStore"]

@@ -1,0 +1,152 @@
+"""The Redis store's event log: a Redis Stream, read back, resumed and followed.
+
+Events are appended by the store's commit (``XADD ... MAXLEN ~``, in the same transaction as
+the change); the entry id is the event id, so every replica sees one order. This module only
+reads: ``events_after`` (``XRANGE``, with the trimmed-log check), ``last_event_id`` and
+``tail`` (``XREAD BLOCK`` on a client of its own without a read timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
+from bs_coordination.models import LockUpdateMessage
+from bs_coordination.stores import redis_keys as rk
+from bs_coordination.stores.base import EventGap
+
+log = logging.getLogger(__name__)
+
+#: How long one ``XREAD BLOCK`` waits before it is issued again (milliseconds).
+TAIL_BLOCK_MS = 2000
+#: Events read per ``XREAD``.
+TAIL_BATCH = 500
+#: Events this process appended that are kept to spare the tail parsing them again.
+OWN_EVENTS_KEPT = 2000
+_EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
+
+
+class RedisEventLog:
+    """Reads the stream ``stream`` through ``client``; ``down`` turns a Redis error into the
+    store's ``StoreUnavailableError``."""
+
+    def __init__(self, client: Any, stream: str, url: str, client_kwargs: dict[str, Any],
+                 where: str, down: Callable[[BaseException], StoreUnavailableError]) -> None:
+        self._redis = client
+        self.stream = stream
+        self._url = url
+        self._kwargs = client_kwargs
+        self._where = where
+        self._down = down
+        self._own: dict[str, LockUpdateMessage] = {}
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise self._down(exc) from None
+
+    def appended(self, messages: list[LockUpdateMessage]) -> None:
+        """Remember events this process appended: the tail reads them back without parsing."""
+        for m in messages:
+            self._own[m.event_id or ""] = m
+        while len(self._own) > OWN_EVENTS_KEPT:
+            del self._own[next(iter(self._own))]
+
+    def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
+        own = self._own.get(event_id)
+        if own is not None:
+            return own
+        msg = LockUpdateMessage.model_validate_json(fields[rk.EVENT_FIELD])
+        return msg.model_copy(update={"event_id": event_id})
+
+    async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
+        with self._unavailable():
+            if since is None:
+                entries = list(reversed(await self._redis.xrevrange(self.stream, count=limit)))
+            else:
+                after = check_id(since)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.xinfo_stream(self.stream)
+                    pipe.xrange(self.stream, min=f"({after}", count=limit)
+                    info, entries = await pipe.execute(raise_on_error=False)
+                if isinstance(entries, ResponseError):
+                    raise InvalidRequestError(
+                        f"since: {since[:40]!r} is not an event id of this service",
+                        field="since")
+                if isinstance(info, dict):
+                    # Trimming removes the oldest entries: if any were removed, everything
+                    # before the first retained entry may be gone (ids are not contiguous, so
+                    # the one just before it is unknown and a client exactly there resyncs).
+                    first = info.get("first-entry")
+                    trimmed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
+                    if trimmed and first and _order(after) < _order(first[0]):
+                        raise EventGap(f"event {since} is older than the retained log")
+                else:
+                    entries = []  # no stream yet
+        return [self._message(i, f) for i, f in entries]
+
+    async def last_event_id(self) -> str | None:
+        with self._unavailable():
+            last = await self._redis.xrevrange(self.stream, count=1)
+        return last[0][0] if last else None
+
+    async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
+        """Every event after ``since`` (after the newest when ``None``), forever. A lost
+        connection is retried with backoff, resuming from the last id seen."""
+        last = check_id(since) if since is not None else None
+        client: Any = aioredis.Redis.from_url(self._url, socket_timeout=None, **self._kwargs,
+                                              retry=Retry(ExponentialBackoff(), 0))
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    if last is None:
+                        last = await self.last_event_id() or "0-0"
+                    # The guard catches a half-open connection that would block forever.
+                    reply = await asyncio.wait_for(
+                        client.xread({self.stream: last}, count=TAIL_BATCH, block=TAIL_BLOCK_MS),
+                        TAIL_BLOCK_MS / 1000 + 10)
+                except (RedisError, OSError, asyncio.TimeoutError, StoreUnavailableError) as exc:
+                    if delay == 0.1:  # once per outage, not every retry
+                        log.warning("event tail: Redis at %s unavailable (%s); retrying",
+                                    self._where, type(exc).__name__)
+                    await client.connection_pool.disconnect()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if delay > 0.1:
+                    log.info("event tail: Redis at %s is back; resuming after %s",
+                             self._where, last)
+                    delay = 0.1
+                for _stream, entries in reply or []:
+                    for event_id, fields in entries:
+                        last = event_id
+                        yield self._message(event_id, fields)
+        finally:
+            await client.aclose()
+
+
+def check_id(event_id: str) -> str:
+    """``event_id`` if it is a stream id (``ms`` or ``ms-seq``), else ``InvalidRequestError``."""
+    if not isinstance(event_id, str) or not _EVENT_ID.match(event_id) or any(
+            int(p) >= 2**64 for p in event_id.split("-")):
+        raise InvalidRequestError(
+            f"since: {str(event_id)[:40]!r} is not an event id of this service", field="since")
+    return event_id
+
+
+def _order(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return (int(ms), int(seq or 0))
