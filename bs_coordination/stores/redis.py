@@ -35,8 +35,9 @@ Failing closed: any connection error, timeout or Redis error becomes ``StoreUnav
 ("lock store unavailable: ...", HTTP 503, never the URL's password), and no grant is returned
 unless ``EXEC`` succeeded. Connections come from a pool that reconnects on the next use, so
 the store heals by itself when Redis returns; one round trip is bounded by ``socket_timeout``
-(2 s) and a refused connection fails at once. The event tail uses its own client without a
-read timeout (redis-py 8's 5 s default plus retries breaks ``XREAD BLOCK``).
+(2 s) and a refused connection fails at once. The event log (a Stream) is read by
+``redis_events``, whose tail uses a client of its own without a read timeout (redis-py 8's
+5 s default plus retries breaks ``XREAD BLOCK``).
 """
 
 from __future__ import annotations
