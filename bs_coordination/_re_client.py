@@ -216,6 +216,7 @@ class PlanCoordinator:
         self.sessions: dict[int, PlanLocks] = {}
         self._owner: dict[str, PlanLocks] = {}  # device name -> open session holding it
         self._current: PlanLocks | None = None  # the session of the plan running now
+        self._kept: list[str] = []  # keys of halted plans, left to their lease
         #: Device name -> our preempted lock (with ``preempted_by``). Client thread only.
         self.preempted: dict[str, DeviceLock] = {}
         self._early: OrderedDict[tuple[str, int], DeviceLock] = OrderedDict()
@@ -493,10 +494,28 @@ class PlanCoordinator:
     async def _end(self, session: PlanLocks, release: bool) -> None:
         key = session._key
         await self._forget(session)
-        if release and key is not None:
+        if key is None:
+            return
+        if release:
             await self._release_key(session, key)
+        else:
+            self._kept.append(key)
+            log.warning("the halted plan's locks on %s are kept until their lease runs out "
+                        "(release_kept() frees them now)", ", ".join(map(repr, session.held)))
 
-    async def _release_key(self, session: PlanLocks, key: str | None) -> None:
+    def release_kept(self) -> None:
+        """Release now the locks of halted plans (kept, by design, until their lease ends):
+        once someone has made sure the devices are safe to use."""
+        thread = self._thread
+        if thread is not None:
+            thread.call(self._release_kept(), self.http_timeout)
+
+    async def _release_kept(self) -> None:
+        kept, self._kept = self._kept, []
+        for key in kept:
+            await self._release_key(None, key)
+
+    async def _release_key(self, session: PlanLocks | None, key: str | None) -> None:
         if key is None or self.client is None:
             return
         try:

@@ -51,6 +51,11 @@ class CoordinationHandle:
     def user_id(self) -> str:
         return self.coordinator.user_id
 
+    def release_kept(self) -> None:
+        """Release the locks a halted plan kept (a halt leaves them to their lease, so that
+        nobody moves the devices before someone has looked at them)."""
+        self.coordinator.release_kept()
+
     def uninstall(self) -> None:
         """Remove the preprocessor, the suspender and the command, and stop the client.
 
@@ -97,7 +102,7 @@ def install(
       error naming the device, the holder, the lock type and the reason;
     - ``lease``: lease of the plan's locks in seconds, renewed every ``heartbeat`` seconds
       (default ``lease / 3``) while the plan runs; a halted or killed RunEngine loses them
-      when the lease runs out;
+      when the lease runs out (``handle.release_kept()`` frees a halted plan's locks now);
     - ``reason``: the reason shown with the locks (default: the plan's name);
     - ``plan_uid``: a callable giving the ``plan_uid`` of a starting plan (default: the queue
       item's uid under the queue server, else none).

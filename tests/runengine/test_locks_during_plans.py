@@ -140,6 +140,17 @@ def test_halt_leaves_locks_to_expire_with_their_lease(RE: RunEngine, coordinate:
     wait_until(lambda: service.locks() == [], timeout=5.0, what="the halted plan's locks expire")
 
 
+def test_locks_kept_after_a_halt_can_be_released_on_purpose(
+        RE: RunEngine, coordinate: Any, devices: Devices, service: Service) -> None:
+    handle = coordinate(lease=30.0)
+    with pytest.raises(RunEngineInterrupted):
+        RE(_pausing_plan(devices))
+    RE.halt()
+    assert set(service.held()) == {"motor", "det"}
+    handle.release_kept()
+    assert service.locks() == []
+
+
 def test_plan_longer_than_its_lease_keeps_its_locks(RE: RunEngine, coordinate: Any,
                                                     devices: Devices, service: Service,
                                                     recorder: Recorder) -> None:
