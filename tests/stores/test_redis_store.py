@@ -224,3 +224,15 @@ async def test_lock_keys_are_never_stored(redis_server) -> None:
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_open_store_selects_redis_by_url(redis_server) -> None:
+    from bs_coordination.stores import open_store
+
+    store = open_store(redis_server.url)
+    try:
+        assert isinstance(store, RedisStore) and store.kind == "redis"
+        await store.start()
+        await store.ping()
+    finally:
+        await store.close()
