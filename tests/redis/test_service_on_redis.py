@@ -159,3 +159,46 @@ async def test_redis_outage_fails_closed_and_heals(redis_server, spawn_service) 
         await until(expiry_announced)
         assert (await client.post(f"{svc.url}/api/lock/release", json={
             "lock_key": kept.json()["lock_key"]})).status_code == 200
+
+
+async def test_a_redis_crash_under_load_loses_no_granted_lock(redis_server, spawn_service) -> None:
+    """Requests in flight when Redis dies answer 200, 409 or 503 (never 500, never hang), and
+    every lock answered 200 is still held when Redis is back: no grant without storage."""
+    svc = spawn_service(redis_server.url)
+    granted: list[str] = []
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def client_loop(n: int, client: httpx.AsyncClient) -> None:
+        i = 0
+        while not stop.is_set():
+            device = f"c{n}-{i}"
+            i += 1
+            r = await lock(client, svc.url, device, f"client{n}")
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                granted.append(device)
+            elif r.status_code == 503:
+                await asyncio.sleep(0.02)
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        tasks = [asyncio.create_task(client_loop(n, client)) for n in range(8)]
+        try:
+            await until(lambda: _at_least(granted, 20))
+            redis_server.kill()
+            before_outage = len(statuses)
+            await until(lambda: _at_least(statuses, before_outage + 20))
+            redis_server.start()
+            after_restart = len(granted)
+            await until(lambda: _at_least(granted, after_restart + 20))
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        assert set(statuses) <= {200, 503} and 503 in statuses
+        held = {x["device_name"] for x in
+                (await client.get(f"{svc.url}/api/locks/status")).json()["locks"]}
+        assert set(granted) <= held
+
+
+async def _at_least(items: list, n: int) -> bool:  # type: ignore[type-arg]
+    return len(items) >= n
