@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -279,15 +281,59 @@ async def test_concurrent_reloads_share_one_discovery(sim_collection):
     await reg.close()
 
 
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A killed grandchild stays a zombie until init reaps it: that is gone too.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    return True
+
+
+#: Startup code that starts a grandchild process, writes both pids, and hangs.
+HANG_WITH_GRANDCHILD = (
+    "import os, subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "open({pids!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+    "time.sleep(600)\n"
+)
+
+
+async def wait_for_file(path: Path, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} was not written")
+
+
+async def test_time_limit_kills_the_child_and_what_it_started(tmp_path):
+    pids = tmp_path / "pids"
+    root = write_collection(tmp_path / "pc", {
+        "00-hang.py": HANG_WITH_GRANDCHILD.format(pids=str(pids))})
+    reg = registry(root, timeout=4.0)
+    with pytest.raises(DiscoveryError, match="time limit"):
+        await reg.reload()
+    for pid in map(int, pids.read_text().split()):
+        assert gone(pid), pid
+
+
 async def test_close_stops_a_running_discovery(tmp_path):
-    root = write_collection(tmp_path / "pc", {"00-hang.py": "import time\ntime.sleep(600)\n"})
+    pids = tmp_path / "pids"
+    root = write_collection(tmp_path / "pc", {
+        "00-hang.py": HANG_WITH_GRANDCHILD.format(pids=str(pids))})
     reg = registry(root)
     reg.start()
-    await asyncio.sleep(0.5)
+    text = await wait_for_file(pids)
     assert not reg.ready and reg.status().state == DiscoveryState.LOADING
     started = time.monotonic()
     await reg.close()
     assert time.monotonic() - started < 5
+    for pid in map(int, text.split()):
+        assert gone(pid), pid
 
 
 async def test_not_configured_accepts_everything():
