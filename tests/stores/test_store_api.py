@@ -169,14 +169,15 @@ async def test_invalid_since_is_refused(store: Store) -> None:
 
 
 async def test_tail_follows_every_event_in_order(store: Store, eventually) -> None:
+    await store.request(ask("z"))
+    since = await store.last_event_id()
     received: list[LockUpdateMessage] = []
 
     async def follow() -> None:
-        async for msg in store.tail(None):
+        async for msg in store.tail(since):
             received.append(msg)
 
     task = asyncio.create_task(follow())
-    await asyncio.sleep(0.1)  # the tail starts at the log's end
     grant = await store.request(ask(["a", "b"]))
     await store.release(grant.lock_key, "a")
     try:
@@ -185,8 +186,9 @@ async def test_tail_follows_every_event_in_order(store: Store, eventually) -> No
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert received == await store.events_after(None)
+    assert received == await store.events_after(since)
     assert sorted(actions(received)[:2]) == [("acquired", "a"), ("acquired", "b")]
+    assert actions(received)[2] == ("released", "a")
 
     # Resuming from an id replays what came after it.
     replay: list[LockUpdateMessage] = []
