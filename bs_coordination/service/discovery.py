@@ -319,11 +319,12 @@ async def run_worker(source: DiscoverySource, timeout: float, python: str) -> di
                 f"{source}: discovery did not finish within the time limit of {timeout:g} s "
                 "(the startup code hangs or is too slow); the loading process was killed",
                 _tail_text(err) or None) from None
-        # The child has answered; something it started may still hold the pipes open.
+        # The child has answered. Whatever it started is a copy made for discovery only: it
+        # goes too (and may be what still holds the pipes open).
+        _kill_group(proc)
         try:
             out, err = await asyncio.wait_for(asyncio.gather(out_task, err_task), 5.0)
         except asyncio.TimeoutError:
-            _kill_group(proc)
             out, err = await _finish(out_task), await _finish(err_task)
     except BaseException:
         _kill_group(proc)

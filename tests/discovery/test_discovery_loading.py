@@ -321,6 +321,21 @@ async def test_time_limit_kills_the_child_and_what_it_started(tmp_path):
         assert gone(pid), pid
 
 
+async def test_nothing_the_startup_code_started_outlives_discovery(tmp_path):
+    pids = tmp_path / "pids"
+    root = write_collection(tmp_path / "pc", {
+        "00-server.py": "import subprocess, sys\n"
+                        "child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                        "time.sleep(600)'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                        f"open({str(pids)!r}, 'w').write(str(child.pid))\n",
+        "01-devices.py": SIM_STARTUP,
+    })
+    reg = registry(root)
+    assert (await reg.reload()).count == len(SIM_DEVICES)
+    assert gone(int(pids.read_text()))
+    await reg.close()
+
+
 async def test_close_stops_a_running_discovery(tmp_path):
     pids = tmp_path / "pids"
     root = write_collection(tmp_path / "pc", {
