@@ -9,7 +9,9 @@ Starts a private ``redis-server`` on a free port (append-only, ``--appendfsync``
    on its own lock name (no contention, so redis-py's 0.1 s polling never runs);
 2. **service**: ``python -m bs_coordination.service --store redis://...`` (one uvicorn worker)
    and ``--clients`` aiohttp tasks, each looping POST ``/api/lock/request`` + POST
-   ``/api/lock/release`` on its own device.
+   ``/api/lock/release`` on its own device;
+3. for context, the same pairs on the ``RedisStore`` API in-process (no HTTP), and through the
+   service on the memory store (no Redis), to show where the time goes.
 
 Prints pairs/s, p50 and p99 latency of a pair, the ratio service/anchor (target >= 0.5), and
 the Redis round trips and commands per operation (counted in-process on a ``RedisStore``).
@@ -116,6 +118,46 @@ async def bench_service(base: str, clients: int, seconds: float) -> tuple[float,
         return await run_clients(clients, seconds, pair)
 
 
+async def bench_store(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """The store API in-process (no HTTP): what the Redis store itself costs."""
+    from bs_coordination.models import LockRequest, LockType
+    from bs_coordination.stores.redis import RedisStore
+
+    store = RedisStore(url, prefix="bench-direct")
+    reqs = [LockRequest(device_name=f"direct{i}", lock_type=LockType.MANUAL_OPERATOR,
+                        user_id="bench") for i in range(clients)]
+
+    async def pair(i: int) -> None:
+        grant = await store.request(reqs[i])
+        await store.release(grant.lock_key, f"direct{i}")
+
+    try:
+        return await run_clients(clients, seconds, pair)
+    finally:
+        await store.close()
+
+
+def start_service(store: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bs_coordination.service", "--host", "127.0.0.1",
+         "--port", str(port), "--store", store, "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("COORDINATION_")})
+    wait_port(port)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def bench_service_on(store: str, clients: int, seconds: float
+                           ) -> tuple[float, list[float]]:
+    proc, base = start_service(store)
+    try:
+        return await bench_service(base, clients, seconds)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def round_trips(url: str, n: int = 200) -> dict[str, float]:
     """Round trips and Redis commands per request and per release, warm, one replica."""
     from bs_coordination.models import LockRequest, LockType
@@ -170,25 +212,21 @@ def report(name: str, rate: float, lat: list[float]) -> None:
 async def main_async(args: argparse.Namespace, url: str) -> None:
     rt = await round_trips(url)
     anchor_rate, anchor_lat = await bench_anchor(url, args.clients, args.seconds)
-
-    port = free_port()
-    service = subprocess.Popen(
-        [sys.executable, "-m", "bs_coordination.service", "--host", "127.0.0.1",
-         "--port", str(port), "--store", url, "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("COORDINATION_")})
-    try:
-        wait_port(port)
-        rate, lat = await bench_service(f"http://127.0.0.1:{port}", args.clients, args.seconds)
-    finally:
-        service.terminate()
-        service.wait(10)
+    rate, lat = await bench_service_on(url, args.clients, args.seconds)
+    # Context: where the time goes (the store alone; the HTTP layer alone).
+    direct_rate, direct_lat = await bench_store(url, args.clients, args.seconds)
+    mem_rate, mem_lat = await bench_service_on("memory", args.clients, args.seconds)
 
     print(f"\nlock+release, {args.clients} concurrent clients, {args.seconds:g} s measured, "
           f"redis appendfsync={args.appendfsync}")
     report("redis-py Lock (anchor)", anchor_rate, anchor_lat)
     report("service, Redis store, 1 worker", rate, lat)
     print(f"ratio service/anchor: {rate / anchor_rate:.2f} (target >= 0.5)")
+    print("context:")
+    report("  RedisStore API in-process, no HTTP", direct_rate, direct_lat)
+    report("  service, memory store, 1 worker", mem_rate, mem_lat)
+    print(f"  ratios to the anchor: store alone {direct_rate / anchor_rate:.2f}, "
+          f"HTTP service on memory {mem_rate / anchor_rate:.2f}")
     print(f"mean pair latency: anchor {1000 * statistics.fmean(anchor_lat):.2f} ms, "
           f"service {1000 * statistics.fmean(lat):.2f} ms")
     print("Redis round trips per operation (warm cache, one replica): "
