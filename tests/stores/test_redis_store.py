@@ -236,3 +236,27 @@ async def test_open_store_selects_redis_by_url(redis_server) -> None:
         await store.ping()
     finally:
         await store.close()
+
+
+async def test_a_hung_redis_fails_requests_in_bounded_time(redis_server) -> None:
+    """A Redis that accepts connections but never answers (SIGSTOP) must not hang requests."""
+    import signal
+
+    store = RedisStore(redis_server.url, socket_timeout=0.5)
+    try:
+        grant = await store.request(ask("det1"))
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailableError):
+                await store.request(ask("det2"))
+            with pytest.raises(StoreUnavailableError):
+                await store.ping()
+            assert time.monotonic() - started < 5
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        assert len(await store.release(grant.lock_key)) == 1
+        assert [lock.device_name for lock in await store.all_locks()] == []
+    finally:
+        await store.close()
