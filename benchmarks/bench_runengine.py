@@ -2,7 +2,8 @@
 
 1. Overhead: ``scan([det], motor, -1, 1, 300)`` with ophyd.sim, plugin installed (locks held
    through the service) against the same plan on a RunEngine without it; runs interleaved in
-   pairs, the median of the pair ratios (target <= 1.03x).
+   pairs, the median of the pair ratios and the ratio of the fastest runs (target <= 1.03x).
+   On a machine shared with other jobs single runs vary by +-20%: read both figures.
 2. Added cost per plan message once its device is locked: the plan wrapper's pass-through of
    ``Msg("read", det)`` messages against driving the same plan bare, no RunEngine (target
    <= 1 microsecond). ``plan_mutator`` with a no-op ``msg_proc`` is shown for scale.
@@ -37,7 +38,7 @@ from ophyd.sim import SynAxis, SynGauss
 from bs_coordination.plans import _drive
 from bs_coordination.plugin import install
 
-REPEATS = int(os.environ.get("BENCH_REPEATS", "11"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "15"))
 TRIALS = int(os.environ.get("BENCH_TRIALS", "30"))
 
 
@@ -57,6 +58,11 @@ def overhead(url: str) -> dict[str, float]:
     try:
         for RE in (plain, coordinated):  # warm up both
             RE(bp.scan([det], motor, -1, 1, 20))
+        counted: list[Msg] = []
+        plain.msg_hook = counted.append
+        plain(plans["scan"]())
+        plain.msg_hook = None
+        times["scan messages"] = [float(len(counted))]
         for what, plan in plans.items():
             for i in range(REPEATS if what == "scan" else 5 * REPEATS):
                 pair = [("plain", plain), ("coordinated", coordinated)]
@@ -70,7 +76,10 @@ def overhead(url: str) -> dict[str, float]:
                     pair_times["coordinated"] / pair_times["plain"])
     finally:
         handle.uninstall()
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    # The fastest run of each side: the least disturbed by other jobs on the machine.
+    out.update({f"{k} min": min(v) for k, v in times.items()})
+    return out
 
 
 def per_message_cost(n: int = 200_000, repeats: int = 5) -> tuple[float, float, float]:
@@ -179,12 +188,20 @@ def main() -> None:
     print(row("scan([det], motor, -1, 1, 300) with the plugin (median of "
               f"{REPEATS}, interleaved)", f"{coordinated * 1e3:.0f} ms",
               f"{plain * 1e3:.0f} ms without", t["scan ratio"], "<= 1.03x"))
+    print(row("  same, fastest run of each side", f"{t['scan coordinated min'] * 1e3:.0f} ms",
+              f"{t['scan plain min'] * 1e3:.0f} ms without",
+              t["scan coordinated min"] / t["scan plain min"], "<= 1.03x"))
     fixed = t["count coordinated"] - t["count plain"]
     print(row("  of which fixed per plan (lock request + release, count num=1)",
               f"+{fixed * 1e3:.1f} ms", f"{t['count plain'] * 1e3:.1f} ms without",
               t["count coordinated"] / t["count plain"], "-"))
     added = wrapped - bare
-    print(row("added cost per message once locked", f"{added * 1e9:.0f} ns",
+    messages = int(t["scan messages"])
+    parts = fixed + added * messages
+    print(row(f"  sum of its parts: fixed + added per message x {messages} messages",
+              f"+{parts * 1e3:.1f} ms", f"{t['scan plain min'] * 1e3:.0f} ms without",
+              1 + parts / t["scan plain min"], "<= 1.03x"))
+    print(row("added cost per message once locked (no RunEngine)", f"{added * 1e9:.0f} ns",
               f"{bare * 1e9:.0f} ns bare generator", wrapped / bare, "<= 1000 ns added"))
     print(row("  (for scale: plan_mutator no-op)", f"{(mutated - bare) * 1e9:.0f} ns added",
               f"{bare * 1e9:.0f} ns bare generator", mutated / bare, "-"))

@@ -51,7 +51,7 @@ _EARLY_EVENTS = 256
 PreemptionListener = Callable[[dict[str, DeviceLock], "str | None"], None]
 
 #: How often the connection watchdog looks at the WebSocket (a local flag, no I/O).
-_WATCHDOG_SECONDS = 0.05
+_WATCHDOG_SECONDS = 0.1
 
 
 def describe_lock(lock: LockHolder) -> str:
