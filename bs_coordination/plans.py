@@ -45,7 +45,9 @@ from typing import Any
 
 from bluesky.utils import Msg, PlanHalt, ensure_generator, make_decorator, root_ancestor
 
-from bs_coordination._re_client import PlanCoordinator, PlanLocks, queue_item_name
+from bs_coordination._re_client import queue_item_name
+from bs_coordination._re_coordinator import PlanCoordinator
+from bs_coordination._re_tracker import PlanLocks
 from bs_coordination.errors import CoordinationError, InvalidRequestError
 from bs_coordination.models import check_device_name
 

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from bs_coordination._re_client import PlanCoordinator
+from bs_coordination._re_coordinator import PlanCoordinator
 from bs_coordination.plans import LOCK_COMMAND, CoordinatedPreprocessor, lock_command
 from bs_coordination.suspender import LockPreemptedSuspender
 
