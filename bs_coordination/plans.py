@@ -183,7 +183,9 @@ def coordinated_wrapper(
 ) -> Generator[Msg, Any, Any]:
     """Run ``plan`` holding ``QUEUE_EXECUTING`` locks on every device it touches.
 
-    ``coordinator``: the handle returned by ``install()`` or a ``PlanCoordinator``.
+    ``coordinator``: the handle returned by ``install()`` or a started ``PlanCoordinator``
+    (the RunEngine must know ``LOCK_COMMAND``: ``install()`` registers it, or call
+    ``RE.register_command(LOCK_COMMAND, lock_command)``).
     ``devices``: the devices to lock up front in one request (default: those among the plan
     generator's bound arguments). ``wait``: seconds to wait for a taken device (default: the
     coordinator's). ``plan_uid``: default the queue item's uid under the queue server.

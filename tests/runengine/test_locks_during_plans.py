@@ -277,3 +277,22 @@ def test_warns_when_a_preprocessor_is_added_after_install(
         RE(bp.count([devices.det], num=1))
     assert "not the last entry of RE.preprocessors" in caplog.text
     assert service.locks() == []
+
+
+def test_service_down_install_goes_on_and_plans_fail_closed(RE: RunEngine,
+                                                            devices: Devices) -> None:
+    import socket
+
+    from bs_coordination.errors import ServiceError
+    from bs_coordination.plugin import install
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handle = install(RE, f"http://127.0.0.1:{port}", USER, http_timeout=2)
+    try:
+        with pytest.raises(ServiceError, match="refusing to run the plan"):
+            RE(bp.scan([devices.det], devices.motor, -1, 1, 3))
+        assert devices.motor.position == 0
+    finally:
+        handle.uninstall()
