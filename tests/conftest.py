@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
+import importlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,9 +33,10 @@ SERVER_START_SECONDS = 15.0
 
 def _redis_store_available() -> bool:
     try:
-        return importlib.util.find_spec("bs_coordination.stores.redis") is not None
+        importlib.import_module("bs_coordination.stores.redis")
     except ImportError:
         return False
+    return True
 
 
 STORE_PARAMS = ["memory", "redis"] if _redis_store_available() else ["memory"]
