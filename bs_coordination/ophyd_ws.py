@@ -42,6 +42,7 @@ from typing import Any
 
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.errors import CoordinationError, LockNotFoundError
+from bs_coordination.guard import describe
 from bs_coordination.models import DeviceLock, LockType, check_device_name
 
 log = logging.getLogger(__name__)
@@ -64,15 +65,6 @@ class AccessRefused(Exception):
     def body(self) -> dict[str, Any]:
         holder = self.holder.model_dump(mode="json") if self.holder else None
         return {"error": self.message, "holder": holder}
-
-
-def describe(lock: DeviceLock) -> str:
-    """One line naming the holder, as an operator reads it."""
-    plan = f", plan {lock.plan_uid}" if lock.plan_uid else ""
-    until = f"until {lock.expires_at.isoformat()}" if lock.expires_at else "with no expiry"
-    reason = f", reason: {lock.reason!r}" if lock.reason else ""
-    return (f"{lock.device_name!r} is held by {lock.user_id} ({lock.lock_type.value}{plan}) "
-            f"since {lock.acquired_at.isoformat()} {until}{reason}")
 
 
 def lock_name(name: str) -> str:
