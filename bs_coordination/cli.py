@@ -436,12 +436,13 @@ async def watch(http: Http, args: argparse.Namespace, out: TextIO) -> int:
                         out.flush()
                         if args.count and seen >= args.count:
                             return EXIT_OK
+                sys.stderr.write(f"connection closed; reconnecting from event {since}\n")
             except aiohttp.WSServerHandshakeError as exc:
                 raise CliError(f"watch: WebSocket refused: HTTP {exc.status}", exit_code_for(exc.status)) from None
             except (aiohttp.ClientError, OSError) as exc:
                 if since is None:
                     raise CliError(f"cannot reach the coordination service at {http.url}: {exc}") from None
-                sys.stderr.write(f"connection lost ({exc}); reconnecting\n")
+                sys.stderr.write(f"connection lost ({exc}); reconnecting from event {since}\n")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -264,3 +265,35 @@ def test_serve_runs_the_service(unused_port):
         proc.terminate()
         proc.communicate(timeout=20)
 
+
+
+async def test_watch_resumes_after_a_lost_connection_without_missing_events(live_service, capsys):
+    from tcpproxy import CuttableProxy
+
+    proxy = CuttableProxy("127.0.0.1", int(live_service.url.rsplit(":", 1)[1]))
+    await proxy.start()
+    proc = await asyncio.create_subprocess_exec(
+        *script("--url", f"http://127.0.0.1:{proxy.port}", "watch", "--count", "3"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"no locks held"
+        assert b"watching" in await asyncio.wait_for(proc.stdout.readline(), 30)
+        await asyncio.to_thread(run, capsys, live_service.url, "lock", "m1")
+        assert b"acquired" in await asyncio.wait_for(proc.stdout.readline(), 30)
+
+        proxy.cut()  # the events below happen while watch is disconnected
+        await asyncio.to_thread(run, capsys, live_service.url, "lock", "m2")
+        await asyncio.to_thread(run, capsys, live_service.url, "lock", "m3")
+        proxy.restore()
+        rest, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await proxy.close()
+    assert proc.returncode == 0, err
+    lines = rest.decode().splitlines()
+    assert [line.split()[2] for line in lines] == ["m2", "m3"]
+    assert all("acquired" in line for line in lines)
+    assert b"reconnecting" in err
