@@ -63,7 +63,10 @@ class Snapshot:
         self.now = int(value[0]) + int(value[1]) / 1e6
 
     def set_records(self, name: str, values: Iterable[str]) -> None:
-        recs = (LockRecord.from_dict(json.loads(v)) for v in values)
+        # Oldest first, as the memory store keeps them (a Redis hash has no useful order),
+        # so both stores name the same holder first in a refusal.
+        recs = sorted((LockRecord.from_dict(json.loads(v)) for v in values),
+                      key=lambda r: (r.acquired_at, r.token))
         self.records[name] = {r.key_hash: r for r in recs}
 
     def set_under(self, name: str, values: Iterable[str]) -> None:
