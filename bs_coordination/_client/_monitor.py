@@ -224,6 +224,13 @@ class LockMonitor:
         elif kind in ("error", "warning", "disconnect", "dropped", "lagging"):
             log.warning("WebSocket %s: service says: %s", self.ws_url,
                         data.get("message") or data.get("detail") or data)
+            if data.get("code") == "resume_gap" and self.last_event_id not in (None, "0"):
+                # Our resume point is unknown to the service (it restarted without persistence,
+                # or trimmed its log): replay what its log holds, from its start, once.
+                log.warning("WebSocket %s: the service's event log restarted or was trimmed; "
+                            "resynchronising from its start", self.ws_url)
+                self.last_event_id = "0"
+                self._resync_now = True
         else:
             log.debug("WebSocket %s: ignoring message type %r", self.ws_url, kind)
 

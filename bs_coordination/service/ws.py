@@ -56,8 +56,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def _error(message: str) -> str:
-    return json.dumps({"type": "error", "message": message})
+#: ``code`` of the error frame sent when a ``since`` cannot be resumed from (trimmed from the
+#: log, or issued by an earlier run of the service): the client may replay from ``since=0``.
+RESUME_GAP = "resume_gap"
+
+
+def _error(message: str, code: str | None = None) -> str:
+    frame = {"type": "error", "message": message}
+    if code:
+        frame["code"] = code
+    return json.dumps(frame)
 
 
 class Connection:
@@ -102,7 +110,7 @@ class Connection:
             # would skip every event up to it, so continue from the snapshot instead.
             await self.send(_error(
                 f"since: event {since[:40]!r} is unknown here (newest is {snapshot_id!r}; did the "
-                "service restart?); initial_status holds the current state"))
+                "service restart?); initial_status holds the current state", RESUME_GAP))
             if snapshot_id:
                 self.cursor = event_order(snapshot_id)
                 self.last_sent = snapshot_id
@@ -118,7 +126,7 @@ class Connection:
                     return True
         except EventGap as exc:
             # initial_status already gave the current state: continue live from it.
-            await self.send(_error(f"since: {exc}; initial_status holds the current state"))
+            await self.send(_error(f"since: {exc}; initial_status holds the current state", RESUME_GAP))
             if snapshot_id:
                 self.cursor = max(self.cursor, event_order(snapshot_id))
                 self.last_sent = snapshot_id
