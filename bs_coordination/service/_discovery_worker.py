@@ -242,11 +242,25 @@ def discover_live(args: argparse.Namespace) -> dict[str, Any]:
         startup_script_path=args.startup_script,
     )
     warnings: list[str] = []
-    devices_in_nspace: dict[str, Any]
+    # Every device the queue server would see (registered ones included); the list is cut to
+    # what it lists below. Described first: this walk builds lazy components without waiting
+    # for their PVs, so the queue server's own walk then finds them built.
+    candidates = dict(profile_ops.devices_from_nspace(nspace))
+    for reg_name, reg in profile_ops.reg_ns_items.reg_devices.items():
+        if reg.get("obj") is not None:
+            candidates.setdefault(reg_name, reg["obj"])
+    described: dict[str, dict[str, Any]] = {}
+    for name in sorted(candidates):
+        if "." in name:  # a registered component is described with its root
+            continue
+        try:
+            described[name] = describe_object(candidates[name], name, warnings)
+        except Exception as ex:
+            warnings.append(f"device {name!r} could not be described: {ex}")
     qs_yaml: str | None = None
     try:
         # Exactly what `qserver-list-plans-devices` would write for this collection.
-        plans, existing, _, devices_in_nspace = profile_ops.existing_plans_and_devices_from_nspace(
+        plans, existing, _, _ = profile_ops.existing_plans_and_devices_from_nspace(
             nspace=nspace, ignore_invalid_plans=True
         )
         # The queue server dumps with PyYAML's default Dumper; libyaml's is the same format,
@@ -255,23 +269,10 @@ def discover_live(args: argparse.Namespace) -> dict[str, Any]:
             {"existing_plans": plans, "existing_devices": existing},
             Dumper=getattr(yaml, "CDumper", yaml.Dumper),
         )
-        names = list(existing)
-        registered = profile_ops.reg_ns_items.reg_devices
-        objects = {
-            n: devices_in_nspace.get(n) or (registered.get(n) or {}).get("obj") for n in names
-        }
+        described = {n: d for n, d in described.items() if n in existing}  # exclusions
     except Exception as ex:
-        warnings.append(f"queue-server description failed, devices found by type only: {ex}")
-        objects = {n: o for n, o in nspace.items() if profile_ops.is_device(o)}
-    devices = []
-    for name in sorted(objects):
-        obj = objects[name]
-        if obj is None or "." in name:  # a registered component is described with its root
-            continue
-        try:
-            devices.append(describe_object(obj, name, warnings))
-        except Exception as ex:
-            warnings.append(f"device {name!r} could not be described: {ex}")
+        warnings.append(f"queue-server description failed (no export): {ex}")
+    devices = [described[n] for n in sorted(described)]
     return {"ok": True, "devices": devices, "qs_yaml": qs_yaml, "warnings": warnings}
 
 

@@ -59,6 +59,8 @@ EPICS_STARTUP = textwrap.dedent(
     class Shutter(Device):
         status = Cpt(EpicsSignalRO, "Pos-Sts")
         cmd = Cpt(EpicsSignal, "Cmd", write_pv="Cmd-SP")
+        # Lazy: built on first access, which must not wait for a PV that never connects.
+        interlock = Cpt(EpicsSignalRO, "Ilk-Sts", lazy=True)
 
     shutter = Shutter("XF:31ID-PPS{Sh:1}", name="shutter")
     m1 = EpicsMotor("XF:31ID{Mtr:1}", name="m1")

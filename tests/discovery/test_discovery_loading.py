@@ -89,6 +89,10 @@ async def test_epics_pv_names(tmp_path, epics_env):
     assert (status.read_pv, status.write_pv) == ("XF:31ID-PPS{Sh:1}Pos-Sts", None)
     cmd = reg.get_device("shutter.cmd")
     assert (cmd.read_pv, cmd.write_pv) == ("XF:31ID-PPS{Sh:1}Cmd", "XF:31ID-PPS{Sh:1}Cmd-SP")
+    assert reg.get_device("shutter.interlock").read_pv == "XF:31ID-PPS{Sh:1}Ilk-Sts"
+    assert reg.get_device("shutter").components_complete
+    exported = yaml.load(reg.queueserver_yaml(), Loader=yaml.FullLoader)["existing_devices"]
+    assert set(exported["shutter"]["components"]) == {"status", "cmd", "interlock"}
     m1 = reg.get_device("m1")
     assert m1.device_type.value == "motor" and m1.device_class == "EpicsMotor"
     assert reg.get_device("m1.user_setpoint").read_pv == "XF:31ID{Mtr:1}.VAL"
@@ -114,6 +118,20 @@ async def test_ophyd_async_devices(tmp_path, epics_env):
     assert (readback.read_pv, readback.write_pv) == ("XF:31ID{Mtr:2}.RBV", None)
     stop = reg.get_device("m_async.motor_stop")
     assert (stop.read_pv, stop.write_pv) == (None, "XF:31ID{Mtr:2}.STOP")
+    await reg.close()
+
+
+async def test_devices_excluded_from_the_queue_server_are_not_listed(tmp_path):
+    root = write_collection(tmp_path / "pc", {
+        "00-devices.py": SIM_STARTUP,
+        "01-register.py": "from bluesky_queueserver import register_device\n"
+                          "register_device('motor2', exclude=True)\n",
+    })
+    reg = registry(root)
+    await reg.reload()
+    assert {d.name for d in reg.list_devices().devices} == set(SIM_DEVICES) - {"motor2"}
+    exported = yaml.load(reg.queueserver_yaml(), Loader=yaml.FullLoader)["existing_devices"]
+    assert set(exported) == set(SIM_DEVICES) - {"motor2"}
     await reg.close()
 
 
