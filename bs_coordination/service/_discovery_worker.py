@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     ``os._exit`` skips interpreter shutdown: threads the startup code left running (a
     RunEngine's loop, channel-access contexts) must not keep the child alive after its answer.
     """
+    _exit_with_parent()
     # Discovery is background work: on a busy machine the service's lock requests go first.
     with contextlib.suppress(OSError):
         os.nice(10)
@@ -400,12 +401,30 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(tb, str):
             tb = "".join(traceback.format_exception(type(ex), ex, ex.__traceback__))
         result = {"ok": False, "error": _error_text(ex), "traceback": tb}
-    data = json.dumps(result, default=str).encode()
-    with os.fdopen(out_fd, "wb") as out:
-        out.write(data)
-        out.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    try:
+        data = json.dumps(result, default=str).encode()
+        with os.fdopen(out_fd, "wb") as out:
+            out.write(data)
+            out.flush()
+        sys.stderr.flush()
+    finally:  # a service that went away (broken pipe) must not leave this child behind
+        os._exit(0)
+
+
+def _exit_with_parent() -> None:
+    """Exit if the service dies: the child runs in its own session, so nothing else would
+    stop a hanging startup file once its parent is gone."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="discovery-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -369,6 +369,32 @@ async def test_close_stops_a_running_discovery(tmp_path):
         assert gone(pid), pid
 
 
+async def test_the_child_exits_when_the_service_dies(tmp_path):
+    """The child runs in its own session; a service killed with SIGKILL must not leave a
+    hanging discovery behind."""
+    import signal
+    import subprocess
+    import sys
+
+    pids = tmp_path / "pids"
+    root = write_collection(tmp_path / "pc", {
+        "00-hang.py": f"import os, time\nopen({str(pids)!r}, 'w').write(str(os.getpid()))\n"
+                      "time.sleep(600)\n"})
+    service = subprocess.Popen([sys.executable, "-c", (
+        "import asyncio\n"
+        "from bs_coordination.service.discovery import DeviceRegistry, DiscoveryConfig\n"
+        f"asyncio.run(DeviceRegistry(DiscoveryConfig(path={str(root)!r})).reload())\n")])
+    try:
+        child = int(await wait_for_file(pids))
+    finally:
+        service.send_signal(signal.SIGKILL)
+        service.wait(10)
+    deadline = time.monotonic() + 15
+    while not gone(child) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert gone(child)
+
+
 async def test_not_configured_accepts_everything():
     reg = registry(None)
     assert reg.ready and reg.status().state == DiscoveryState.DISABLED
