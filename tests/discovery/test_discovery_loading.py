@@ -243,25 +243,6 @@ async def test_broken_startup_is_reported_and_a_later_reload_replaces_it(tmp_pat
     await reg.close()
 
 
-async def test_hanging_startup_is_killed_at_the_time_limit(tmp_path):
-    root = write_collection(tmp_path / "pc", {
-        "00-hang.py": "import pathlib, time\n"
-                      f"while not pathlib.Path({str(tmp_path / 'go')!r}).exists():\n"
-                      "    time.sleep(0.05)\n",
-        "01-devices.py": SIM_STARTUP,
-    })
-    reg = registry(root, timeout=3.0)
-    started = time.monotonic()
-    with pytest.raises(DiscoveryError, match="time limit of 3 s"):
-        await reg.reload()
-    assert time.monotonic() - started < 20
-    assert "killed" in reg.status().last_error
-    (tmp_path / "go").touch()
-    reg.config = DiscoveryConfig(path=str(root), mode=DiscoveryMode.LOAD, timeout=60.0)
-    assert (await reg.reload()).count == len(SIM_DEVICES)
-    await reg.close()
-
-
 async def test_missing_path_then_it_appears(tmp_path):
     root = tmp_path / "not_yet"
     reg = registry(root)
@@ -333,10 +314,18 @@ async def test_time_limit_kills_the_child_and_what_it_started(tmp_path):
     root = write_collection(tmp_path / "pc", {
         "00-hang.py": HANG_WITH_GRANDCHILD.format(pids=str(pids))})
     reg = registry(root, timeout=4.0)
-    with pytest.raises(DiscoveryError, match="time limit"):
+    started = time.monotonic()
+    with pytest.raises(DiscoveryError, match="time limit of 4 s"):
         await reg.reload()
+    assert time.monotonic() - started < 20
+    assert "killed" in reg.status().last_error
     for pid in map(int, pids.read_text().split()):
         assert gone(pid), pid
+    # Fixed, it loads (with a time limit a slow machine cannot miss).
+    write_collection(root, {"00-devices.py": SIM_STARTUP})
+    reg.config = DiscoveryConfig(path=str(root), mode=DiscoveryMode.LOAD, timeout=60.0)
+    assert (await reg.reload()).count == len(SIM_DEVICES)
+    await reg.close()
 
 
 async def test_nothing_the_startup_code_started_outlives_discovery(tmp_path):
