@@ -200,12 +200,45 @@ def coordinated_wrapper(
     session, owner = coord.open_session(plan_uid=plan_uid, reason=reason, wait=wait)
     gen = ensure_generator(plan)
     release = True
+    # The message loop is inlined here rather than delegated to a helper generator: bluesky's
+    # plan stubs format the whole call stack each time they are called (``bluesky.utils.Plan``),
+    # so every generator frame between the RunEngine and the plan costs time on every step.
+    covered = session.covered
+    reply: Any = None
+    error: BaseException | None = None
     try:
         names: dict[str, None] = {}
         for obj in up_front:
             names[device_name(obj)] = None
         yield from _lock(coord, session, tuple(names))
-        return (yield from _drive(gen, coord, session))
+        while True:
+            try:
+                msg = gen.send(reply) if error is None else gen.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            error = None
+            obj = msg.obj
+            try:
+                fast = obj is None or obj in covered
+            except TypeError:  # unhashable: not a device
+                fast = True
+            if not fast or msg.command in _ARGS_COMMANDS:
+                try:
+                    needed = _needed(msg, session)
+                    if needed:
+                        yield from _lock(coord, session, needed)
+                        _cover(msg, session)
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # refused: the plan sees it where it touched it
+                    error, reply = exc, None
+                    continue
+            try:
+                reply = yield msg
+            except GeneratorExit:
+                raise
+            except BaseException as exc:
+                error, reply = exc, None
     except PlanHalt:
         release = False  # a halt skips cleanup: the devices stay held until the lease ends
         raise
@@ -213,42 +246,6 @@ def coordinated_wrapper(
         gen.close()
         if owner:
             coord.close_session(session, release=release)
-
-
-def _drive(plan: Generator[Msg, Any, Any], coord: PlanCoordinator,
-           session: PlanLocks) -> Generator[Msg, Any, Any]:
-    """Pass the plan's messages through, inserting lock requests before first touches."""
-    covered = session.covered
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            msg = plan.send(reply) if error is None else plan.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        error = None
-        obj = msg.obj
-        try:
-            fast = obj is None or obj in covered
-        except TypeError:  # unhashable: not a device
-            fast = True
-        if not fast or msg.command in _ARGS_COMMANDS:
-            try:
-                names = _needed(msg, session)
-                if names:
-                    yield from _lock(coord, session, names)
-                    _cover(msg, session)
-            except GeneratorExit:
-                raise
-            except BaseException as exc:  # refused: the plan sees it where it touched the device
-                error, reply = exc, None
-                continue
-        try:
-            reply = yield msg
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            error, reply = exc, None
 
 
 def _objects(msg: Msg) -> list[Any]:
