@@ -439,11 +439,13 @@ def request(
     *,
     presented: bool,
     ticket: int | None = None,
+    owner: str | None = None,
 ) -> list[LockRecord]:
     """Grant ``req`` under ``key_hash`` (all its devices, or none) or raise.
 
     ``presented``: the key came with the request (upgrade / add devices under it); otherwise
     it is a fresh key. ``ticket``: the request's place in the wait queue, if it has one.
+    ``owner``: who must hold the presented key's locks (see ``_check_owner``).
     Returns the key's records on the requested names.
     """
     now, p, names = txn.now, req.lock_type.priority, req.names
@@ -451,6 +453,7 @@ def request(
     own = txn.of_key(key_hash) if presented else {}
     if presented and not own:
         raise LockNotFoundError("No lock is held under the presented lock_key")
+    _check_owner(own.values(), owner, "extend or upgrade")
 
     expires = None if req.timeout is None else now + req.timeout
     grants: list[tuple[str, LockRecord | None]] = []  # new locks and upgrades
@@ -528,8 +531,22 @@ def _overlaps_any(name: str, others: Iterable[str]) -> bool:
     return any(names_overlap(name, o) for o in others)
 
 
-def release(txn: Txn, key_hash: str, device_name: str | None = None) -> list[LockRecord]:
-    """Release the key's lock on ``device_name`` (or all its locks), then restore what waits."""
+def _check_owner(records: Iterable[LockRecord], owner: str | None, what: str) -> None:
+    """With authentication on, a key alone is not enough: ``owner`` (the caller's principal,
+    ``None`` for an admin or with authentication off) must hold every lock touched."""
+    if owner is None:
+        return
+    for r in records:
+        if r.user_id != owner:
+            raise LockNotOwnedError(
+                f"Device {r.device_name!r} is locked by {r.user_id!r}: only they or an admin "
+                f"may {what} it")
+
+
+def release(txn: Txn, key_hash: str, device_name: str | None = None,
+            owner: str | None = None) -> list[LockRecord]:
+    """Release the key's lock on ``device_name`` (or all its locks), then restore what waits.
+    ``owner``: see ``_check_owner``."""
     own = txn.of_key(key_hash)
     if device_name is None:
         if not own:
@@ -544,6 +561,7 @@ def release(txn: Txn, key_hash: str, device_name: str | None = None) -> list[Loc
                     f"Device {device_name!r} is locked under another key: {describe(others[0])}")
             raise LockNotFoundError(f"No lock on device {device_name!r} under this lock_key")
         targets = [mine]
+    _check_owner(targets, owner, "release")
     for r in targets:
         txn.delete(r)
         txn.emit(LockAction.RELEASED, r)
@@ -551,11 +569,14 @@ def release(txn: Txn, key_hash: str, device_name: str | None = None) -> list[Loc
     return targets
 
 
-def renew(txn: Txn, key_hash: str, timeout: float | None) -> list[LockRecord]:
-    """Set every lock of the key to expire ``timeout`` seconds from now."""
+def renew(txn: Txn, key_hash: str, timeout: float | None,
+          owner: str | None = None) -> list[LockRecord]:
+    """Set every lock of the key to expire ``timeout`` seconds from now. ``owner``: see
+    ``_check_owner``."""
     own = txn.of_key(key_hash)
     if not own:
         raise LockNotFoundError("No lock is held under this lock_key (it may have expired)")
+    _check_owner(own.values(), owner, "renew")
     if timeout is None:
         queue = [r for r in own.values() if r.lock_type.needs_lease]
         if queue:

@@ -18,9 +18,11 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from bs_coordination.stores import Store, open_store
 
-from .config import Settings, parse_settings
+from .auth import install_auth
+from .config import Settings, SettingsError, parse_settings
 from .handlers import install_handlers
 from .hub import EventHub
+from .limits import install_limits
 from .logfilter import install_query_filter
 from .routes import events, health, locks
 from .ws import router as ws_router
@@ -86,6 +88,13 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     )
     app.state.settings = settings
     install_handlers(app)
+    # Middleware added later wraps what was added before: CORS (answers preflights), then the
+    # body limit (413 before anything else reads), then the API key check.
+    try:
+        install_auth(app, settings.api_keys)
+    except ValueError as exc:
+        raise SettingsError(f"--api-keys: {exc}") from None
+    install_limits(app, settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])

@@ -25,6 +25,8 @@ _FALSE = ("0", "false", "no", "off", "")
 
 #: Per-WebSocket queue of undelivered events; a subscriber that falls this far behind is dropped.
 DEFAULT_WS_QUEUE_SIZE = 1000
+#: Largest request body accepted (bytes); larger ones get 413.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Settings:
     log_level: str = "INFO"
     cors_origins: list[str] = field(default_factory=list)
     ws_queue_size: int = DEFAULT_WS_QUEUE_SIZE
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 class SettingsError(ValueError):
@@ -68,6 +71,8 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--ws-queue-size", "COORDINATION_WS_QUEUE_SIZE",
      f"events buffered per WebSocket before a slow subscriber is dropped "
      f"(default {DEFAULT_WS_QUEUE_SIZE})"),
+    ("--max-body-bytes", "COORDINATION_MAX_BODY_BYTES",
+     f"largest request body in bytes; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES})"),
 ]
 
 
@@ -184,13 +189,26 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
                                  environ["COORDINATION_STRICT_DEVICES"])
     if (v := pick("--api-keys", "COORDINATION_API_KEYS")) is not None:
         s.api_keys = _existing(*v, directory=False)
+        _check_key_file(v[0], s.api_keys)
     if (v := pick("--log-level", "COORDINATION_LOG_LEVEL")) is not None:
         s.log_level = _log_level(*v)
     if (v := pick("--cors-origins", "COORDINATION_CORS_ORIGINS")) is not None:
         s.cors_origins = [o.strip() for o in v[1].split(",") if o.strip()]
     if (v := pick("--ws-queue-size", "COORDINATION_WS_QUEUE_SIZE")) is not None:
         s.ws_queue_size = _queue_size(*v)
+    if (v := pick("--max-body-bytes", "COORDINATION_MAX_BODY_BYTES")) is not None:
+        s.max_body_bytes = _queue_size(*v)  # any positive integer
     return s
+
+
+def _check_key_file(where: str, path: str) -> None:
+    """Load the API-key file once now, so a bad one stops the service before it starts."""
+    from .auth import KeyFileError, KeyRing
+
+    try:
+        KeyRing.from_file(path)
+    except KeyFileError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
 
 
 def parse_settings(argv: Sequence[str] | None = None,

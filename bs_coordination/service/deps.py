@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Security
+from fastapi.security import APIKeyHeader
 from starlette.requests import HTTPConnection
 
 from bs_coordination.stores import Store
 
+from .auth import LOCK_HOLDER_ROLES, PRINCIPAL_SCOPE_KEY, SCHEME_NAME, KeyRing, Principal, Role, require
 from .config import Settings
 from .hub import EventHub
 
@@ -31,3 +33,39 @@ def get_settings(conn: HTTPConnection) -> Settings:
 StoreDep = Annotated[Store, Depends(get_store)]
 HubDep = Annotated[EventHub, Depends(get_hub)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+#: Declares the ``Authorization: ApiKey <key>`` scheme in OpenAPI (``auth.describe_security``
+#: removes it again when authentication is off).
+api_key_header = APIKeyHeader(name="Authorization", scheme_name=SCHEME_NAME, auto_error=False)
+
+
+def get_principal(
+    conn: HTTPConnection, authorization: Annotated[str | None, Security(api_key_header)] = None
+) -> Principal | None:
+    """The key's principal, or ``None`` when authentication is off (401 for a missing or
+    unknown key: the middleware normally refused it already)."""
+    keyring: KeyRing | None = getattr(conn.app.state, "keyring", None)
+    if keyring is None:
+        return None
+    principal: Principal | None = conn.scope.get(PRINCIPAL_SCOPE_KEY)
+    return principal if principal is not None else keyring.identify(authorization)
+
+
+def get_lock_holder(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:
+    """A principal that may hold locks (and so release and renew its own): 403 for ``read``."""
+    require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
+    return principal
+
+
+def get_admin(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:
+    require(principal, Role.ADMIN, what="this operation")
+    return principal
+
+
+#: Any valid key (every role can read); ``None`` with authentication off.
+PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
+#: A key with a role that holds locks (operator, queue, admin).
+LockHolderDep = Annotated[Principal | None, Depends(get_lock_holder)]
+#: A key with the admin role.
+AdminDep = Annotated[Principal | None, Depends(get_admin)]

@@ -103,7 +103,8 @@ async def _on_gap(request: Request, exc: Exception) -> JSONResponse:
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers an endpoint can give (all ``ErrorResponse``)."""
     text = {
-        403: "The device is locked under another key.",
+        403: "The device is locked under another key or (authentication on) by another "
+             "principal, or the API key lacks the role.",
         404: "The key holds no lock (on that device).",
         409: "Refused: a holder of equal or higher priority has a device; "
              "`conflicts` lists the holders.",

@@ -162,14 +162,19 @@ class Store(ABC):
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def request(self, req: LockRequest, actor: str | None = None) -> Grant:
-        """Grant ``req`` or raise ``LockConflictError`` (after waiting up to ``req.wait``)."""
+    async def request(self, req: LockRequest, actor: str | None = None,
+                      owner: str | None = None) -> Grant:
+        """Grant ``req`` or raise ``LockConflictError`` (after waiting up to ``req.wait``).
+
+        ``owner`` (authentication on, not an admin): a presented key's locks must be held by
+        this principal, else ``LockNotOwnedError``; the same for ``release`` and ``renew``."""
         presented = req.lock_key is not None
         lock_key = req.lock_key or new_lock_key()
         key_hash = locktable.hash_key(lock_key)
         try:
             records, _ = await self._transact(
-                lambda txn: locktable.request(txn, req, key_hash, presented=presented), actor)
+                lambda txn: locktable.request(txn, req, key_hash, presented=presented,
+                                              owner=owner), actor)
             return Grant(lock_key, records)
         except LockConflictError:
             if req.wait <= 0:
@@ -183,7 +188,7 @@ class Store(ABC):
                 try:
                     records, _ = await self._transact(
                         lambda txn: locktable.request(txn, req, key_hash, presented=presented,
-                                                      ticket=ticket), actor)
+                                                      ticket=ticket, owner=owner), actor)
                     return Grant(lock_key, records)
                 except LockConflictError as exc:
                     remaining = deadline - time.monotonic()
@@ -202,16 +207,17 @@ class Store(ABC):
                 log.debug("could not remove wait ticket %s", ticket, exc_info=True)
 
     async def release(self, lock_key: str, device_name: str | None = None,
-                      actor: str | None = None) -> list[DeviceLock]:
+                      actor: str | None = None, owner: str | None = None) -> list[DeviceLock]:
         key_hash = locktable.hash_key(lock_key)
         records, _ = await self._transact(
-            lambda txn: locktable.release(txn, key_hash, device_name), actor)
+            lambda txn: locktable.release(txn, key_hash, device_name, owner), actor)
         return [r.public() for r in records]
 
     async def renew(self, lock_key: str, timeout: float | None,
-                    actor: str | None = None) -> list[DeviceLock]:
+                    actor: str | None = None, owner: str | None = None) -> list[DeviceLock]:
         key_hash = locktable.hash_key(lock_key)
-        records, _ = await self._transact(lambda txn: locktable.renew(txn, key_hash, timeout), actor)
+        records, _ = await self._transact(
+            lambda txn: locktable.renew(txn, key_hash, timeout, owner), actor)
         return [r.public() for r in records]
 
     async def force_release(self, device_name: str, actor: str | None = None) -> list[DeviceLock]:

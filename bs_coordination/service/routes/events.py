@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
 from bs_coordination.errors import InvalidRequestError
 from bs_coordination.models import EventsResponse
 from bs_coordination.stores import EventGap
 from bs_coordination.stores.base import event_order
 
-from ..deps import StoreDep
+from ..deps import StoreDep, get_principal
 from ..handlers import error_responses
 
-router = APIRouter(prefix="/api", tags=["events"])
+router = APIRouter(prefix="/api", tags=["events"], dependencies=[Depends(get_principal)])
 
 MAX_EVENTS_PAGE = 10_000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query
+from fastapi import APIRouter, Body, Depends, Path, Query
 
 from bs_coordination.errors import InvalidRequestError
 from bs_coordination.models import (
@@ -23,13 +23,20 @@ from bs_coordination.models import (
     RenewResponse,
 )
 
-from ..deps import StoreDep
+from ..auth import Principal, require_lock_type
+from ..deps import AdminDep, LockHolderDep, PrincipalDep, StoreDep, get_principal
 from ..handlers import error_responses
 from ..status import locks_status
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api", tags=["locks"])
+# Every route needs a valid key when authentication is on (and says so in OpenAPI).
+router = APIRouter(prefix="/api", tags=["locks"], dependencies=[Depends(get_principal)])
+
+
+def _owner(principal: Principal | None) -> str | None:
+    """Who must hold the locks a key touches: the caller, unless an admin or auth is off."""
+    return None if principal is None or principal.is_admin else principal.name
 
 
 def _names(names: list[str]) -> str:
@@ -39,15 +46,19 @@ def _names(names: list[str]) -> str:
 @router.post(
     "/lock/request",
     response_model=LockResponse,
-    responses=error_responses(404, 409, 422, 503),
+    responses=error_responses(403, 404, 409, 422, 503),
     summary="Lock one device or several at once (all or none)",
 )
-async def request_lock(req: LockRequest, store: StoreDep) -> LockResponse:
+async def request_lock(req: LockRequest, store: StoreDep, principal: PrincipalDep) -> LockResponse:
     """Grant the devices under one key, preempting lower-priority holders, or answer 409 with
     the holders in the way. With ``wait`` the request queues for up to that many seconds.
     Presenting ``lock_key`` upgrades that key's locks or adds devices under it (404 if the key
-    holds nothing)."""
-    grant = await store.request(req, actor=req.user_id)
+    holds nothing). With authentication on, ``user_id`` is the API key's principal whatever
+    the body says, and the lock type needs its role (403)."""
+    if principal is not None:
+        require_lock_type(principal, req.lock_type)
+        req = req.model_copy(update={"user_id": principal.name})
+    grant = await store.request(req, actor=req.user_id, owner=_owner(principal))
     locks = grant.locks
     tokens = [lk.token for lk in locks]
     expiries = [lk.expires_at for lk in locks if lk.expires_at is not None]
@@ -88,6 +99,7 @@ DeprecatedUser = Annotated[
 )
 async def release_lock(
     store: StoreDep,
+    principal: LockHolderDep,
     body: Annotated[ReleaseRequest | None, Body()] = None,
     device_name: DeprecatedName = None,
     lock_key: DeprecatedKey = None,
@@ -95,14 +107,17 @@ async def release_lock(
 ) -> ReleaseResponse:
     """Release ``device_name`` under ``lock_key``, or every device of the key when no device is
     named. The original service's query form (``?device_name=&lock_key=&user_id=``) still
-    works; the JSON body wins when both are given."""
+    works; the JSON body wins when both are given. With authentication on, only the principal
+    holding the lock (or an admin) may release it, and the event names the key's principal."""
     if body is None:
         if lock_key is None:
             raise InvalidRequestError(
                 "lock_key: missing; send {\"lock_key\": ..., \"device_name\": ...} as JSON",
                 field="lock_key")
         body = ReleaseRequest(lock_key=lock_key, device_name=device_name, user_id=user_id)
-    released = await store.release(body.lock_key, body.device_name, actor=body.user_id)
+    actor = body.user_id if principal is None else principal.name
+    released = await store.release(body.lock_key, body.device_name, actor=actor,
+                                   owner=_owner(principal))
     names = [lk.device_name for lk in released]
     return ReleaseResponse(success=True, message=f"Released {_names(names)}", released=released)
 
@@ -110,13 +125,15 @@ async def release_lock(
 @router.post(
     "/lock/renew",
     response_model=RenewResponse,
-    responses=error_responses(404, 422, 503),
+    responses=error_responses(403, 404, 422, 503),
     summary="Extend every lock of a key",
 )
-async def renew_lock(req: RenewRequest, store: StoreDep) -> RenewResponse:
+async def renew_lock(req: RenewRequest, store: StoreDep, principal: LockHolderDep) -> RenewResponse:
     """Set every lock of ``lock_key`` to expire ``timeout`` seconds from now (``null``: no
-    expiry, people's locks only)."""
-    locks = await store.renew(req.lock_key, req.timeout)
+    expiry, people's locks only). With authentication on, only the principal holding the locks
+    (or an admin) may renew them."""
+    actor = None if principal is None else principal.name
+    locks = await store.renew(req.lock_key, req.timeout, actor=actor, owner=_owner(principal))
     expiries = [lk.expires_at for lk in locks if lk.expires_at is not None]
     return RenewResponse(
         success=True,
@@ -129,13 +146,15 @@ async def renew_lock(req: RenewRequest, store: StoreDep) -> RenewResponse:
 @router.post(
     "/lock/force-release",
     response_model=ForceReleaseResponse,
-    responses=error_responses(404, 422, 503),
+    responses=error_responses(403, 404, 422, 503),
     summary="Remove every lock on exactly one device (admin)",
 )
-async def force_release(req: ForceReleaseRequest, store: StoreDep) -> ForceReleaseResponse:
+async def force_release(req: ForceReleaseRequest, store: StoreDep,
+                        principal: AdminDep) -> ForceReleaseResponse:
     """Remove every lock, active and preempted, on exactly ``device_name``; preempted locks
-    on overlapping names are then restored as after a release."""
-    released = await store.force_release(req.device_name)
+    on overlapping names are then restored as after a release. Needs the admin role."""
+    actor = None if principal is None else principal.name
+    released = await store.force_release(req.device_name, actor=actor)
     log.warning("force-released %d lock(s) on %r, reason: %r", len(released), req.device_name,
                 req.reason)
     return ForceReleaseResponse(
