@@ -70,9 +70,11 @@ def justification(preempted: Mapping[str, DeviceLock]) -> str:
 
 
 class LockPreemptedSuspender(SuspenderBase):
-    """Suspends the RunEngine while any lock of its running plan is preempted.
+    """Suspends the RunEngine while any lock of its running plan is preempted (or the lock
+    event stream is down during a plan).
 
-    ``install()`` creates and installs it; ``update(preempted)`` feeds it.
+    ``install()`` creates and installs it; the coordinator feeds it through ``update()``.
+    ``why`` says what keeps it tripped.
     """
 
     def __init__(self, *, sleep: float = 0, pre_plan: Any = None, post_plan: Any = None) -> None:
@@ -135,6 +137,11 @@ class LockPreemptedSuspender(SuspenderBase):
         # run now, so it is in place before the RunEngine takes its next message.
         for _ in range(3):
             await asyncio.sleep(0)
+
+    @property
+    def why(self) -> str:
+        """The justification while tripped (device, preemptor, reason), else ``""``."""
+        return self._get_justification()
 
     def _get_justification(self) -> str:
         if not self.tripped:

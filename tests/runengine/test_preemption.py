@@ -148,7 +148,7 @@ def test_lost_event_stream_suspends_and_a_missed_preemption_is_caught_after_reco
         proxy.restore()
         wait_until(lambda: handle.coordinator.client.websocket_connected, timeout=15,
                    what="the event stream reconnects")
-        wait_until(lambda: "maint_bob" in handle.suspender._get_justification(),
+        wait_until(lambda: "maint_bob" in handle.suspender.why,
                    what="the suspender learns of the missed preemption")
         time.sleep(0.3)  # still suspended: maintenance holds the motor
         seen["tripped"] = handle.suspender.tripped
