@@ -43,6 +43,7 @@ import logging
 from collections.abc import Generator, Iterable
 from typing import Any
 
+from bluesky.preprocessors import SupplementalData
 from bluesky.utils import Msg, PlanHalt, ensure_generator, make_decorator, root_ancestor
 
 from bs_coordination._re_client import queue_item_name
@@ -115,7 +116,8 @@ def plan_devices(plan: Any) -> list[Any]:
 
     Looks recursively into lists, tuples, sets, dict values and wrapped plan generators (a
     preprocessor's generator holds the plan it wraps), so ``scan([det], motor, ...)`` gives
-    ``[det, motor]`` and a ``SupplementalData``-wrapped plan adds its baseline devices.
+    ``[det, motor]`` and a ``SupplementalData``-wrapped plan adds its baseline, monitor and
+    flyer devices.
     """
     found: dict[int, Any] = {}
     seen: set[int] = set()
@@ -136,6 +138,9 @@ def plan_devices(plan: Any) -> list[Any]:
                 visit(v, depth + 1)
         elif isinstance(value, dict):
             for v in value.values():
+                visit(v, depth + 1)
+        elif isinstance(value, SupplementalData):  # its wrappers are made when it runs
+            for v in (value.baseline, value.monitors, value.flyers):
                 visit(v, depth + 1)
         elif is_device(value):
             found.setdefault(id(value), value)
