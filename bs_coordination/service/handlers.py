@@ -51,7 +51,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{field}: unknown field (not permitted)"
     if kind == "missing" and not field:
         return "body: a JSON object is required"
-    if kind == "string_pattern_mismatch" and field.split(".")[-1] in ("device_name", "device_names"):
+    if kind in ("string_pattern_mismatch", "string_too_long", "string_too_short") \
+            and field.split(".")[-1] in ("device_name", "device_names"):
         msg = DEVICE_NAME_RULE
     if kind == "value_error" and msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
