@@ -9,8 +9,8 @@ with a JSON or YAML file that holds only the SHA-256 of each key::
 
 Clients send ``Authorization: ApiKey <key>``. The pieces:
 
-- ``KeyRing``: the file's entries by key hash; ``identify`` hashes the presented key and
-  compares in constant time.
+- ``bs_coordination.apikeys``: the key file, ``Principal`` and ``Role``; ``KeyRing.find``
+  hashes the presented key and compares in constant time.
 - ``ApiKeyMiddleware``: every HTTP request and WebSocket handshake but the health probes must
   carry a known key (else 401, or a handshake refused before any frame); the principal goes
   into the ASGI scope. Being outside the routes, it also covers ``/openapi.json``, ``/docs``,
@@ -26,24 +26,16 @@ the principal that holds it or ``admin``.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import logging
-import re
-import secrets
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from enum import Enum
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-import yaml
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bs_coordination.apikeys import KeyFileError, KeyRing, Principal, Role
 from bs_coordination.errors import CoordinationError
-from bs_coordination.models import MAX_NAME_LENGTH, ErrorResponse, LockType
+from bs_coordination.models import ErrorResponse, LockType
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +47,6 @@ SCHEME_NAME = "ApiKey"
 AUTH_SCHEME = "ApiKey"
 #: Where the middleware leaves the authenticated ``Principal`` in the ASGI scope.
 PRINCIPAL_SCOPE_KEY = "bs_coordination.principal"
-#: Longest key worth hashing; anything longer is not one of ours.
-MAX_KEY_LENGTH = 512
-
-_PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9_.@:+\-]+$")
-PRINCIPAL_RULE = (f"1 to {MAX_NAME_LENGTH} characters of letters, digits and '_', '.', '@', ':', "
-                  "'+', '-'")
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-class Role(str, Enum):
-    """What a key may do; ``admin`` includes every other role, every key can ``read``."""
-
-    READ = "read"
-    OPERATOR = "operator"
-    QUEUE = "queue"
-    ADMIN = "admin"
-
 
 #: The role a lock of each type needs.
 LOCK_ROLES: Mapping[LockType, Role] = {
@@ -82,24 +57,6 @@ LOCK_ROLES: Mapping[LockType, Role] = {
 }
 #: Roles that may hold locks (and so release and renew their own).
 LOCK_HOLDER_ROLES = (Role.OPERATOR, Role.QUEUE, Role.ADMIN)
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a key belongs to, and its roles."""
-
-    name: str
-    roles: frozenset[Role]
-
-    def can(self, role: Role) -> bool:
-        return role is Role.READ or role in self.roles or Role.ADMIN in self.roles
-
-    @property
-    def is_admin(self) -> bool:
-        return Role.ADMIN in self.roles
-
-    def describe_roles(self) -> str:
-        return ", ".join(sorted(r.value for r in self.roles))
 
 
 class AuthenticationError(CoordinationError):
@@ -129,134 +86,20 @@ def require_lock_type(principal: Principal | None, lock_type: LockType) -> None:
     require(principal, LOCK_ROLES[lock_type], what=f"a {lock_type.value} lock")
 
 
-# -- keys and the key file -------------------------------------------------------------------
-def hash_api_key(key: str) -> str:
-    """The stored form of an API key: its SHA-256, hex."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def new_api_key() -> str:
-    """A fresh API key (256 random bits, URL-safe text)."""
-    return secrets.token_urlsafe(32)
-
-
-def key_entry(principal: str, roles: Iterable[str], key: str) -> dict[str, Any]:
-    """The key file entry for ``key`` (which it does not contain, only its hash)."""
-    return {"principal": principal, "roles": list(roles), "key_sha256": hash_api_key(key)}
-
-
-class KeyFileError(ValueError):
-    """The API-key file cannot be used; the message says where and why, in one line."""
-
-
-def check_principal(name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH \
-            or not _PRINCIPAL_RE.match(name):
-        shown = repr(name)[:60]
-        raise KeyFileError(f"principal {shown} is not a valid name: {PRINCIPAL_RULE}")
-    return name
-
-
-def parse_roles(raw: object) -> frozenset[Role]:
-    allowed = ", ".join(r.value for r in Role)
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
-        raise KeyFileError(f"roles must be a non-empty list of: {allowed}")
-    roles = set()
-    for r in raw:
-        try:
-            roles.add(Role(r))
-        except ValueError:
-            raise KeyFileError(f"unknown role {str(r)[:40]!r}; roles are: {allowed}") from None
-    return frozenset(roles)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    key_sha256: str
-    principal: Principal
-
-
-class KeyRing:
-    """The API keys the service accepts, by the SHA-256 of each key."""
-
-    def __init__(self, entries: Iterable[Mapping[str, Any]]) -> None:
-        self._by_hash: dict[str, _Entry] = {}
-        for i, raw in enumerate(entries, start=1):
-            try:
-                entry = self._entry(raw)
-            except KeyFileError as exc:
-                raise KeyFileError(f"api_keys entry {i}: {exc}") from None
-            if entry.key_sha256 in self._by_hash:
-                other = self._by_hash[entry.key_sha256].principal.name
-                raise KeyFileError(f"api_keys entry {i}: the same key_sha256 as the entry of "
-                                   f"{other!r}; every key must be different")
-            self._by_hash[entry.key_sha256] = entry
-
-    @staticmethod
-    def _entry(raw: Mapping[str, Any]) -> _Entry:
-        if not isinstance(raw, Mapping):
-            raise KeyFileError("must be a mapping with principal, roles and key_sha256")
-        if "key" in raw or "api_key" in raw:
-            raise KeyFileError("holds a key in clear text; store only its key_sha256")
-        unknown = set(raw) - {"principal", "roles", "key_sha256"}
-        if unknown:
-            raise KeyFileError(f"unknown field {sorted(map(str, unknown))[0]!r} (fields are "
-                               "principal, roles, key_sha256)")
-        name = check_principal(raw.get("principal"))
-        roles = parse_roles(raw.get("roles"))
-        digest = raw.get("key_sha256")
-        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-            raise KeyFileError("key_sha256 must be 64 hex digits, the SHA-256 of the key "
-                               "('bs-coordination keys new' prints one)")
-        return _Entry(digest.lower(), Principal(name, roles))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> KeyRing:
-        """Load a JSON or YAML key file; ``KeyFileError`` says what is wrong with it."""
-        p = Path(path)
-        try:
-            text = p.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"{p}: cannot read: {exc}") from None
-        try:
-            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as exc:
-            kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise KeyFileError(f"{p}: not valid {kind}: {first}") from None
-        if not isinstance(data, Mapping) or not isinstance(data.get("api_keys"), list):
-            raise KeyFileError(f'{p}: must be a mapping {{"api_keys": [...]}}')
-        try:
-            return cls(data["api_keys"])
-        except KeyFileError as exc:
-            raise KeyFileError(f"{p}: {exc}") from None
-
-    @property
-    def principals(self) -> list[Principal]:
-        return [e.principal for e in self._by_hash.values()]
-
-    def identify(self, authorization: str | None) -> Principal:
-        """The principal of an ``Authorization`` header value, or ``AuthenticationError``.
-
-        The message never repeats what was sent.
-        """
-        if not authorization:
-            raise AuthenticationError(
-                f"an API key is required: send the header 'Authorization: {AUTH_SCHEME} <key>'")
-        scheme, _, key = authorization.strip().partition(" ")
-        key = key.strip()
-        if scheme.lower() != AUTH_SCHEME.lower() or not key:
-            raise AuthenticationError(
-                f"malformed Authorization header: expected '{AUTH_SCHEME} <key>'")
-        digest = hash_api_key(key) if len(key) <= MAX_KEY_LENGTH else ""
-        entry = self._by_hash.get(digest)
-        # The dict finds the candidate by hash (which reveals nothing about the key); the final
-        # comparison is constant-time all the same.
-        if entry is None or not hmac.compare_digest(entry.key_sha256, digest):
-            raise AuthenticationError("unknown API key")
-        return entry.principal
+def identify(keyring: KeyRing, authorization: str | None) -> Principal:
+    """The principal of an ``Authorization`` header value, or ``AuthenticationError`` (whose
+    message never repeats what was sent)."""
+    if not authorization:
+        raise AuthenticationError(
+            f"an API key is required: send the header 'Authorization: {AUTH_SCHEME} <key>'")
+    scheme, _, key = authorization.strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() != AUTH_SCHEME.lower() or not key:
+        raise AuthenticationError(f"malformed Authorization header: expected '{AUTH_SCHEME} <key>'")
+    principal = keyring.find(key)
+    if principal is None:
+        raise AuthenticationError("unknown API key")
+    return principal
 
 
 # -- the middleware ---------------------------------------------------------------------------
@@ -293,7 +136,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            scope[PRINCIPAL_SCOPE_KEY] = self.keyring.identify(_header(scope, b"authorization"))
+            scope[PRINCIPAL_SCOPE_KEY] = identify(self.keyring, _header(scope, b"authorization"))
         except AuthenticationError as exc:
             # The path only (a query string may hold a lock key); never the header.
             log.info("refused %s %s: %s", scope.get("method", "WEBSOCKET"), _route_path(scope),
@@ -405,10 +248,8 @@ __all__ = [
     "Principal",
     "Role",
     "describe_security",
-    "hash_api_key",
+    "identify",
     "install_auth",
-    "key_entry",
-    "new_api_key",
     "require",
     "require_lock_type",
 ]

@@ -203,7 +203,7 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
 
 def _check_key_file(where: str, path: str) -> None:
     """Load the API-key file once now, so a bad one stops the service before it starts."""
-    from .auth import KeyFileError, KeyRing
+    from bs_coordination.apikeys import KeyFileError, KeyRing
 
     try:
         KeyRing.from_file(path)

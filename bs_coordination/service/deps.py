@@ -10,7 +10,16 @@ from starlette.requests import HTTPConnection
 
 from bs_coordination.stores import Store
 
-from .auth import LOCK_HOLDER_ROLES, PRINCIPAL_SCOPE_KEY, SCHEME_NAME, KeyRing, Principal, Role, require
+from .auth import (
+    LOCK_HOLDER_ROLES,
+    PRINCIPAL_SCOPE_KEY,
+    SCHEME_NAME,
+    KeyRing,
+    Principal,
+    Role,
+    identify,
+    require,
+)
 from .config import Settings
 from .hub import EventHub
 
@@ -49,7 +58,7 @@ def get_principal(
     if keyring is None:
         return None
     principal: Principal | None = conn.scope.get(PRINCIPAL_SCOPE_KEY)
-    return principal if principal is not None else keyring.identify(authorization)
+    return principal if principal is not None else identify(keyring, authorization)
 
 
 def get_lock_holder(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from security_helpers import ROLES, auth
 
-from bs_coordination.service.auth import key_entry, new_api_key
+from bs_coordination.apikeys import key_entry, new_api_key
 
 
 @pytest.fixture
