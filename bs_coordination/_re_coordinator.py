@@ -316,6 +316,12 @@ class PlanCoordinator:
             await self._release_key(session, response.lock_key)
             raise CoordinationError("the plan ended while its lock request was waiting")
         for lock in response.locks:
+            if lock.user_id != self.tracker.user_id:
+                # With API keys on, the service records the key's principal, whatever user_id
+                # we sent: follow the locks under the name they really carry.
+                log.info("the service holds our locks as %r (not %r): the API key's principal",
+                         lock.user_id, self.tracker.user_id)
+                self.tracker.user_id = lock.user_id
             self.tracker.track(session, lock)
         if session._keeper is None and session._key is not None:
             assert self.client is not None

@@ -37,9 +37,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "
 class Service:
     """The lock service as another party sees it (plain HTTP, its own keys)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, api_key: str | None = None) -> None:
         self.url = url
-        self.http = httpx.Client(base_url=url, timeout=10)
+        headers = {"Authorization": f"ApiKey {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url, timeout=10, headers=headers)
 
     def locks(self) -> list[dict[str, Any]]:
         r = self.http.get("/api/locks/status")

@@ -189,3 +189,42 @@ def test_killed_runengine_loses_its_locks_after_the_lease(live_service: Any,
         proc.wait(10)
     wait_until(lambda: not service.held("doomed_re"), timeout=5.0,
                what="the killed RunEngine's locks expire")
+
+
+def test_with_api_keys_the_plan_follows_its_principal(
+        RE: RunEngine, service_factory: Any, devices: Devices, recorder: Recorder,
+        tmp_path: Any) -> None:
+    import hashlib
+    import json
+
+    keys = {"qs-key-123": ("beamline_queue", ["queue"]), "admin-key-456": ("maint_bob", ["admin"])}
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({"api_keys": [
+        {"principal": p, "roles": roles, "key_sha256": hashlib.sha256(k.encode()).hexdigest()}
+        for k, (p, roles) in keys.items()]}))
+    live = service_factory("memory", api_keys=str(key_file))
+    admin = Service(live.url, api_key="admin-key-456")
+    from bs_coordination.plugin import install
+
+    # user_id says "queue_server", but the service records the key's principal.
+    handle = install(RE, live.url, "queue_server", wait=2, lease=30, api_key="qs-key-123")
+    RE.record_interruptions = True
+    seen: dict[str, Any] = {}
+
+    def maintenance() -> None:
+        seen["held"] = admin.held("beamline_queue")
+        key = admin.lock("slow_motor", "MAINTENANCE", "ignored", reason="auth check")
+        wait_until(lambda: recorder.interruptions, what="the suspension")
+        admin.release(key)
+
+    try:
+        recorder.on_event(3, maintenance, background=True)
+        RE(bp.scan([devices.det], devices.slow_motor, 0, 1, 10), recorder)
+        recorder.join()
+    finally:
+        handle.uninstall()
+    assert set(seen["held"]) == {"det", "slow_motor"}
+    assert "maint_bob" in recorder.interruptions[0]
+    assert sorted({e["seq_num"] for e in recorder.primary}) == list(range(1, 11))
+    assert admin.locks() == []
+    admin.close()
