@@ -454,6 +454,28 @@ def cmd_watch(http: Http, args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_OK
 
 
+def cmd_keys_new(http: Http, args: argparse.Namespace, out: TextIO) -> int:
+    """Make an API key and print it with its key-file entry (which holds only its hash)."""
+    # The key format and the file entry are defined once, in bs_coordination.apikeys.
+    from bs_coordination.apikeys import KeyFileError, check_principal, key_entry, new_api_key, parse_roles
+
+    try:
+        check_principal(args.principal)
+        roles = sorted(r.value for r in parse_roles(args.role))
+    except KeyFileError as exc:
+        raise CliError(f"keys new: {exc}", EXIT_USAGE) from None
+    key = new_api_key()
+    entry = key_entry(args.principal, roles, key)
+    if args.json:
+        print_json({"api_key": key, "entry": entry}, out)
+        return EXIT_OK
+    out.write(f"API key for {args.principal} (shown only now; the service keeps only its hash):\n"
+              f"  {key}\n"
+              "Add this entry to the api_keys list of the key file (--api-keys / COORDINATION_API_KEYS):\n"
+              f"  {json.dumps(entry)}\n")
+    return EXIT_OK
+
+
 def cmd_serve(argv: Sequence[str]) -> int:
     """Run the service in this process (``python -m bs_coordination.service``)."""
     from bs_coordination.service.__main__ import main as serve_main
@@ -544,6 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
     p.add_argument("--quiet", action="store_true", help="do not print the current locks first")
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("keys", help="API keys: 'keys new' makes one (for the service's key file)")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
+    p = keys.add_parser("new", parents=[common], help="make a key; print it and its key-file entry")
+    p.add_argument("--principal", required=True, help="who the key is for (becomes user_id of its locks)")
+    p.add_argument("--role", action="append", required=True,
+                   help="read, operator, queue or admin (repeat for several)")
+    p.set_defaults(func=cmd_keys_new)
 
     p = sub.add_parser("devices", parents=[common], help="devices the service discovered in its profile collection")
     p.add_argument("--device-type", help="only this type: motor, detector, signal, flyer, device")
