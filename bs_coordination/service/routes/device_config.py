@@ -14,6 +14,7 @@ from starlette.requests import HTTPConnection
 
 from bs_coordination.models import DEVICE_NAME_PATTERN, MAX_NAME_LENGTH, ErrorResponse
 
+from ..deps import AdminDep, get_principal
 from ..discovery import (
     DeviceInfo,
     DeviceListResponse,
@@ -22,7 +23,9 @@ from ..discovery import (
     DiscoveryStatus,
 )
 
-router = APIRouter(prefix="/api/device-config", tags=["device-config"])
+# Every route needs a valid key when authentication is on (and says so in OpenAPI).
+router = APIRouter(prefix="/api/device-config", tags=["device-config"],
+                   dependencies=[Depends(get_principal)])
 
 
 def get_registry(conn: HTTPConnection) -> DeviceRegistry:
@@ -37,7 +40,8 @@ def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": text} for c, text in codes.items()}
 
 
-@router.get("/devices", response_model=DeviceListResponse, summary="Discovered devices")
+@router.get("/devices", response_model=DeviceListResponse,
+            responses=_errors({422: "Not a device type."}), summary="Discovered devices")
 async def list_devices(
     registry: RegistryDep,
     device_type: Annotated[DeviceType | None, Query(
@@ -74,16 +78,18 @@ async def get_device(
     "/reload",
     response_model=DiscoveryStatus,
     responses=_errors({
+        403: "The API key lacks the admin role (with authentication on).",
         409: "No profile collection is configured.",
         422: "Discovery failed; the last good device list is kept. `message` says why, "
              "`detail` is the discovery status.",
     }),
     summary="Discover the devices again",
 )
-async def reload_devices(registry: RegistryDep) -> DiscoveryStatus:
+async def reload_devices(registry: RegistryDep, admin: AdminDep) -> DiscoveryStatus:
     """Load the profile collection again (in a child process, within the time limit) and swap
     the new device list in at once. A failed reload changes nothing and answers 422 with the
-    reason. A reload asked for while one runs waits for it."""
+    reason. A reload asked for while one runs waits for it. It runs the beamline's startup
+    code: with authentication on, it needs the admin role."""
     return await registry.reload()
 
 
