@@ -1,4 +1,8 @@
-"""Dependencies of the routes, as ``Annotated`` aliases (one place to change how they are got)."""
+"""Dependencies of the routes, as ``Annotated`` aliases (one place to change how they are got).
+
+Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in a thread pool,
+which cost more than the whole lock operation on the memory store.
+"""
 
 from __future__ import annotations
 
@@ -24,17 +28,17 @@ from .config import Settings
 from .hub import EventHub
 
 
-def get_store(conn: HTTPConnection) -> Store:
+async def get_store(conn: HTTPConnection) -> Store:
     store: Store = conn.app.state.store
     return store
 
 
-def get_hub(conn: HTTPConnection) -> EventHub:
+async def get_hub(conn: HTTPConnection) -> EventHub:
     hub: EventHub = conn.app.state.hub
     return hub
 
 
-def get_settings(conn: HTTPConnection) -> Settings:
+async def get_settings(conn: HTTPConnection) -> Settings:
     settings: Settings = conn.app.state.settings
     return settings
 
@@ -49,7 +53,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 api_key_header = APIKeyHeader(name="Authorization", scheme_name=SCHEME_NAME, auto_error=False)
 
 
-def get_principal(
+async def get_principal(
     conn: HTTPConnection, authorization: Annotated[str | None, Security(api_key_header)] = None
 ) -> Principal | None:
     """The key's principal, or ``None`` when authentication is off (401 for a missing or
@@ -61,13 +65,13 @@ def get_principal(
     return principal if principal is not None else identify(keyring, authorization)
 
 
-def get_lock_holder(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:
+async def get_lock_holder(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:
     """A principal that may hold locks (and so release and renew its own): 403 for ``read``."""
     require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
     return principal
 
 
-def get_admin(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:
+async def get_admin(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:
     require(principal, Role.ADMIN, what="this operation")
     return principal
 

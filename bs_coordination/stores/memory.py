@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -92,10 +93,14 @@ class MemoryStore(Store):
         if since is None:
             return list(self._events)[-limit:]
         after = self._seq(since)
-        if self._events and after < self._seq(self._events[0].event_id) - 1:
+        newer = self._last_id - after  # ids are consecutive: the newest ``newer`` entries
+        if newer > len(self._events):
             raise EventGap(f"event {since} is older than the retained log")
-        out = [m for m in self._events if self._seq(m.event_id) > after]
-        return out[:limit]
+        if newer <= 0:
+            return []
+        tail = list(itertools.islice(reversed(self._events), newer))
+        tail.reverse()
+        return tail[:limit]
 
     async def last_event_id(self) -> str | None:
         return self._id(self._last_id) if self._last_id else None
