@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import Enum, IntEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 #: Longest accepted device name, user id, plan uid.
 MAX_NAME_LENGTH = 200
@@ -141,6 +141,11 @@ class DeviceLock(LockHolder):
         return self.state == LockState.ACTIVE
 
 
+#: A device name in a request: the validators check it (and say the rule); the schema states it
+#: too, so the OpenAPI document is truthful and a fuzzer makes names the service accepts.
+DeviceName = Annotated[str, WithJsonSchema({
+    "type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "pattern": DEVICE_NAME_PATTERN,
+    "description": DEVICE_NAME_RULE})]
 UserId = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 Reason = Annotated[str, Field(max_length=MAX_REASON_LENGTH)]
 PlanUid = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
@@ -156,8 +161,15 @@ class LockRequest(ConfinedModel):
     presents an existing key to upgrade its lock or add devices under it.
     """
 
-    device_name: str | None = None
-    device_names: list[str] | None = Field(default=None, max_length=MAX_DEVICES_PER_REQUEST)
+    # Exactly one of the two names the devices (null counts as absent).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["device_name"], "properties": {"device_name": {"type": "string"}}},
+        {"required": ["device_names"], "properties": {"device_names": {"type": "array"}}},
+    ]})
+
+    device_name: DeviceName | None = None
+    device_names: list[DeviceName] | None = Field(default=None, min_length=1,
+                                                  max_length=MAX_DEVICES_PER_REQUEST)
     lock_type: LockType
     user_id: UserId
     timeout: Lease | None = DEFAULT_LEASE_SECONDS
@@ -220,7 +232,7 @@ class ReleaseRequest(ConfinedModel):
     """Release ``device_name`` (or every device of the key when it is absent)."""
 
     lock_key: LockKey
-    device_name: str | None = None
+    device_name: DeviceName | None = None
     user_id: UserId | None = None
 
     @field_validator("device_name")
@@ -252,7 +264,7 @@ class RenewResponse(PublicModel):
 class ForceReleaseRequest(ConfinedModel):
     """Remove every lock on exactly ``device_name`` (admin)."""
 
-    device_name: str
+    device_name: DeviceName
     reason: Reason | None = None
 
     @field_validator("device_name")

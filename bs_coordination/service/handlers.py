@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bs_coordination.errors import (
     CoordinationError,
@@ -69,9 +70,10 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> str:
     return "; ".join(_describe(e) for e in errors) or "invalid request"
 
 
-def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
     body = ErrorResponse(message=message, **extra)
-    return JSONResponse(status_code=status, content=body.model_dump(mode="json"))
+    return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
 
 
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -80,6 +82,19 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     # ``input``/``ctx`` may hold what the client sent (a lock key among it): never echo it.
     detail = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in errors]
     return error_response(422, validation_message(errors), detail=jsonable_encoder(detail))
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (404 no route, 405, a body that is not text) in the
+    same ``ErrorResponse`` shape as ours."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        # FastAPI's "error parsing the body" (e.g. bytes that are not UTF-8, or nesting deeper
+        # than the parser goes): the same 422 as for any other malformed JSON.
+        message = "body: malformed JSON (not UTF-8 text, or nested too deeply)"
+        detail = [{"type": "json_invalid", "loc": ["body"], "msg": message}]
+        return error_response(422, message, detail=detail)
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 async def _on_coordination(request: Request, exc: Exception) -> JSONResponse:
@@ -125,6 +140,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     """Register the one mapping from exceptions to status codes."""
     app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(CoordinationError, _on_coordination)
     app.add_exception_handler(EventGap, _on_gap)
     app.add_exception_handler(Exception, _on_unexpected)
