@@ -94,7 +94,8 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
         message = "body: malformed JSON (not UTF-8 text, or nested too deeply)"
         detail = [{"type": "json_invalid", "loc": ["body"], "msg": message}]
         return error_response(422, message, detail=detail)
-    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+    return error_response(exc.status_code, str(exc.detail),
+                          headers=dict(exc.headers) if exc.headers else None)
 
 
 async def _on_coordination(request: Request, exc: Exception) -> JSONResponse:
