@@ -8,11 +8,11 @@ by hand as::
     python -m bs_coordination.service._discovery_worker --startup-module NAME
     python -m bs_coordination.service._discovery_worker --yaml existing_plans_and_devices.yaml
 
-It writes exactly one JSON document to its standard output and nothing else: whatever the
-startup code prints goes to standard error (file descriptor 1 is pointed at 2 before anything
-runs), so a chatty collection cannot corrupt the result. The document is either
-``{"ok": true, "devices": [...], "qs_yaml": "...", "warnings": [...]}`` or
-``{"ok": false, "error": "...", "traceback": "..."}``.
+It writes its result to its standard output and nothing else: whatever the startup code
+prints goes to standard error (file descriptor 1 is pointed at 2 before anything runs), so a
+chatty collection cannot corrupt the result. The result is JSON Lines: first
+``{"ok": true, "qs_yaml": "...", "warnings": [...], "device_lines": N}`` then one line per root
+device, or the single line ``{"ok": false, "error": "...", "traceback": "..."}``.
 
 Startup code runs through bluesky-queueserver's own loader (``load_worker_startup_code``), in this
 process only: a startup file that raises, hangs or crashes costs the service nothing but this
@@ -402,9 +402,14 @@ def main(argv: list[str] | None = None) -> None:
             tb = "".join(traceback.format_exception(type(ex), ex, ex.__traceback__))
         result = {"ok": False, "error": _error_text(ex), "traceback": tb}
     try:
-        data = json.dumps(result, default=str).encode()
+        # JSON Lines: the result without its devices, then one line per root device, so the
+        # service parses a large result in small steps between lock requests.
+        devices = result.pop("devices", [])
+        result["device_lines"] = len(devices)
+        lines = [json.dumps(result, default=str)]
+        lines += [json.dumps(d, default=str) for d in devices]
         with os.fdopen(out_fd, "wb") as out:
-            out.write(data)
+            out.write("\n".join(lines).encode())
             out.flush()
         sys.stderr.flush()
     finally:  # a service that went away (broken pipe) must not leave this child behind

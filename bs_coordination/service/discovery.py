@@ -334,9 +334,9 @@ async def run_worker(source: DiscoverySource, timeout: float, python: str) -> di
         with contextlib.suppress(ProcessLookupError):
             await proc.wait()
         raise
+    head, _, rest = out.partition(b"\n")
     try:
-        # A large result takes tens of ms to parse: off the event loop, locking goes on.
-        result = await asyncio.to_thread(json.loads, out) if out else None
+        result = json.loads(head) if head else None
     except ValueError:
         result = None
     if not isinstance(result, dict):
@@ -346,7 +346,27 @@ async def run_worker(source: DiscoverySource, timeout: float, python: str) -> di
     if not result.get("ok"):
         raise _Failure(f"{source}: {result.get('error', 'unknown error')}",
                        result.get("traceback") or _tail_text(err) or None)
+    lines = rest.split(b"\n") if rest else []
+    if len(lines) != result.get("device_lines", 0):
+        raise _Failure(f"{source}: the discovery result is cut short "
+                       f"({len(lines)} of {result.get('device_lines')} devices)")
+    result["device_lines"] = lines
     return result
+
+
+#: Devices parsed between two yields to the event loop (a few ms of work at most).
+PARSE_BATCH = 20
+
+
+async def parse_devices(lines: list[bytes]) -> list[DeviceInfo]:
+    """Parse the child's device lines in small batches: a 1,000-device result takes a
+    noticeable time to parse, and lock requests must not wait for all of it at once."""
+    devices = []
+    for i, line in enumerate(lines, 1):
+        devices.append(DeviceInfo.model_validate_json(line))
+        if i % PARSE_BATCH == 0:
+            await asyncio.sleep(0)
+    return devices
 
 
 async def _finish(task: asyncio.Task[bytes]) -> bytes:
@@ -376,8 +396,11 @@ class DeviceCatalog:
     rendered: dict[Any, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, result: dict[str, Any], source: str, duration_s: float) -> DeviceCatalog:
-        devices = [DeviceInfo.model_validate(d) for d in result.get("devices", [])]
+    def build(cls, result: dict[str, Any], source: str, duration_s: float,
+              devices: list[DeviceInfo] | None = None) -> DeviceCatalog:
+        """From a worker result (``devices`` given parsed, or as dicts in the result)."""
+        if devices is None:
+            devices = [DeviceInfo.model_validate(d) for d in result.get("devices", [])]
         index: dict[str, DeviceInfo] = {}
 
         def walk(node: DeviceInfo) -> None:
@@ -519,8 +542,9 @@ class DeviceRegistry:
             source = resolve_source(cfg.path, cfg.mode)
             log.info("discovering devices from %s", source)
             result = await run_worker(source, cfg.timeout, cfg.python)
-            catalog = await asyncio.to_thread(
-                DeviceCatalog.build, result, str(source), time.monotonic() - started)
+            devices = await parse_devices(result.pop("device_lines"))
+            catalog = DeviceCatalog.build(result, str(source), time.monotonic() - started,
+                                          devices)
         except (DiscoveryError, _Failure) as exc:
             self._fail(exc.message, getattr(exc, "detail", None), started)
             raise DiscoveryError(self._failure_message(), detail=self.status().model_dump(

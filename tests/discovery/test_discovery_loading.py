@@ -414,7 +414,7 @@ async def test_strict_names(sim_collection):
 
 
 def test_worker_keeps_stdout_clean(tmp_path):
-    """The child's standard output holds the JSON result only, whatever startup prints."""
+    """The child's standard output holds the JSON Lines result only, whatever startup prints."""
     import json
     import subprocess
     import sys
@@ -423,8 +423,10 @@ def test_worker_keeps_stdout_clean(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bs_coordination.service._discovery_worker", "--startup-dir",
          str(root / "startup")], capture_output=True, timeout=60, check=True)
-    result = json.loads(proc.stdout)
-    assert result["ok"] and "must not confuse" in proc.stderr.decode()
-    assert {d["name"] for d in result["devices"]} == set(SIM_DEVICES)
+    head, *devices = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert head["ok"] and "must not confuse" in proc.stderr.decode()
+    assert head["device_lines"] == len(devices)
+    assert {d["name"] for d in devices} == set(SIM_DEVICES)
+    result = head
     assert set(yaml.load(result["qs_yaml"], Loader=yaml.FullLoader)) == {
         "existing_plans", "existing_devices"}
