@@ -170,6 +170,10 @@ class QueueServer:
         assert self.api.status()["worker_environment_exists"]
         self.upload_test_script()
 
+    def console(self) -> str:
+        """The worker's console output published since the monitor was enabled."""
+        return str(self.api.console_monitor.text())
+
     def history(self) -> list[dict[str, Any]]:
         return list(self.api.history_get(reload=True)["items"])
 
@@ -230,7 +234,8 @@ def queue_server(request: pytest.FixtureRequest, e2e_redis: Any, e2e_service: An
          "--user-group-permissions", str(STARTUP / "user_group_permissions.yaml"),
          "--redis-addr", f"127.0.0.1:{e2e_redis.port}",
          "--zmq-control-addr", control, "--zmq-info-addr", info,
-         "--zmq-publish-console", "OFF", "--console-output", "OFF"],
+         # Console output is published (the suspension's justification shows there).
+         "--zmq-publish-console", "ON", "--console-output", "OFF"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = REManagerAPI(zmq_control_addr=control, zmq_info_addr=info, timeout_recv=10,
                        timeout_send=10)
@@ -241,6 +246,7 @@ def queue_server(request: pytest.FixtureRequest, e2e_redis: Any, e2e_service: An
         api.wait_for_idle(timeout=60)
         assert api.status()["worker_environment_exists"], log_path.read_text()
         qs = QueueServer(api, locks, log_path, control)
+        api.console_monitor.enable()
         qs.upload_test_script()
         yield qs
     finally:
@@ -250,6 +256,7 @@ def queue_server(request: pytest.FixtureRequest, e2e_redis: Any, e2e_service: An
                 api.wait_for_idle(timeout=20)
         except Exception:
             pass
+        api.console_monitor.disable()
         api.close()
         locks.close()
         _stop_group(proc)

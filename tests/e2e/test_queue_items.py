@@ -72,6 +72,11 @@ def test_maintenance_suspends_the_running_item_which_then_completes(qs: QueueSer
     assert status["manager_state"] == "executing_queue"
     assert status["running_item_uid"] == uid
     assert stopped_at < 10
+    # The status has no field for it; the worker's console output says why.
+    why = wait_until(lambda: "Justification" in (text := qs.console()) and text,
+                     what="the suspension's justification on the console")
+    why = why[why.index("Justification"):]
+    assert "motor2" in why and "maint_bob" in why and "replacing the encoder" in why, why
 
     qs.locks.release(key)
     qs.api.wait_for_idle(timeout=60)
