@@ -47,6 +47,9 @@ def test_scan_item_locks_its_devices_once_and_releases_them(qs: QueueServer) -> 
     last = qs.history()[-1]
     assert (last["item_uid"], last["result"]["exit_status"]) == (uid, "completed")
 
+    # Every QUEUE_EXECUTING lock taken meanwhile carries the item's uid.
+    executing = [e for e in qs.locks.events(since) if e["lock"]["lock_type"] == "QUEUE_EXECUTING"]
+    assert executing and {e["lock"]["plan_uid"] for e in executing} == {uid}
     events = _queue_events(qs, since, uid)
     acquired = sorted(e["device_name"] for e in events if e["action"] == "acquired")
     released = sorted(e["device_name"] for e in events if e["action"] == "released")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -97,6 +98,10 @@ def _reserved(qs: QueueServer) -> dict[str, dict[str, Any]]:
             if lk["lock_type"] == "QUEUE_QUEUED"}
 
 
+def _time(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 def _reserved_exactly(qs: QueueServer, names: set[str]) -> dict[str, dict[str, Any]] | None:
     reserved = _reserved(qs)
     return reserved if set(reserved) == names else None
@@ -171,6 +176,27 @@ def test_an_operator_outranks_a_reservation(qs: QueueServer, reserver: ReserverT
 
     qs.api.item_remove(uid=uid)
     wait_until(lambda: _reserved(qs) == {}, what="the removed item's reservations are dropped")
+
+
+def test_reservations_are_renewed_while_held(qs: QueueServer) -> None:
+    r = ReserverThread(qs, lease=1.0).start()
+    try:
+        uid = qs.api.item_add(BPlan("count", ["det1"]))["item"]["item_uid"]
+        first = wait_until(lambda: _reserved(qs).get("det1"), what="det1 is reserved")
+        assert first["plan_uid"] == uid
+        # Outlive the lease twice over: the same reservation, its lease moved on.
+        start = _time(first["expires_at"])
+        later = wait_until(
+            lambda: (lk := _reserved(qs).get("det1")) and _time(lk["expires_at"]) - start >= 2.0
+            and lk, what="the lease is renewed past two lease lengths")
+        assert later["acquired_at"] == first["acquired_at"]
+        assert [e for e in qs.locks.events() if e["action"] == "expired"] == []
+        assert any(e["action"] == "renewed" and e["lock"]["plan_uid"] == uid
+                   for e in qs.locks.events())
+        qs.api.item_remove(uid=uid)
+        wait_until(lambda: _reserved(qs) == {}, what="the removed item's reservation is dropped")
+    finally:
+        r.stop()
 
 
 def test_the_reserve_command_follows_the_queue(qs: QueueServer) -> None:
