@@ -60,6 +60,7 @@ def test_scan_item_locks_its_devices_once_and_releases_them(qs: QueueServer) -> 
 
 
 def test_maintenance_suspends_the_running_item_which_then_completes(qs: QueueServer) -> None:
+    qs.api.console_monitor.clear()
     uid = qs.api.item_add(BPlan("slow_scan", ["det2"], "motor2", 1, 10, 10, delay=0.25)
                           )["item"]["item_uid"]
     qs.api.queue_start()
@@ -68,6 +69,12 @@ def test_maintenance_suspends_the_running_item_which_then_completes(qs: QueueSer
     key = qs.locks.lock("motor2", "MAINTENANCE", "maint_bob", reason="replacing the encoder")
     wait_until(lambda: qs.locks.of(QUEUE_USER).get("motor2", {}).get("state") == "preempted",
                what="the item's lock on motor2 is preempted")
+    # The status has no field for it; the worker's console output says why. Once it is
+    # printed the RunEngine is suspending: no further plan message runs.
+    why = wait_until(lambda: "Justification" in (text := qs.console()) and text,
+                     what="the suspension's justification on the console")
+    why = why[why.index("Justification"):]
+    assert "motor2" in why and "maint_bob" in why and "replacing the encoder" in why, why
     stopped_at = qs.run_function("position_of", "motor2")
     time.sleep(1.5)  # six points' worth: the scan would have moved on unless suspended
     assert qs.run_function("position_of", "motor2") == stopped_at
@@ -75,11 +82,6 @@ def test_maintenance_suspends_the_running_item_which_then_completes(qs: QueueSer
     assert status["manager_state"] == "executing_queue"
     assert status["running_item_uid"] == uid
     assert stopped_at < 10
-    # The status has no field for it; the worker's console output says why.
-    why = wait_until(lambda: "Justification" in (text := qs.console()) and text,
-                     what="the suspension's justification on the console")
-    why = why[why.index("Justification"):]
-    assert "motor2" in why and "maint_bob" in why and "replacing the encoder" in why, why
 
     qs.locks.release(key)
     qs.api.wait_for_idle(timeout=60)
