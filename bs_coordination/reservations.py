@@ -303,8 +303,11 @@ class QueueReservations:
             while not stop.is_set():
                 try:
                     await self.sync()
-                except (CoordinationError, OSError, TimeoutError, RuntimeError) as exc:
-                    log.warning("queue reservations: sync failed: %s", exc)
+                except Exception as exc:  # a follower outlives a failed step
+                    # The RE Manager or the service is away (timeouts, refused requests): keep
+                    # what is held (leases bound it) and try again at the next poll.
+                    log.warning("queue reservations: sync failed: %s: %s",
+                                type(exc).__name__, exc)
                 try:
                     await asyncio.wait_for(stop.wait(), self.interval)
                 except asyncio.TimeoutError:
