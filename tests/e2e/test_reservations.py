@@ -16,9 +16,9 @@ import pytest
 from bluesky_queueserver_api import BPlan
 
 from bs_coordination.client import DeviceCoordinationClient
-from bs_coordination.reservations import QueueReservations
+from bs_coordination.reservations import QueueReservations, names_from_device_list
 
-from .conftest import QUEUE_USER, QueueServer, wait_until
+from .conftest import QUEUE_USER, STARTUP, Locks, QueueServer, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -28,8 +28,9 @@ RESERVER = "reserver"
 class ReserverThread:
     """``QueueReservations`` following the queue in a thread with its own event loop."""
 
-    def __init__(self, qs: QueueServer, **kwargs: Any) -> None:
+    def __init__(self, qs: QueueServer, url: str | None = None, **kwargs: Any) -> None:
         self.qs = qs
+        self.url = url or qs.locks.url
         self.kwargs = kwargs
         self.reserver: QueueReservations | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -50,7 +51,7 @@ class ReserverThread:
 
         manager = REManagerAPI(zmq_control_addr=self.qs.control_addr)
         try:
-            async with DeviceCoordinationClient(self.qs.locks.url) as client:
+            async with DeviceCoordinationClient(self.url) as client:
                 self.reserver = QueueReservations(manager, client, user_id=RESERVER,
                                                   interval=0.05, retry=0.1, **self.kwargs)
                 self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
@@ -65,6 +66,11 @@ class ReserverThread:
         if self._errors:
             raise self._errors[0]
         return self
+
+    def call(self, coro: Any) -> Any:
+        """Run ``coro`` on the reserver's loop and return its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
 
     def synced(self, steps: int = 2) -> None:
         """Wait until ``steps`` more sync steps have completed (so the last one saw now)."""
@@ -197,6 +203,36 @@ def test_reservations_are_renewed_while_held(qs: QueueServer) -> None:
         wait_until(lambda: _reserved(qs) == {}, what="the removed item's reservation is dropped")
     finally:
         r.stop()
+
+
+def test_device_names_come_from_the_service_discovery_when_it_has_them(
+        qs: QueueServer, service_factory: Any) -> None:
+    svc = service_factory("memory", profile_collection=str(STARTUP.parent))
+    other = Locks(svc.url)
+    try:
+        if other.http.get("/api/device-config/status").status_code == 404:
+            pytest.skip("this service has no device discovery (no /api/device-config)")
+        status = wait_until(lambda: (st := other.http.get("/api/device-config/status").json())
+                            ["ready"] and st, timeout=60, what="the service discovers the devices")
+        assert status["count"] > 0, status
+        listed = other.http.get("/api/device-config/devices").json()["devices"]
+        r = ReserverThread(qs, url=svc.url).start()
+        try:
+            assert r.reserver is not None
+            known = r.call(r.reserver.known_devices())
+            assert known == names_from_device_list(listed)
+            assert {"stage", "stage.coarse.x", "det"} <= known
+            uid = qs.api.item_add(BPlan("move_then_count", "stage.coarse.x", 1.0, ["det"])
+                                  )["item"]["item_uid"]
+            held = wait_until(lambda: (lk := other.of(RESERVER)) and set(lk) == {"stage", "det"}
+                              and lk, what="the item's devices are reserved in that service")
+            assert {lk["plan_uid"] for lk in held.values()} == {uid}
+            qs.api.item_remove(uid=uid)
+            wait_until(lambda: other.of(RESERVER) == {}, what="the reservations are dropped")
+        finally:
+            r.stop()
+    finally:
+        other.close()
 
 
 def test_the_reserve_command_follows_the_queue(qs: QueueServer) -> None:
