@@ -13,8 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bs_coordination.errors import (
@@ -70,10 +71,9 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> str:
     return "; ".join(_describe(e) for e in errors) or "invalid request"
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> JSONResponse:
+def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
     body = ErrorResponse(message=message, **extra)
-    return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
+    return JSONResponse(status_code=status, content=body.model_dump(mode="json"))
 
 
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -84,18 +84,17 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, validation_message(errors), detail=jsonable_encoder(detail))
 
 
-async def _on_http(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's and FastAPI's own errors (404 no route, 405, a body that is not text) in the
-    same ``ErrorResponse`` shape as ours."""
+async def _on_http(request: Request, exc: Exception) -> Response:
+    """FastAPI's "error parsing the body" (bytes that are not UTF-8, or nesting deeper than the
+    parser goes) becomes the same 422 as any other malformed JSON. Every other Starlette error
+    (404 no such route, 405) keeps FastAPI's ``{"detail": ...}``: clients tell "no such route"
+    from our own 404 by that shape."""
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
-        # FastAPI's "error parsing the body" (e.g. bytes that are not UTF-8, or nesting deeper
-        # than the parser goes): the same 422 as for any other malformed JSON.
         message = "body: malformed JSON (not UTF-8 text, or nested too deeply)"
         detail = [{"type": "json_invalid", "loc": ["body"], "msg": message}]
         return error_response(422, message, detail=detail)
-    return error_response(exc.status_code, str(exc.detail),
-                          headers=dict(exc.headers) if exc.headers else None)
+    return await http_exception_handler(request, exc)
 
 
 async def _on_coordination(request: Request, exc: Exception) -> JSONResponse:
