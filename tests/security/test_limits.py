@@ -168,3 +168,14 @@ def test_cors_origins_open_it_for_those_origins_only(service_factory, key_file, 
         r = c.get("/api/locks/status", headers={"Origin": "http://elsewhere.example",
                                                 **auth(keys["reader"])})
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_the_body_limit_setting_is_checked(capsys) -> None:
+    from bs_coordination.service.config import parse_settings
+
+    assert parse_settings(["--max-body-bytes", "1024"], {}).max_body_bytes == 1024
+    assert parse_settings([], {"COORDINATION_MAX_BODY_BYTES": "2048"}).max_body_bytes == 2048
+    with pytest.raises(SystemExit):
+        parse_settings(["--max-body-bytes", "0"], {})
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --max-body-bytes: "), err
