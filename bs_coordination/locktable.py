@@ -519,11 +519,11 @@ def request(
     if ticket is not None:
         txn.delete_waiter(ticket)
     held = txn.of_key(key_hash)
-    out = []
+    out: list[LockRecord] = []
     for n in names:
-        rec = held.get(n) or next((held[a] for a in ancestors(n) if a in held), None)
-        if rec is not None and rec not in out:
-            out.append(rec)
+        covering = held.get(n) or next((held[a] for a in ancestors(n) if a in held), None)
+        if covering is not None and covering not in out:
+            out.append(covering)
     return out
 
 
