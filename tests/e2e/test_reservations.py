@@ -161,6 +161,23 @@ def test_waiting_items_are_reserved_consumed_when_they_start_and_dropped_when_re
     assert [e for e in events if e["action"] in ("preempted", "restored")] == []
 
 
+def test_a_device_named_by_two_items_is_reserved_for_the_first(
+        qs: QueueServer, reserver: ReserverThread) -> None:
+    first = qs.api.item_add(BPlan("count", ["det1"]))["item"]["item_uid"]
+    second = qs.api.item_add(BPlan("scan", ["det1"], "motor1", -1, 1, 3))["item"]["item_uid"]
+    held = wait_until(lambda: _reserved_exactly(qs, {"det1", "motor1"}),
+                      what="the first item's device and the second's other device are reserved")
+    assert (held["det1"]["plan_uid"], held["motor1"]["plan_uid"]) == (first, second)
+
+    # The first leaves the queue: the second gets det1 too.
+    qs.api.item_remove(uid=first)
+    held = wait_until(lambda: (r := _reserved(qs)).get("det1", {}).get("plan_uid") == second
+                      and r, what="det1 passes to the second item")
+    assert {lk["plan_uid"] for lk in held.values()} == {second}
+    qs.api.item_remove(uid=second)
+    wait_until(lambda: _reserved(qs) == {}, what="the reservations are dropped")
+
+
 def test_an_operator_outranks_a_reservation(qs: QueueServer, reserver: ReserverThread) -> None:
     key = qs.locks.lock("det", "MANUAL_OPERATOR", "operator_olga", reason="aligning")
     uid = qs.api.item_add(BPlan("scan", ["det"], "motor", -1, 1, 3))["item"]["item_uid"]
