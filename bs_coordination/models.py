@@ -289,6 +289,9 @@ class LockStatus(PublicModel):
     preempted: list[DeviceLock] = Field(default_factory=list)
     component_locks: list[DeviceLock] = Field(default_factory=list)
     timestamp: datetime
+    device: dict[str, Any] | None = Field(
+        default=None, description="What discovery knows of the device (no component tree); "
+        "null without a profile collection or for an unknown name.")
 
 
 class LocksStatusResponse(PublicModel):

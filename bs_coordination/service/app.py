@@ -20,11 +20,12 @@ from bs_coordination.stores import Store, open_store
 
 from .auth import install_auth
 from .config import Settings, SettingsError, parse_settings
+from .discovery import DeviceRegistry, DiscoveryConfig
 from .handlers import install_handlers
 from .hub import EventHub
 from .limits import install_limits
 from .logfilter import install_query_filter
-from .routes import events, health, locks
+from .routes import device_config, events, health, locks
 from .ws import router as ws_router
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         app.state.hub = hub
         hub.start(st)
         sweeper = asyncio.create_task(sweep_forever(st), name="bs-coordination-sweeper")
+        app.state.devices.start()  # in the background: locking works while it runs
         log.info("lock service ready (store: %s)", st.kind)
         try:
             yield
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await app.state.devices.close()
             await hub.stop()
             await st.close()
 
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.devices = DeviceRegistry(DiscoveryConfig.from_settings(settings))
     install_handlers(app)
     # Middleware added later wraps what was added before: CORS (answers preflights), then the
     # body limit (413 before anything else reads), then the API key check.
@@ -101,6 +105,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     app.include_router(locks.router)
     app.include_router(events.router)
     app.include_router(health.router)
+    app.include_router(device_config.router)
     app.include_router(ws_router)
     return app
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ class Settings:
     store: str = "memory"
     profile_collection: str | None = None
     strict_devices: bool = False
+    #: ``auto``, ``yaml`` or ``load`` (see ``bs_coordination.service.discovery``).
+    discovery: str = "auto"
+    #: Seconds one discovery may take before its child process is killed.
+    discovery_timeout: float = 60.0
     #: Path of the API-key file; ``None`` leaves authentication off.
     api_keys: str | None = None
     log_level: str = "INFO"
@@ -59,7 +64,13 @@ _OPTIONS: list[tuple[str, str, str]] = [
      "where locks live: 'memory' (default, one process) or a redis://host:port/db URL "
      "(also selected by COORDINATION_REDIS_URL)"),
     ("--profile-collection", "COORDINATION_PROFILE_COLLECTION",
-     "profile collection directory whose devices are discovered"),
+     "profile collection whose devices are discovered: a directory holding startup/, the "
+     "startup directory, a startup script or a startup module name"),
+    ("--discovery", "COORDINATION_DISCOVERY",
+     "how devices are discovered: auto (default: the collection's "
+     "existing_plans_and_devices.yaml when it has one, else run its startup code), yaml, load"),
+    ("--discovery-timeout", "COORDINATION_DISCOVERY_TIMEOUT",
+     "seconds one discovery may take before its process is killed (default 60)"),
     ("--strict-devices", "COORDINATION_STRICT_DEVICES",
      "refuse device names the profile collection does not define (404)"),
     ("--api-keys", "COORDINATION_API_KEYS",
@@ -133,6 +144,26 @@ def _existing(where: str, raw: str, *, directory: bool) -> str:
     return str(path)
 
 
+def _collection(where: str, raw: str) -> str:
+    """An existing directory or file, or a startup module name (``beamline.startup``)."""
+    path = Path(raw).expanduser()
+    if path.exists():
+        return str(path)
+    if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", raw):
+        return raw
+    raise SettingsError(f"{where}: no such directory, file or module: {raw!r}")
+
+
+def _seconds(where: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1e6:
+        raise SettingsError(f"{where}: must be a positive number of seconds, got {raw!r}")
+    return value
+
+
 def _flag(where: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -181,7 +212,13 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
     if v is not None:
         s.store = _store(*v)
     if (v := pick("--profile-collection", "COORDINATION_PROFILE_COLLECTION")) is not None:
-        s.profile_collection = _existing(*v, directory=True)
+        s.profile_collection = _collection(*v)
+    if (v := pick("--discovery", "COORDINATION_DISCOVERY")) is not None:
+        if v[1].strip().lower() not in ("auto", "yaml", "load"):
+            raise SettingsError(f"{v[0]}: must be auto, yaml or load, got {v[1]!r}")
+        s.discovery = v[1].strip().lower()
+    if (v := pick("--discovery-timeout", "COORDINATION_DISCOVERY_TIMEOUT")) is not None:
+        s.discovery_timeout = _seconds(*v)
     if args.get("strict_devices"):
         s.strict_devices = True
     elif environ.get("COORDINATION_STRICT_DEVICES") is not None:

@@ -108,6 +108,8 @@ async def _on_coordination(request: Request, exc: Exception) -> JSONResponse:
         # Same shape as a schema error, so a client reads both the same way.
         loc = [exc.field] if exc.field else []
         detail = [{"type": "value_error", "loc": loc, "msg": exc.message}]
+    if detail is None:  # e.g. UnknownDeviceError's suggestions
+        detail = getattr(exc, "detail", None)
     return error_response(exc.status_code, exc.message, conflicts=conflicts, detail=detail)
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from bs_coordination.errors import CoordinationError
 
 from ..deps import StoreDep
+from .device_config import RegistryDep
 
 router = APIRouter(prefix="/api/health", tags=["health"])
 
@@ -35,9 +36,9 @@ async def live() -> Live:
     response_model=Ready,
     response_model_exclude_none=True,
     responses={503: {"model": Ready, "description": "Not ready; `reason` says why."}},
-    summary="Readiness: the lock store answers",
+    summary="Readiness: the lock store answers and the first device discovery has finished",
 )
-async def ready(store: StoreDep) -> Ready | JSONResponse:
+async def ready(store: StoreDep, devices: RegistryDep) -> Ready | JSONResponse:
     try:
         await store.ping()
     except CoordinationError as exc:
@@ -45,5 +46,9 @@ async def ready(store: StoreDep) -> Ready | JSONResponse:
         return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     except Exception as exc:  # a probe answers, whatever went wrong
         body = Ready(status="not ready", store=store.kind, reason=f"{type(exc).__name__}: {exc}")
+        return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
+    if not devices.ready:
+        body = Ready(status="not ready", store=store.kind,
+                     reason="device discovery of the profile collection is still running")
         return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     return Ready(status="ready", store=store.kind)

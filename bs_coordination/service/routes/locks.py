@@ -27,6 +27,7 @@ from ..auth import Principal, require_lock_type
 from ..deps import AdminDep, LockHolderDep, PrincipalDep, StoreDep, get_principal
 from ..handlers import error_responses
 from ..status import locks_status
+from .device_config import RegistryDep
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def _names(names: list[str]) -> str:
     responses=error_responses(403, 404, 409, 422, 503),
     summary="Lock one device or several at once (all or none)",
 )
-async def request_lock(req: LockRequest, store: StoreDep, principal: PrincipalDep) -> LockResponse:
+async def request_lock(req: LockRequest, store: StoreDep, principal: PrincipalDep,
+                       devices: RegistryDep) -> LockResponse:
     """Grant the devices under one key, preempting lower-priority holders, or answer 409 with
     the holders in the way. With ``wait`` the request queues for up to that many seconds.
     Presenting ``lock_key`` upgrades that key's locks or adds devices under it (404 if the key
@@ -58,6 +60,7 @@ async def request_lock(req: LockRequest, store: StoreDep, principal: PrincipalDe
     if principal is not None:
         require_lock_type(principal, req.lock_type)
         req = req.model_copy(update={"user_id": principal.name})
+    devices.check_lock_names(req.names)  # --strict-devices: 404 for unknown names
     grant = await store.request(req, actor=req.user_id, owner=_owner(principal))
     locks = grant.locks
     tokens = [lk.token for lk in locks]
@@ -186,7 +189,10 @@ async def device_status(
     device_name: Annotated[
         str, Path(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DEVICE_NAME_PATTERN)],
     store: StoreDep,
+    devices: RegistryDep,
 ) -> LockStatus:
     """The active lock covering the device (its own or an ancestor's: ``det1`` covers
     ``det1.cam``), the preempted locks waiting under it, and locks held on its components."""
-    return await store.device_status(device_name)
+    status = await store.device_status(device_name)
+    status.device = devices.describe(device_name)
+    return status
