@@ -20,11 +20,13 @@ from bs_coordination.stores import Store, open_store
 
 from .auth import install_auth
 from .config import Settings, SettingsError, parse_settings
+from .dashboard import router as dashboard_router
 from .discovery import DeviceRegistry, DiscoveryConfig
 from .handlers import install_handlers
 from .hub import EventHub
 from .limits import install_limits
 from .logfilter import install_query_filter
+from .metrics import install_metrics
 from .routes import device_config, events, health, locks
 from .ws import router as ws_router
 
@@ -107,6 +109,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     app.include_router(health.router)
     app.include_router(device_config.router)
     app.include_router(ws_router)
+    app.include_router(dashboard_router)
+    install_metrics(app)  # the outermost middleware: it times every answer, 401 and 413 too
     return app
 
 
