@@ -56,6 +56,12 @@ def position_of(name):
     return float(globals()[name].position)
 
 
+def move_unguarded(name, position):
+    """Move a positioner directly, as any function may (nothing coordinates it)."""
+    globals()[name].set(position).wait()
+    return float(globals()[name].position)
+
+
 def coordination_report():
     """What device coordination put into the RunEngine ``RE``."""
     return {
@@ -139,25 +145,34 @@ class QueueServer:
     log: Path
     control_addr: str
 
-    def run_function(self, name: str, *args: Any, timeout: float = 20) -> Any:
+    def run_function(self, name: str, *args: Any, timeout: float = 20, **kwargs: Any) -> Any:
         """Run a function of the worker namespace (``function_execute``) and return its value."""
-        from bluesky_queueserver_api import BFunc
-
-        answer = self.api.function_execute(BFunc(name, *args), run_in_background=True)
-        assert answer["success"], answer
-        uid = answer["task_uid"]
-        self.api.wait_for_completed_task(uid, timeout=timeout)
-        result = self.api.task_result(uid)["result"]
+        result = self.function_result(name, *args, timeout=timeout, **kwargs)
         assert result["success"], result
         return result["return_value"]
 
-    def upload_test_script(self) -> None:
-        """Define the test plans and functions in the worker (and in the allowed lists)."""
-        answer = self.api.script_upload(TEST_SCRIPT, update_lists=True)
+    def function_result(self, name: str, *args: Any, timeout: float = 20,
+                        **kwargs: Any) -> dict[str, Any]:
+        """``function_execute`` and the task's result (``success``, ``return_value``, ``msg``)."""
+        from bluesky_queueserver_api import BFunc
+
+        answer = self.api.function_execute(BFunc(name, *args, **kwargs), run_in_background=True)
+        assert answer["success"], answer
+        uid = answer["task_uid"]
+        self.api.wait_for_completed_task(uid, timeout=timeout)
+        return dict(self.api.task_result(uid)["result"])
+
+    def upload(self, script: str) -> None:
+        """``script_upload`` into the worker namespace, waiting until it has run."""
+        answer = self.api.script_upload(script, update_lists=True)
         assert answer["success"], answer
         self.api.wait_for_completed_task(answer["task_uid"], timeout=30)
         result = self.api.task_result(answer["task_uid"])["result"]
         assert result["success"], result
+
+    def upload_test_script(self) -> None:
+        """Define the test plans and functions in the worker (and in the allowed lists)."""
+        self.upload(TEST_SCRIPT)
         wait_until(lambda: "slow_scan" in self.api.plans_allowed(reload=True)["plans_allowed"],
                    timeout=20, what="the uploaded plans are allowed")
 

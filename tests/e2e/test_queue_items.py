@@ -112,6 +112,39 @@ def test_device_held_before_the_item_starts_fails_it_naming_the_holder(qs: Queue
         qs.locks.release(key)
 
 
+#: The guarded function of profile_collection_example/README.md ("Functions run with
+#: function_execute are not coordinated"), verbatim but for the device.
+GUARDED_FUNCTION = """
+import os
+from bs_coordination.guard import ManualAccessGuard
+
+function_guard = ManualAccessGuard(os.environ.get("COORDINATION_URL", "http://localhost:60620"),
+                                   user_id="queue_functions", reason="queue server function")
+
+def park_motor(position=0.0):
+    with function_guard.holding(motor1):
+        motor1.set(position).wait()
+    return float(motor1.position)
+"""
+
+
+def test_functions_bypass_the_runengine_unless_they_use_the_guard(qs: QueueServer) -> None:
+    qs.upload(GUARDED_FUNCTION)
+    key = qs.locks.lock("motor1", "MAINTENANCE", "maint_carol", reason="limit switch repair")
+    try:
+        # The documented limit: a function moves a device maintenance holds.
+        assert qs.run_function("move_unguarded", "motor1", 2.0) == 2.0
+        # The guarded function refuses, naming the holder, and moves nothing.
+        result = qs.function_result("park_motor", position=0.5)
+        assert not result["success"]
+        assert "maint_carol" in result["msg"] and "motor1" in result["msg"], result["msg"]
+        assert qs.run_function("position_of", "motor1") == 2.0
+    finally:
+        qs.locks.release(key)
+    assert qs.run_function("park_motor", position=0.5) == 0.5
+    assert qs.locks.of("queue_functions") == {}  # released after the move
+
+
 def test_reopening_the_environment_installs_the_plugin_once(qs: QueueServer) -> None:
     report = qs.run_function("coordination_report")
     assert report["preprocessors"] == 1
