@@ -119,3 +119,33 @@ def test_a_held_component_blocks_the_whole_device(live_service, motor, guard):
     guard.protect(motor)
     with pytest.raises(DeviceAccessRefused, match="tech"):
         motor.set(1.0)
+
+
+def test_the_runengine_moves_a_guarded_motor_under_its_own_lock(live_service, motor, guard):
+    """A guarded motor in the same session as a coordinated RunEngine: the plan's moves (from
+    the RunEngine's thread, under the plugin's QUEUE_EXECUTING lock) are not refused, and a hand
+    move is allowed again once the plan has released the motor."""
+    from bluesky import RunEngine
+    from bluesky.plan_stubs import mv
+
+    from bs_coordination import install
+
+    RE = RunEngine({})
+    seen: list[dict[str, Any] | None] = []
+
+    def plan():
+        yield from mv(motor, 3.0)
+        seen.append(holder(live_service.url, "gmotor"))  # who holds it while the plan runs
+
+    handle = install(RE, live_service.url, "queue_server", wait=5.0, lease=30.0)
+    try:
+        guard.protect(motor)
+        RE(plan())
+    finally:
+        handle.uninstall()
+    assert motor.position == 3.0
+    assert seen[0] is not None and (seen[0]["user_id"], seen[0]["lock_type"]) == ("queue_server", "QUEUE_EXECUTING")
+    assert holder(live_service.url, "gmotor") is None  # the plan released it
+    motor.set(1.0).wait(timeout=10)
+    assert motor.position == 1.0
+    assert holder(live_service.url, "gmotor")["user_id"] == "alice"
