@@ -28,7 +28,7 @@ router = APIRouter(prefix="/api/device-config", tags=["device-config"],
                    dependencies=[Depends(get_principal)])
 
 
-def get_registry(conn: HTTPConnection) -> DeviceRegistry:
+async def get_registry(conn: HTTPConnection) -> DeviceRegistry:
     registry: DeviceRegistry = conn.app.state.devices
     return registry
 

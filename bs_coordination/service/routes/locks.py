@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path, Query
+from fastapi import APIRouter, Body, Path, Query
 
 from bs_coordination.errors import InvalidRequestError
 from bs_coordination.models import (
@@ -23,16 +23,15 @@ from bs_coordination.models import (
     RenewResponse,
 )
 
-from ..auth import Principal, require_lock_type
-from ..deps import AdminDep, LockHolderDep, PrincipalDep, StoreDep, get_principal
+from ..auth import LOCK_HOLDER_ROLES, Principal, Role, require, require_lock_type
+from ..deps import CallerDep
 from ..handlers import error_responses
 from ..status import locks_status
-from .device_config import RegistryDep
 
 log = logging.getLogger(__name__)
 
-# Every route needs a valid key when authentication is on (and says so in OpenAPI).
-router = APIRouter(prefix="/api", tags=["locks"], dependencies=[Depends(get_principal)])
+# Every route takes ``CallerDep``: a valid key when authentication is on (and says so in OpenAPI).
+router = APIRouter(prefix="/api", tags=["locks"])
 
 
 def _owner(principal: Principal | None) -> str | None:
@@ -50,13 +49,13 @@ def _names(names: list[str]) -> str:
     responses=error_responses(403, 404, 409, 422, 503),
     summary="Lock one device or several at once (all or none)",
 )
-async def request_lock(req: LockRequest, store: StoreDep, principal: PrincipalDep,
-                       devices: RegistryDep) -> LockResponse:
+async def request_lock(req: LockRequest, caller: CallerDep) -> LockResponse:
     """Grant the devices under one key, preempting lower-priority holders, or answer 409 with
     the holders in the way. With ``wait`` the request queues for up to that many seconds.
     Presenting ``lock_key`` upgrades that key's locks or adds devices under it (404 if the key
     holds nothing). With authentication on, ``user_id`` is the API key's principal whatever
     the body says, and the lock type needs its role (403)."""
+    store, devices, principal = caller.store, caller.devices, caller.principal
     if principal is not None:
         require_lock_type(principal, req.lock_type)
         req = req.model_copy(update={"user_id": principal.name})
@@ -101,8 +100,7 @@ DeprecatedUser = Annotated[
     summary="Release a device (or every device of a key)",
 )
 async def release_lock(
-    store: StoreDep,
-    principal: LockHolderDep,
+    caller: CallerDep,
     body: Annotated[ReleaseRequest | None, Body()] = None,
     device_name: DeprecatedName = None,
     lock_key: DeprecatedKey = None,
@@ -112,6 +110,8 @@ async def release_lock(
     named. The original service's query form (``?device_name=&lock_key=&user_id=``) still
     works; the JSON body wins when both are given. With authentication on, only the principal
     holding the lock (or an admin) may release it, and the event names the key's principal."""
+    store, principal = caller.store, caller.principal
+    require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
     if body is None:
         if lock_key is None:
             raise InvalidRequestError(
@@ -131,10 +131,12 @@ async def release_lock(
     responses=error_responses(403, 404, 422, 503),
     summary="Extend every lock of a key",
 )
-async def renew_lock(req: RenewRequest, store: StoreDep, principal: LockHolderDep) -> RenewResponse:
+async def renew_lock(req: RenewRequest, caller: CallerDep) -> RenewResponse:
     """Set every lock of ``lock_key`` to expire ``timeout`` seconds from now (``null``: no
     expiry, people's locks only). With authentication on, only the principal holding the locks
     (or an admin) may renew them."""
+    store, principal = caller.store, caller.principal
+    require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
     actor = None if principal is None else principal.name
     locks = await store.renew(req.lock_key, req.timeout, actor=actor, owner=_owner(principal))
     expiries = [lk.expires_at for lk in locks if lk.expires_at is not None]
@@ -152,10 +154,11 @@ async def renew_lock(req: RenewRequest, store: StoreDep, principal: LockHolderDe
     responses=error_responses(403, 404, 422, 503),
     summary="Remove every lock on exactly one device (admin)",
 )
-async def force_release(req: ForceReleaseRequest, store: StoreDep,
-                        principal: AdminDep) -> ForceReleaseResponse:
+async def force_release(req: ForceReleaseRequest, caller: CallerDep) -> ForceReleaseResponse:
     """Remove every lock, active and preempted, on exactly ``device_name``; preempted locks
     on overlapping names are then restored as after a release. Needs the admin role."""
+    store, principal = caller.store, caller.principal
+    require(principal, Role.ADMIN, what="this operation")
     actor = None if principal is None else principal.name
     released = await store.force_release(req.device_name, actor=actor)
     log.warning("force-released %d lock(s) on %r, reason: %r", len(released), req.device_name,
@@ -173,10 +176,10 @@ async def force_release(req: ForceReleaseRequest, store: StoreDep,
     responses=error_responses(503),
     summary="Every lock, active and preempted",
 )
-async def all_locks(store: StoreDep) -> LocksStatusResponse:
+async def all_locks(caller: CallerDep) -> LocksStatusResponse:
     """Every live lock. ``last_event_id`` is the newest event the list includes: follow
     ``/api/events?since=`` or ``/ws?since=`` from it."""
-    return await locks_status(store)
+    return await locks_status(caller.store)
 
 
 @router.get(
@@ -188,11 +191,10 @@ async def all_locks(store: StoreDep) -> LocksStatusResponse:
 async def device_status(
     device_name: Annotated[
         str, Path(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DEVICE_NAME_PATTERN)],
-    store: StoreDep,
-    devices: RegistryDep,
+    caller: CallerDep,
 ) -> LockStatus:
     """The active lock covering the device (its own or an ancestor's: ``det1`` covers
     ``det1.cam``), the preempted locks waiting under it, and locks held on its components."""
-    status = await store.device_status(device_name)
-    status.device = devices.describe(device_name)
+    status = await caller.store.device_status(device_name)
+    status.device = caller.devices.describe(device_name)
     return status
