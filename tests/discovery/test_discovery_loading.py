@@ -280,6 +280,17 @@ async def test_concurrent_reloads_share_one_discovery(sim_collection):
     await reg.close()
 
 
+async def dies(pid: int, within: float = 5.0) -> bool:
+    """True once ``pid`` is gone: SIGKILL is delivered asynchronously, so a process killed a
+    moment ago may still be listed (more so on a loaded machine)."""
+    deadline = time.monotonic() + within
+    while not gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -320,7 +331,7 @@ async def test_time_limit_kills_the_child_and_what_it_started(tmp_path):
     assert time.monotonic() - started < 20
     assert "killed" in reg.status().last_error
     for pid in map(int, pids.read_text().split()):
-        assert gone(pid), pid
+        assert await dies(pid), pid
     # Fixed, it loads (with a time limit a slow machine cannot miss).
     write_collection(root, {"00-devices.py": SIM_STARTUP})
     reg.config = DiscoveryConfig(path=str(root), mode=DiscoveryMode.LOAD, timeout=60.0)
@@ -339,7 +350,7 @@ async def test_nothing_the_startup_code_started_outlives_discovery(tmp_path):
     })
     reg = registry(root)
     assert (await reg.reload()).count == len(SIM_DEVICES)
-    assert gone(int(pids.read_text()))
+    assert await dies(int(pids.read_text()))
     await reg.close()
 
 
@@ -355,7 +366,7 @@ async def test_close_stops_a_running_discovery(tmp_path):
     await reg.close()
     assert time.monotonic() - started < 5
     for pid in map(int, text.split()):
-        assert gone(pid), pid
+        assert await dies(pid), pid
 
 
 async def test_the_child_exits_when_the_service_dies(tmp_path):
