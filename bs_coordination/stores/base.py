@@ -69,8 +69,8 @@ def new_lock_key() -> str:
 
 
 def event_order(event_id: str) -> tuple[int, ...]:
-    """Sort key of an event id of any store (``"12"`` in memory, ``"1700000000000-3"`` in a
-    Redis Stream); ``ValueError`` if it is not an event id."""
+    """Sort key of an event id of any store (``"<start ms>-<n>"`` in memory, a Redis Stream id in a
+    Redis store); ``ValueError`` if it is not an event id."""
     return tuple(int(part) for part in event_id.split("-"))
 
 
