@@ -55,7 +55,7 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
+import redis.asyncio as redis_async
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
@@ -108,13 +108,13 @@ class RedisStore(Store):
         # One quick retry, so a request during an outage fails fast instead of after
         # redis-py 8's ten retries.
         # ``Any``: redis-py types every reply as ``bytes | str``; this client decodes.
-        self._redis: Any = aioredis.Redis.from_url(
+        self._redis: Any = redis_async.Redis.from_url(
             url, socket_timeout=socket_timeout, **common,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
         # Transactions hold a connection across round trips and may leave a WATCH behind
         # (a refusal writes nothing); their own pool keeps that away from plain commands.
         # ``_batch`` bounds a whole round trip itself (redis-py would start a task per send).
-        self._txn_pool = aioredis.ConnectionPool.from_url(url, socket_timeout=None, **common)
+        self._txn_pool = redis_async.ConnectionPool.from_url(url, socket_timeout=None, **common)
         self._url = url
         self._socket_timeout = socket_timeout
         self._cache = WatchCache()

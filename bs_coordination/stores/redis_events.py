@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
+import redis.asyncio as redis_async
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
@@ -106,7 +106,7 @@ class RedisEventLog:
         """Every event after ``since`` (after the newest when ``None``), forever. A lost
         connection is retried with backoff, resuming from the last id seen."""
         last = check_id(since) if since is not None else None
-        client: Any = aioredis.Redis.from_url(self._url, socket_timeout=None, **self._kwargs,
+        client: Any = redis_async.Redis.from_url(self._url, socket_timeout=None, **self._kwargs,
                                               retry=Retry(ExponentialBackoff(), 0))
         delay = 0.1
         try:
