@@ -12,9 +12,9 @@ the plan does; the RunEngine loop only *awaits* lock requests through
 
 Threads: ``PlanLocks.held``, the ``LockTracker`` and the listeners' notifications change only
 on the client thread (answers and events both arrive there, in order).
-``PlanLocks.covered`` (objects whose device is locked) is read and filled by the plan wrapper
-on the RunEngine thread; the client thread only removes entries (a lock preempted or lost),
-so the wrapper asks again before the next message touches that device.
+``PlanLocks.covered`` (objects whose device is locked) is read and filled on the RunEngine
+thread (by ``install``'s guarded commands, or the plan wrapper); the client thread only removes
+entries (a lock preempted or lost), so the next message touching that device asks again.
 """
 
 from __future__ import annotations
@@ -195,10 +195,10 @@ class PlanCoordinator:
         self._resume_hooks.append(hook)
 
     # -- the RunEngine sees the coordinator as a Pausable object --------------------------
-    # The plan wrapper's lock messages carry the coordinator as ``msg.obj``, so the RunEngine
-    # counts it among the objects it has seen and calls ``pause()``/``resume()`` on it. That
-    # is the one moment a suspension requested while the RunEngine was paused can be
-    # re-requested: after the RunEngine rewound, before it runs a message.
+    # The lock messages (every plan starts with one) carry the coordinator as ``msg.obj``, so
+    # the RunEngine counts it among the objects it has seen and calls ``pause()``/``resume()``
+    # on it. That is the one moment a suspension requested while the RunEngine was paused can
+    # be re-requested: after the RunEngine rewound, before it runs a message.
     def pause(self) -> None:
         """Nothing to do when the RunEngine pauses (locks are kept)."""
 
@@ -208,17 +208,22 @@ class PlanCoordinator:
 
     # -- plans (RunEngine thread) ---------------------------------------------------------
     def open_session(self, *, plan_uid: str | None = None, reason: str | None = None,
-                     wait: float | None = None) -> tuple[PlanLocks, bool]:
+                     wait: float | None = None, new: bool = False) -> tuple[PlanLocks, bool]:
         """RunEngine thread: the locks of a starting plan, and whether the caller owns them.
 
-        A plan wrapped twice (a ``coordinated_decorator`` plan run by a RunEngine whose
-        preprocessor wraps it again) shares the outer plan's locks: a second key of the same
-        user would conflict with the first. Only the owner closes the session."""
+        A plan wrapped twice (a ``coordinated_decorator`` plan run by a RunEngine that also
+        coordinates every plan) shares the outer plan's locks: a second key of the same
+        user would conflict with the first. Only the owner closes the session.
+        ``new``: the RunEngine is idle and a plan is about to start, so a session still open
+        belongs to no running plan (a plan built but never run): it is closed first."""
         if self._thread is None:
             raise CoordinationError("the plan coordinator is not running (uninstalled?)")
         current = self._current
         if current is not None and not current.closed:
-            return current, False
+            if not new:
+                return current, False
+            log.warning("closing the locks of %r: its plan is not running", current)
+            self.close_session(current)
         if plan_uid is None:
             try:
                 plan_uid = self.plan_uid_source()
@@ -233,7 +238,8 @@ class PlanCoordinator:
 
         The request runs on the client loop and is shielded: a RunEngine suspension cancels
         this await, but not the request, whose grant is recorded (or released if the plan has
-        ended by then). The plan wrapper asks again after the suspension.
+        ended by then). The message asks again when the RunEngine replays it (or, for a lock
+        message, when the plan sends it again) after the suspension.
         """
         thread = self._thread
         if thread is None:

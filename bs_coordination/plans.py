@@ -1,4 +1,5 @@
-"""The plan wrapper: every device a plan touches is held with a ``QUEUE_EXECUTING`` lock.
+"""The plan side of coordination: every device a plan touches is held with a
+``QUEUE_EXECUTING`` lock before a message touches it.
 
 ::
 
@@ -10,37 +11,48 @@
     def my_plan(dets, motor):
         ...
 
-``install()`` puts the wrapper into ``RE.preprocessors``, so plans need not be wrapped by hand.
+Plans need not be wrapped by hand: ``install()`` coordinates every plan the RunEngine runs
+(see ``plugin.py``). Two mechanisms, one contract:
 
-How it works, and why:
+- ``coordinated_wrapper`` (explicit use, and ``CoordinatedPreprocessor`` without ``install``)
+  wraps the plan generator and checks each message before passing it on.
+- ``install(RE)`` wraps no generator: its preprocessor hands the RunEngine the plan itself
+  behind one lock message (``plugin._LockedStart``), and the per-message check runs in the
+  RunEngine's command dispatch. Why: bluesky 1.15's plan stubs format the whole call stack
+  each time they are called (``bluesky.utils.Plan``), so every generator frame between the
+  RunEngine and the plan makes every stub call dearer (about 4 % of a ``scan``).
+
+Common to both:
 
 - Devices known up front (the bound arguments of the plan generator, recursively inside
   lists, tuples, dicts and wrapped plans, e.g. ``SupplementalData`` baseline devices) are
-  requested in **one** atomic request before the plan's first message: all or none, so two
+  requested in **one** atomic request before the plan's first step: all or none, so two
   plans never deadlock over each other's devices. Any other device is locked the first time
   a message touches it (``obj``, and ``args`` of ``collect``/``locate``), by the root
   device's name (``bluesky.utils.root_ancestor``: ``stage`` for ``stage.coarse.x``).
-- The lock I/O is a ``Msg("coordination_lock", coordinator, session, names)`` inserted before
-  the message; ``lock_command`` (registered with ``RE.register_command``) awaits it inside
-  the RunEngine loop, so the plan generator never blocks. A refusal is raised by that
-  command and thrown into the plan at that point, so the plan's own cleanup runs.
+- The lock I/O is awaited inside the RunEngine loop (the ``coordination_lock`` command,
+  ``lock_command``, or the guarded device commands), so the plan generator never blocks. A
+  refusal is raised there and thrown into the plan at the message that touched the device,
+  so the plan's own cleanup runs.
 - Once a device is locked, a message costs one set lookup (``obj in covered``).
-- The locks are released in a plain ``try/finally`` around the plan: it runs when the plan
-  ends, fails, is stopped or aborted (``finalize_wrapper`` would be skipped on a halt and on
-  errors raised while mutating messages). A **halt** deliberately keeps them: a halted
-  RunEngine skipped its cleanup, so its devices stay reserved until the lease runs out (the
-  heartbeat stops), as they do when the process is killed.
+- The locks are released when the plan ends, fails, is stopped or aborted. A **halt**
+  deliberately keeps them: a halted RunEngine skipped its cleanup, so its devices stay
+  reserved until the lease runs out (the heartbeat stops), as they do when the process is
+  killed. ``coordinated_wrapper`` releases in a plain ``try/finally`` (``finalize_wrapper``
+  would be skipped on a halt and on errors raised while mutating messages); ``install``
+  releases when the RunEngine goes back to idle.
 
-This is a small hand-written generator rather than ``bluesky.preprocessors.plan_mutator``:
-``plan_mutator`` keeps every message of the plan alive until the plan ends (memory grows with
-plan length) and adds about half a microsecond per message on its own.
+``coordinated_wrapper`` is a small hand-written generator rather than
+``bluesky.preprocessors.plan_mutator``: ``plan_mutator`` keeps every message of the plan alive
+until the plan ends (memory grows with plan length) and adds about half a microsecond per
+message on its own.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from bluesky.preprocessors import SupplementalData
@@ -168,6 +180,13 @@ def plan_name(plan: Any) -> str | None:
 
 # -- the wrapper -------------------------------------------------------------------------------
 
+def _reason(coord: PlanCoordinator, plan: Any, reason: str | None) -> str:
+    if reason is not None:
+        return reason
+    name = queue_item_name() or plan_name(plan)
+    return coord.reason or (f"RunEngine plan {name!r}" if name else "RunEngine plan")
+
+
 def _lock(coordinator: PlanCoordinator, session: PlanLocks,
           names: tuple[str, ...]) -> Generator[Msg, Any, None]:
     while True:
@@ -199,10 +218,8 @@ def coordinated_wrapper(
     """
     coord: PlanCoordinator = getattr(coordinator, "coordinator", coordinator)
     up_front = list(devices) if devices is not None else plan_devices(plan)
-    name = queue_item_name() or plan_name(plan)
-    if reason is None:
-        reason = coord.reason or (f"RunEngine plan {name!r}" if name else "RunEngine plan")
-    session, owner = coord.open_session(plan_uid=plan_uid, reason=reason, wait=wait)
+    session, owner = coord.open_session(plan_uid=plan_uid, reason=_reason(coord, plan, reason),
+                                        wait=wait)
     gen = ensure_generator(plan)
     release = True
     # The message loop is inlined here rather than delegated to a helper generator: bluesky's
@@ -294,6 +311,31 @@ def _cover(msg: Msg, session: PlanLocks) -> None:
                 session.cover(name, obj)
 
 
+async def lock_message_devices(coordinator: PlanCoordinator, session: PlanLocks,
+                               msg: Msg) -> None:
+    """On the RunEngine loop, before ``msg`` runs: hold the devices it touches for ``session``
+    (the slow path of ``install``'s guarded commands, once per device and plan). Raises
+    the refusal of a device (at once for one refused before); a suspension cancels the wait
+    (the request carries on; the message runs again when the RunEngine replays it)."""
+    needed = _needed(msg, session)
+    if needed:
+        await coordinator.acquire(session, needed)
+        _cover(msg, session)
+
+
+def start_coordinated(plan: Iterable[Msg], coordinator: PlanCoordinator
+                      ) -> tuple[PlanLocks, Generator[Msg, Any, Any], Msg]:
+    """For a plan the RunEngine is about to run (``install``'s preprocessor; the RunEngine
+    is idle): a new session, the plan generator, and the lock message for the devices known
+    up front (one atomic request, to be granted before the plan's first step)."""
+    gen = ensure_generator(plan)
+    names: dict[str, None] = {}
+    for obj in plan_devices(gen):
+        names[device_name(obj)] = None
+    session = coordinator.open_session(reason=_reason(coordinator, gen, None), new=True)[0]
+    return session, gen, Msg(LOCK_COMMAND, coordinator, session, tuple(names))
+
+
 coordinated_decorator = make_decorator(coordinated_wrapper)
 coordinated_decorator.__doc__ = """Decorator form of ``coordinated_wrapper``::
 
@@ -303,24 +345,36 @@ coordinated_decorator.__doc__ = """Decorator form of ``coordinated_wrapper``::
 
 
 class CoordinatedPreprocessor:
-    """The entry ``install()`` appends to ``RE.preprocessors``: wraps every plan."""
+    """The entry ``install()`` appends to ``RE.preprocessors``.
+
+    With ``start`` (what ``install`` passes: its RunEngine hooks check messages in the
+    command dispatch and end the plan when the RunEngine goes idle) it hands every plan to
+    ``start(plan)``, which returns it unwrapped behind one lock message. Without, it wraps
+    every plan in ``coordinated_wrapper``.
+    """
 
     _bs_coordination = True  # how a second install() finds the first one
 
-    def __init__(self, coordinator: PlanCoordinator, RE: Any = None) -> None:
+    def __init__(self, coordinator: PlanCoordinator, RE: Any = None, *,
+                 start: Callable[[Iterable[Msg]], Iterator[Msg]] | None = None) -> None:
         self.coordinator = coordinator
         self.RE = RE
+        self.start = start
         self._warned = False
 
-    def __call__(self, plan: Iterable[Msg]) -> Generator[Msg, Any, Any]:
+    def __call__(self, plan: Iterable[Msg]) -> Iterator[Msg]:
         if self.RE is not None and not self._warned and self.RE.preprocessors[-1] is not self:
             # The last preprocessor is the outermost: one added after us inserts messages
             # (e.g. SupplementalData's baseline readings) that we never see.
             self._warned = True
             log.warning("the device coordination preprocessor is not the last entry of "
-                        "RE.preprocessors: devices used by later entries (%r) are not locked; "
-                        "call install() again after adding them",
-                        self.RE.preprocessors[self.RE.preprocessors.index(self) + 1:])
+                        "RE.preprocessors: devices used by later entries (%r) are not in the "
+                        "plan's up-front request%s; call install() again after adding them",
+                        self.RE.preprocessors[self.RE.preprocessors.index(self) + 1:],
+                        " (they are locked when first touched)" if self.start else
+                        " and not locked at all")
+        if self.start is not None:
+            return self.start(plan)
         return coordinated_wrapper(plan, self.coordinator)
 
     def __repr__(self) -> str:
@@ -338,5 +392,7 @@ __all__ = [
     "device_name",
     "is_device",
     "lock_command",
+    "lock_message_devices",
     "plan_devices",
+    "start_coordinated",
 ]
