@@ -1,43 +1,58 @@
 """The Redis store: locks that survive restarts and are shared by several service replicas.
 
-It runs the same ``locktable`` code as the memory store. How an operation becomes one atomic
-read-modify-write: optimistic ``WATCH``/``MULTI``, not a compare-and-swap script holding the
-rules, because the rules live in Python and must stay the one copy both stores run.
+It runs the same ``locktable`` code as the memory store: the rules stay in Python, the one
+copy both stores run, so Redis only ever sees a compare-and-swap of the diff they computed.
+A lock operation is **one round trip** in the common case:
 
-1. **Speculate.** The operation runs on a ``Txn`` over a view answered from a local cache of
-   what this process last saw (never trusted, only a guess). Every key the view is asked for
-   and has not read in this attempt is noted as *missing* (``redis_txn.View``). The lock
-   table is pure, so running it on a guess has no effect; its result is thrown away.
-2. **Fetch.** One round trip on a dedicated connection: ``WATCH`` the missing keys, then one
-   call of the ``APPLY`` script (``redis_script``: it runs a list of plain commands) doing
-   ``TIME`` (the clock every replica shares), the reads, and ``INCRBY`` reservations of
-   fencing-token/ticket values. They come after the ``WATCH``, so for any device the token
-   order is the commit order (see ``Snapshot.counters_to_reserve``).
-3. **Run again** on what was read. If it asks for something not yet read (e.g. the records
-   on names found in an "under" set), fetch that too (more keys are watched) and run again.
-4. **Commit** ``txn.changes()`` in one ``MULTI``/``APPLY``/``EXEC``: record hashes, the
-   "under", key and name sets, the expiry sorted set, waiters, and one ``XADD`` per event.
-   ``EXEC`` fails when any watched key changed; then the attempt starts over (bounded, with
-   jitter). Event ids are the stream ids ``EXEC`` returns, so messages are built after it.
+1. **Run on the cache.** The operation runs on a ``Txn`` over ``redis_txn.View``, answered from
+   what this process last saw of each key (its version and content; a key never seen is
+   guessed absent), noting every key it read and the version it read. "now" is Redis time,
+   estimated locally (below).
+2. **One script call.** ``redis_script.CAS`` (``EVALSHA``, registered once; after a Redis
+   restart ``NOSCRIPT`` makes the store load it again) checks that every key read still has
+   that version (so the records on every name, the hierarchy's "under" sets, the key's set
+   of names and the wait queue the lock table looked at are unchanged), then reserves the
+   fencing-token/ticket values it used (``INCRBY``), writes the records, the index sets, the
+   expiry sorted set and the waiters, appends the events (``XADD``) and gives every key it
+   changed a new version, all atomically. Versions come from one sequence, so a key never
+   has the same version twice with different content.
+3. **On a mismatch** nothing is written and the script returns the current content of the
+   keys that changed, read at the same instant as the checks that passed: a snapshot of
+   Redis. The operation runs again on it. A refusal (or a read such as ``device_status``)
+   decided wholly on that snapshot is final without another call: the holder it names held
+   the device at that instant, during the request. Anything else goes out again (bounded,
+   with jitter after the second mismatch).
 
-With a warm cache an operation is two round trips (fetch, commit; an operation that changes
-nothing still sends an empty ``EXEC`` to confirm its reads). A refusal is one round trip: it
-writes nothing, and the holder it names held the device at the instant it was read, during the
-request. Read-only operations (``device_status``) need no ``WATCH``: one ``APPLY`` call is
-atomic, so each round trip reads one consistent snapshot. ``APPLY`` is loaded once per Redis
-process (``EVALSHA``; after a restart ``NOSCRIPT`` makes the attempt load it and start over).
+Why not ``WATCH``/``MULTI`` (the earlier version of this store): it needs the reads back before
+it can write, so every operation was two round trips (and connections held across them);
+here the write goes with the first call and a warm cache makes the guess right. Why not the
+rules in Lua: they would be a second copy of ``locktable``.
 
-Fencing tokens come from one counter that only increases. Values are reserved before the
-commit, so two grants on *unrelated* devices may commit in the opposite order of their tokens;
-for one device (and every name overlapping it) a later grant always has a larger token.
+Counters are not compared: the lock table is given sentinel values and the script fills in
+the values it reserved, so tokens are handed out in commit order (for any device a later grant
+has a larger token) and grants on unrelated devices never conflict on the fencing counter.
+
+Time: the operation needs "now" before the call, so the store keeps the offset between
+``time.monotonic()`` and Redis ``TIME`` (every script reply carries ``TIME``; ``now()``, which
+the sweeper calls, reads it too). An estimate taken from a reply is never ahead of Redis (the
+reply left after ``TIME`` was read). The script compares its own ``TIME`` with the ``now`` the
+operation used and refuses (the store resynchronises and runs the operation again) when it is
+more than ``MAX_AHEAD`` ahead or more than ``max_delay`` behind, so every replica decides
+expiry on Redis time within those bounds. ``max_delay`` is below the reply timeout, so a call
+that reaches Redis only after its caller gave up (a paused Redis) is refused, never applied.
+
+Calls go through ``redis_conn.OrderedConnection``: one pipelined connection, every call made
+in one event-loop iteration written at once, replies applied to the cache in the order Redis
+ran them. With 50 concurrent clients that is one ``send`` for many operations.
 
 Failing closed: any connection error, timeout or Redis error becomes ``StoreUnavailableError``
 ("lock store unavailable: ...", HTTP 503, never the URL's password), and no grant is returned
-unless ``EXEC`` succeeded. Connections come from a pool that reconnects on the next use, so
-the store heals by itself when Redis returns; one round trip is bounded by ``socket_timeout``
-(2 s) and a refused connection fails at once. The event log (a Stream) is read by
-``redis_events``, whose tail uses a client of its own without a read timeout (redis-py 8's
-5 s default plus retries breaks ``XREAD BLOCK``).
+unless the script's reply said it was written. A lost reply fails the calls waiting on that
+connection (outcome unknown: 503) and the next call opens a new connection, so the store heals
+by itself when Redis returns; a reply is awaited at most ``socket_timeout`` (2 s) and a refused
+connection fails at once. The event log (a Stream) is read by ``redis_events``, whose tail uses
+a client of its own without a read timeout (redis-py 8's 5 s default plus retries breaks
+``XREAD BLOCK``).
 """
 
 from __future__ import annotations
@@ -45,9 +60,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -56,39 +69,32 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis_async
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from bs_coordination import locktable
 from bs_coordination.errors import CoordinationError, StoreUnavailableError
 from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
-from bs_coordination.stores.base import Store, to_message
+from bs_coordination.stores.base import Store
+from bs_coordination.stores.redis_conn import OrderedConnection
 from bs_coordination.stores.redis_events import RedisEventLog
-from bs_coordination.stores.redis_script import APPLY, ScriptCall, is_noscript, pack
-from bs_coordination.stores.redis_txn import Needs, Snapshot, View, WatchCache
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as async_timeout
-else:  # redis-py depends on it there
-    from async_timeout import timeout as async_timeout
+from bs_coordination.stores.redis_script import CAS, is_noscript, pack
+from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View, patch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Attempts of one operation before giving up under contention.
+#: Calls of one operation before giving up under contention.
 MAX_ATTEMPTS = 64
-
-
-class _ScriptMissing(Exception):
-    """Redis does not have ``APPLY`` (restarted): load it and start the attempt over."""
-
-
-class _Unknown(Exception):
-    """``EXEC`` was sent but its answer was lost: the outcome is unknown."""
+#: How far the ``now`` an operation used may be ahead of Redis ``TIME`` when its script runs.
+MAX_AHEAD = 0.05
+#: How far it may be behind at most (less when ``socket_timeout`` is short: see the docstring).
+MAX_DELAY = 1.0
+#: An offset estimate is replaced by a lower one only when it is older than this (seconds).
+OFFSET_KEEP = 10.0
 
 
 class RedisStore(Store):
@@ -111,13 +117,17 @@ class RedisStore(Store):
         self._redis: Any = redis_async.Redis.from_url(
             url, socket_timeout=socket_timeout, **common,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
-        # Transactions hold a connection across round trips and may leave a WATCH behind
-        # (a refusal writes nothing); their own pool keeps that away from plain commands.
-        # ``_batch`` bounds a whole round trip itself (redis-py would start a task per send).
-        self._txn_pool = redis_async.ConnectionPool.from_url(url, socket_timeout=None, **common)
+        # Lock operations: one pipelined connection; it bounds the wait for a reply itself.
+        self._link = OrderedConnection(
+            redis_async.ConnectionPool.from_url(url, socket_timeout=None, **common,
+                                                retry=Retry(NoBackoff(), 0)),
+            socket_timeout)
         self._url = url
-        self._socket_timeout = socket_timeout
-        self._cache = WatchCache()
+        self._max_delay = min(MAX_DELAY, socket_timeout / 2)
+        self._cache = Cache()
+        # Redis time = time.monotonic() + offset (a lower bound; see the docstring).
+        self._offset = time.time() - time.monotonic()
+        self._offset_at = -OFFSET_KEEP
         self.events = RedisEventLog(self._redis, self.keys.events, url, common, self.where,
                                     self._down)
 
@@ -131,8 +141,8 @@ class RedisStore(Store):
             log.warning("%s", exc.message)
 
     async def close(self) -> None:
+        await self._link.close()
         await self._redis.aclose()
-        await self._txn_pool.disconnect()
 
     async def ping(self) -> None:
         with self._unavailable():
@@ -153,18 +163,27 @@ class RedisStore(Store):
         return StoreUnavailableError(
             f"lock store unavailable: Redis at {self.where}: {type(exc).__name__}: {text}")
 
-    # -- primitives --------------------------------------------------------------------
+    # -- time --------------------------------------------------------------------------
     async def now(self) -> float:
         with self._unavailable():
             sec, usec = await self._redis.time()
+        self._observe_time(sec, usec)
         return sec + usec / 1e6
 
+    def _observe_time(self, sec: Any, usec: Any, *, reset: bool = False) -> None:
+        """Redis said ``TIME`` = ``sec``, ``usec`` at some instant before now."""
+        mono = time.monotonic()
+        estimate = int(sec) + int(usec) / 1e6 - mono
+        if reset or estimate > self._offset or mono - self._offset_at > OFFSET_KEEP:
+            self._offset, self._offset_at = estimate, mono
+
+    # -- primitives --------------------------------------------------------------------
     async def _transact(self, op: Callable[[Txn], T], actor: str | None = None
                         ) -> tuple[T, list[LockUpdateMessage]]:
-        return await self._run(op, actor, write=True)
+        return await self._run(op, actor)
 
     async def _read(self, op: Callable[[Txn], T]) -> T:
-        result, _ = await self._run(op, None, write=False)
+        result, _ = await self._run(op, None)
         return result
 
     async def _all_records(self) -> list[LockRecord]:
@@ -185,203 +204,71 @@ class RedisStore(Store):
         return [rk.parse_expiry_member(m) for m in members]
 
     # -- transactions ------------------------------------------------------------------
-    async def _run(self, op: Callable[[Txn], T], actor: str | None, *, write: bool
+    async def _run(self, op: Callable[[Txn], T], actor: str | None
                    ) -> tuple[T, list[LockUpdateMessage]]:
-        conn = None
-        clean = False  # the connection holds no unread reply and may go back to the pool
-        try:
-            snap = Snapshot()
-            for attempt in range(MAX_ATTEMPTS):
-                view = View(snap, self._cache)
-                txn = Txn(view, snap.now if snap.now is not None else time.time(), actor)
-                error: Exception | None = None
-                try:
-                    result = op(txn)
-                except CoordinationError as exc:
-                    error = exc
-                except Exception as exc:
-                    if not view.needs:  # a real bug, not an artefact of a guessed view
-                        raise
-                    error = exc
-                changes = txn.changes() if error is None else None
-                if changes is not None:
-                    view.check_counters(changes)
-                if view.needs:
-                    if conn is None:
-                        conn = await self._txn_pool.get_connection()
-                    clean = False
-                    try:
-                        await self._fetch(conn, snap, view.needs, write)
-                    except _ScriptMissing:
-                        snap = await self._load_script(conn)
-                    clean = True
-                    continue
+        snapshot: Snapshot | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            view = View(self.keys, self._cache, snapshot)
+            now = time.monotonic() + self._offset
+            txn = Txn(view, now, actor)
+            error: Exception | None = None
+            try:
+                result = op(txn)
+            except CoordinationError as exc:
+                error = exc
+            except Exception as exc:
+                if view.fresh:  # a real bug, not an artefact of a guessed view
+                    raise
+                error = exc
+            changes = txn.changes() if error is None else Changes()
+            if view.fresh and changes.empty:
+                # Decided on one snapshot of Redis taken during this operation.
                 if error is not None:
                     raise error
-                assert changes is not None
-                if not write or conn is None:
+                return result, []
+            commit = Commit(self.keys, view, changes, now, MAX_AHEAD, self._max_delay)
+            reply = await self._call(commit)
+            status = reply[0]
+            if status == "ok":
+                if error is not None:
+                    raise error  # the reads it was decided on were confirmed
+                if changes.empty:
                     return result, []
-                # Also with no changes: an empty EXEC confirms the reads were one state.
-                clean = False
-                try:
-                    messages = await self._commit(conn, snap, changes)
-                except _ScriptMissing:
-                    snap = await self._load_script(conn)
-                    clean = True
-                    continue
-                clean = True
-                if messages is not None:
-                    if not changes.empty:
-                        self.notify_changed()
-                    return result, messages
-                # A watched key changed: start over on fresh reads.
-                snap = Snapshot()
-                await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** attempt, 0.05)))
-            raise StoreUnavailableError(
-                f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
-        except _Unknown as exc:
-            raise self._down(exc.__cause__ or exc) from None
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise self._down(exc) from None
-        finally:
-            if conn is not None:
-                if not clean:
-                    # Drops unread replies and any WATCH; the pool reconnects on next use.
-                    await conn.disconnect()
-                await self._txn_pool.release(conn)
+                bases = [int(b) for b in reply[4]]
+                messages = commit.events(reply[5], bases)
+                self.events.appended(messages)
+                self.notify_changed()
+                return patch(result, bases), messages
+            snapshot = commit.snapshot
+            if status == "stale" and attempt >= 2:
+                await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempt - 2), 0.05)))
+        raise StoreUnavailableError(
+            f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
 
-    async def _batch(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write and read every reply (errors as values), within one
-        ``socket_timeout`` for the whole batch."""
-        replies: list[Any] = []
-        async with async_timeout(self._socket_timeout):
-            await conn.send_packed_command(pack(commands), check_health=False)
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response(timeout=math.inf))
-                except ResponseError as exc:
-                    replies.append(exc)
-        return replies
-
-    async def _load_script(self, conn: Any) -> Snapshot:
-        """Register ``APPLY`` (Redis restarted and forgot it); the attempt starts over."""
-        [sha] = await self._batch(conn, [("SCRIPT", "LOAD", APPLY)])
-        if isinstance(sha, Exception):
-            raise sha
-        return Snapshot()
-
-    async def _fetch(self, conn: Any, snap: Snapshot, needs: Needs, write: bool) -> None:
-        """One round trip: read what the last run was missing (under ``WATCH`` when writing,
-        else everything read so far again, as one snapshot)."""
-        k = self.keys
-        if not write:
-            needs = snap.read.union(needs)
-        call = ScriptCall()
-        sinks: list[Callable[[Any], None]] = [snap.set_time]
-        call.add("TIME")
-        for n in needs.records:
-            call.add("HVALS", k.records(n))
-            sinks.append(partial(snap.set_records, n))
-        for n in needs.under:
-            call.add("SMEMBERS", k.under(n))
-            sinks.append(partial(snap.set_under, n))
-        for h in needs.key_names:
-            call.add("SMEMBERS", k.key_names(h))
-            sinks.append(partial(snap.set_key_names, h))
-        if needs.waiters:
-            call.add("HVALS", k.waiters)
-            sinks.append(snap.set_waiters)
-        for name, count in snap.counters_to_reserve(needs).items():
-            if write:
-                call.add("INCRBY", k.counter(name), count)
-                sinks.append(partial(snap.set_counter, name, count))
-            else:
-                call.add("GET", k.counter(name))
-                sinks.append(partial(snap.set_counter, name, 0))
-
-        head: list[tuple[Any, ...]] = []
-        if write:
-            # The reads (and the reservations after them) come after the WATCH.
-            head = [] if snap.rounds else [("UNWATCH",)]
-            watched = [key for key in call.keys if not key.startswith(k.counter(""))]
-            if watched:
-                head.append(("WATCH", *watched))
-        else:
-            snap.reset()
-        replies = await self._batch(conn, [*head, call.command()])
-        for value in replies[:-1]:
-            if isinstance(value, Exception):
-                raise value
-        values = replies[-1]
-        if is_noscript(values):
-            raise _ScriptMissing
-        if isinstance(values, Exception):
-            raise values
-        for sink, value in zip(sinks, values, strict=True):
-            sink(value)
-        snap.rounds += 1
-        snap.read = snap.read.union(needs)
-        self._cache.learn(snap)
-
-    async def _commit(self, conn: Any, snap: Snapshot, ch: Changes
-                      ) -> list[LockUpdateMessage] | None:
-        """Write ``ch`` in one ``MULTI``/``EXEC``; ``None`` if a watched key changed."""
-        k = self.keys
-        call = ScriptCall()
-        final = snap.apply(ch)
-        for name, (before, after) in final.items():
-            if before and not after:
-                for a in locktable.ancestors(name):
-                    call.add("SREM", k.under(a), name)
-                call.add("SREM", k.names, name)
-            elif after and not before:
-                for a in locktable.ancestors(name):
-                    call.add("SADD", k.under(a), name)
-                call.add("SADD", k.names, name)
-        for rid, rec in ch.deletes.items():
-            call.add("HDEL", k.records(rid[0]), rid[1])
-            call.add("SREM", k.key_names(rid[1]), rid[0])
-            if rec.expires_at is not None:
-                call.add("ZREM", k.expiry, rk.expiry_member(rid))
-        for rid, rec in ch.puts.items():
-            call.add("HSET", k.records(rid[0]), rid[1], _dump(rec.to_dict()))
-            call.add("SADD", k.key_names(rid[1]), rid[0])
-            if rec.expires_at is not None:
-                call.add("ZADD", k.expiry, repr(rec.expires_at), rk.expiry_member(rid))
-            else:
-                call.add("ZREM", k.expiry, rk.expiry_member(rid))
-        for ticket in ch.waiters_deleted:
-            call.add("HDEL", k.waiters, ticket)
-        for ticket, w in ch.waiters_put.items():
-            call.add("HSET", k.waiters, ticket, _dump(w.to_dict()))
-        messages = [to_message(e, "") for e in ch.events]
-        xadds = [call.add("XADD", k.events, "MAXLEN", "~", rk.EVENTS_MAXLEN, "*",
-                          rk.EVENT_FIELD, m.model_dump_json(exclude={"event_id"}))
-                 for m in messages]
-        body = [call.command()] if call.count else []
+    async def _call(self, commit: Commit) -> list[Any]:
+        """The script's reply (``["noscript"]`` after loading it again)."""
         try:
-            replies = await self._batch(conn, [("MULTI",), *body, ("EXEC",)])
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise _Unknown("the commit's outcome is unknown") from exc
-        result = replies[-1]
-        if result is None:
-            return None
-        if isinstance(result, Exception):
-            raise result
-        if not body:
-            return []
-        [values] = result
-        if is_noscript(values):
-            raise _ScriptMissing
-        if isinstance(values, Exception):
-            # A script stopped by an error keeps what it wrote before it (never expected).
-            log.error("lock store write failed inside a transaction: %s", values)
-            raise values
-        self._cache.commit(final, ch)
-        out = [m.model_copy(update={"event_id": values[i]})
-               for m, i in zip(messages, xadds, strict=True)]
-        self.events.appended(out)
-        return out
+            reply = await self._link.call(pack([commit.command()]),
+                                          partial(self._on_reply, commit))
+            if is_noscript(reply):
+                await self._redis.script_load(CAS)
+                return ["noscript"]
+        except (RedisError, OSError) as exc:
+            raise self._down(exc) from None
+        if isinstance(reply, Exception):
+            raise self._down(reply)
+        return list(reply)
+
+    def _on_reply(self, commit: Commit, reply: Any) -> None:
+        """Runs as the reply arrives, in the order Redis ran the calls (``redis_conn``)."""
+        if not isinstance(reply, list):
+            return
+        status = reply[0]
+        self._observe_time(reply[1], reply[2], reset=status == "clock")
+        if status == "stale":
+            commit.snapshot = commit.stale(self._cache, reply[3])
+        elif status == "ok" and reply[3] != "0":
+            commit.done(self._cache, reply[3], [int(b) for b in reply[4]])
 
     # -- event log (redis_events) --------------------------------------------------------
     async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
@@ -392,10 +279,6 @@ class RedisStore(Store):
 
     def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
         return self.events.tail(since)
-
-
-def _dump(d: dict[str, Any]) -> str:
-    return json.dumps(d, separators=(",", ":"))
 
 
 __all__ = ["RedisStore"]

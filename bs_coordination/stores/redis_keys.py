@@ -16,6 +16,9 @@ key                                 type         holds
 ``<p>:counter:<name>``              string       last value handed out (fencing ``token``,
                                                  wait ``ticket``)
 ``<p>:events``                      stream       field ``m``: event JSON without its id
+``<p>:versions``                    hash         key -> version of its content (records, under,
+                                                 key sets and waiters; none while empty)
+``<p>:version``                     string       last version handed out (one per commit)
 ==================================  ===========  ============================================
 """
 
@@ -36,6 +39,8 @@ EXPIRY = "expiry"
 WAITERS = "waiters"
 COUNTER = "counter"
 EVENTS = "events"
+VERSIONS = "versions"
+VERSION = "version"
 
 #: Stream field holding an event's JSON.
 EVENT_FIELD = "m"
@@ -76,6 +81,14 @@ class KeySpace:
     @property
     def events(self) -> str:
         return f"{self.prefix}:{EVENTS}"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.prefix}:{VERSIONS}"
+
+    @property
+    def version(self) -> str:
+        return f"{self.prefix}:{VERSION}"
 
 
 def expiry_member(record_id: RecordId) -> str:

@@ -1,206 +1,325 @@
-"""The read side of a Redis transaction: what was read, what is missing, what to guess.
+"""The Redis store's optimistic transaction: what an operation read, at which version, and the
+one compare-and-swap call (``redis_script.CAS``) that commits it. ``redis`` explains the design.
 
-``View`` is the ``TableView`` the lock table runs on. It answers from a ``Snapshot`` (keys
-read in this attempt, under ``WATCH`` or inside ``MULTI``) and, for anything not read yet,
-notes the key in ``needs`` and answers from ``WatchCache``, a local copy of what this process
-saw last. A run with needs is only a guess whose purpose is to name every key to fetch in
-one round trip; only a run without needs is ever committed.
+``View`` is the ``TableView`` the lock table runs on. It answers from a ``Snapshot`` (a view of
+Redis at one instant, from the reply of the previous attempt) or else from ``Cache`` (what this
+process saw last, a key never seen guessed absent), and notes every key it answered with the
+version it answered from. ``Commit`` turns that read set and ``txn.changes()`` into one call:
+the checks, the counters to reserve, the write commands, the events; and applies the reply.
+
+Counters are never read. ``View.counter`` answers a *sentinel* base far above any real value,
+so the values an operation hands out are recognisable; where one is written (a record's
+``token``, a waiter's ``ticket``) the text carries a hole that the script fills from the value
+it reserved with ``INCRBY`` in the same call. Tokens are therefore handed out in commit order,
+and contention on the one fencing counter never makes an operation start over.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import replace
+from typing import Any
 
 from bs_coordination.locktable import Changes, LockRecord, Waiter, ancestors
+from bs_coordination.models import LockUpdateMessage
+from bs_coordination.stores import redis_keys as rk
+from bs_coordination.stores.base import to_message
+from bs_coordination.stores.redis_script import CAS_SHA
 
-#: Entries per cache map before it is dropped (it is only a guess, never trusted).
+#: Entries in the cache before it is dropped (it is only a guess, never trusted).
 CACHE_LIMIT = 50_000
 
+#: Base of the values ``View.counter`` answers: counter ``c`` (0-based) answers
+#: ``SENTINEL + c * SPAN``, so its n-th value this operation is ``SENTINEL + c * SPAN + n``.
+SENTINEL = 1 << 60
+SPAN = 1 << 32
 
-@dataclass
-class Needs:
-    """Keys an operation asked for that were not read in this attempt."""
+#: Shapes of what a key holds; the first letter is the script's kind (hash or set).
+RECORDS = "h:records"
+WAITERS = "h:waiters"
+NAMES = "s:names"
 
-    records: set[str] = field(default_factory=set)
-    under: set[str] = field(default_factory=set)
-    key_names: set[str] = field(default_factory=set)
-    waiters: bool = False
-    counters: dict[str, int] = field(default_factory=dict)  # name -> values to reserve
-
-    def __bool__(self) -> bool:
-        return bool(self.records or self.under or self.key_names or self.waiters
-                    or self.counters)
-
-    def union(self, other: Needs) -> Needs:
-        counters = dict(self.counters)
-        for name, n in other.counters.items():
-            counters[name] = max(n, counters.get(name, 0))
-        return Needs(self.records | other.records, self.under | other.under,
-                     self.key_names | other.key_names, self.waiters or other.waiters, counters)
+#: (version, parsed content); version "" means the key is absent (content empty).
+Entry = tuple[str, Any]
+_EMPTY: dict[str, Any] = {RECORDS: {}, WAITERS: {}, NAMES: frozenset()}
 
 
-@dataclass
-class Snapshot:
-    """What one attempt has read (all of it still watched, when writing)."""
-
-    records: dict[str, dict[str, LockRecord]] = field(default_factory=dict)
-    under: dict[str, set[str]] = field(default_factory=dict)
-    key_names: dict[str, set[str]] = field(default_factory=dict)
-    waiters: list[Waiter] | None = None
-    counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (base, top]
-    now: float | None = None
-    rounds: int = 0
-    read: Needs = field(default_factory=Needs)
-
-    def reset(self) -> None:
-        """Forget the data (a read-only round reads everything again, as one snapshot)."""
-        self.records, self.under, self.key_names = {}, {}, {}
-        self.waiters, self.counters = None, {}
-
-    def set_time(self, value: list[str]) -> None:
-        self.now = int(value[0]) + int(value[1]) / 1e6
-
-    def set_records(self, name: str, values: Iterable[str]) -> None:
-        # Oldest first, as the memory store keeps them (a Redis hash has no useful order),
-        # so both stores name the same holder first in a refusal.
-        recs = sorted((LockRecord.from_dict(json.loads(v)) for v in values),
-                      key=lambda r: (r.acquired_at, r.token))
-        self.records[name] = {r.key_hash: r for r in recs}
-
-    def set_under(self, name: str, values: Iterable[str]) -> None:
-        self.under[name] = set(values)
-
-    def set_key_names(self, key_hash: str, values: Iterable[str]) -> None:
-        self.key_names[key_hash] = set(values)
-
-    def set_waiters(self, values: Iterable[str]) -> None:
-        self.waiters = [Waiter.from_dict(json.loads(v)) for v in values]
-
-    def set_counter(self, name: str, count: int, top: str | int | None) -> None:
-        """``top``: the counter after reserving ``count`` values (``INCRBY``), or its value
-        (``GET``, ``count`` 0)."""
-        value = int(top or 0)
-        self.counters[name] = (value - count, value)
-
-    def counters_to_reserve(self, needs: Needs) -> dict[str, int]:
-        """Every counter this attempt uses is reserved again in each round, after that round's
-        ``WATCH``: a value reserved before a watched key was read could be smaller than the
-        token of a grant committed on that key in between."""
-        out = {name: top - base for name, (base, top) in self.counters.items()}
-        for name, n in needs.counters.items():
-            out[name] = max(n, out.get(name, 0))
-        return {name: max(n, 1) for name, n in out.items()}
-
-    def apply(self, ch: Changes) -> dict[str, tuple[bool, dict[str, LockRecord]]]:
-        """Per touched name: (had records before, its records after ``ch``)."""
-        out: dict[str, tuple[bool, dict[str, LockRecord]]] = {}
-
-        def slot(name: str) -> dict[str, LockRecord]:
-            if name not in out:
-                before = self.records[name]  # the lock table read every name it changes
-                out[name] = (bool(before), dict(before))
-            return out[name][1]
-
-        for (name, key_hash) in ch.deletes:
-            slot(name).pop(key_hash, None)
-        for (name, key_hash), rec in ch.puts.items():
-            slot(name)[key_hash] = rec
-        return out
+def parse(shape: str, values: Iterable[str]) -> Any:
+    """Content of a key as the script returns it (``HVALS`` / ``SMEMBERS``)."""
+    if shape == NAMES:
+        return frozenset(values)
+    if shape == WAITERS:
+        waiters = (Waiter.from_dict(json.loads(v)) for v in values)
+        return {w.ticket: w for w in sorted(waiters, key=lambda w: w.ticket)}
+    # Oldest first, as the memory store keeps them (a Redis hash has no useful order), so
+    # both stores name the same holder first in a refusal.
+    recs = sorted((LockRecord.from_dict(json.loads(v)) for v in values),
+                  key=lambda r: (r.acquired_at, r.token))
+    return {r.key_hash: r for r in recs}
 
 
-class WatchCache:
-    """What this process last saw in Redis: used to guess which keys an operation will need."""
+class Cache:
+    """What this process last saw in Redis, per key: its version and parsed content. Only
+    non-empty keys are kept (a key not here is guessed absent). Updated in the order Redis ran
+    the calls (by the reply reader), so it never goes back in time."""
 
     def __init__(self) -> None:
-        self.records: dict[str, list[LockRecord]] = {}
-        self.under: dict[str, set[str]] = {}
-        self.key_names: dict[str, set[str]] = {}
-        self.waiters: list[Waiter] = []
+        self.entries: dict[str, Entry] = {}
 
-    @staticmethod
-    def _put(d: dict, key: str, value: object) -> None:  # type: ignore[type-arg]
-        if len(d) >= CACHE_LIMIT and key not in d:
-            d.clear()
-        d[key] = value
+    def get(self, key: str) -> Entry | None:
+        return self.entries.get(key)
 
-    def learn(self, snap: Snapshot) -> None:
-        for name, recs in snap.records.items():
-            self._put(self.records, name, list(recs.values()))
-        for name, names in snap.under.items():
-            self._put(self.under, name, set(names))
-        for key_hash, names in snap.key_names.items():
-            self._put(self.key_names, key_hash, set(names))
-        if snap.waiters is not None:
-            self.waiters = list(snap.waiters)
+    def put(self, key: str, version: str, content: Any) -> None:
+        if not version or not content:
+            self.entries.pop(key, None)
+            return
+        if len(self.entries) >= CACHE_LIMIT and key not in self.entries:
+            self.entries.clear()
+        self.entries[key] = (version, content)
 
-    def commit(self, final: dict[str, tuple[bool, dict[str, LockRecord]]], ch: Changes) -> None:
-        for name, (before, after) in final.items():
-            self._put(self.records, name, list(after.values()))
-            if before != bool(after):
-                for a in ancestors(name):
-                    names = self.under.get(a)
-                    if names is not None:
-                        (names.add if after else names.discard)(name)
-        for (name, key_hash) in ch.deletes:
-            self.key_names.get(key_hash, set()).discard(name)
-        for (name, key_hash) in ch.puts:
-            self.key_names.setdefault(key_hash, set()).add(name)
-        if ch.waiters_put or ch.waiters_deleted:
-            by_ticket = {w.ticket: w for w in self.waiters}
-            for t in ch.waiters_deleted:
-                by_ticket.pop(t, None)
-            by_ticket.update(ch.waiters_put)
-            self.waiters = list(by_ticket.values())
+
+Snapshot = dict[str, Entry]
 
 
 class View:
-    """A ``TableView`` over a snapshot that notes (and guesses) what it has not read."""
+    """A ``TableView`` over a snapshot and the cache that notes what it answered."""
 
-    def __init__(self, snap: Snapshot, cache: WatchCache) -> None:
-        self.snap = snap
+    def __init__(self, keys: rk.KeySpace, cache: Cache, snapshot: Snapshot | None) -> None:
+        self.keys = keys
         self.cache = cache
-        self.needs = Needs()
+        self.snapshot = snapshot
+        self.read: dict[str, tuple[str, Entry]] = {}  # key -> (shape, entry answered)
+        self.counters: dict[str, int] = {}  # counter name -> its number in this operation
+        self.fresh = snapshot is not None  # every answer came from the snapshot
+
+    def entry(self, key: str, shape: str) -> Entry:
+        seen = self.read.get(key)
+        if seen is not None:
+            return seen[1]
+        entry = self.snapshot.get(key) if self.snapshot is not None else None
+        if entry is None:
+            self.fresh = False
+            entry = self.cache.get(key) or ("", _EMPTY[shape])
+        self.read[key] = (shape, entry)
+        return entry
 
     def records_at(self, name: str) -> Iterable[LockRecord]:
-        recs = self.snap.records.get(name)
-        if recs is not None:
-            return recs.values()
-        self.needs.records.add(name)
-        return self.cache.records.get(name, ())
+        recs: dict[str, LockRecord] = self.entry(self.keys.records(name), RECORDS)[1]
+        return recs.values()
 
     def names_under(self, name: str) -> Iterable[str]:
-        names = self.snap.under.get(name)
-        if names is not None:
-            return names
-        self.needs.under.add(name)
-        return self.cache.under.get(name, ())
+        names: frozenset[str] = self.entry(self.keys.under(name), NAMES)[1]
+        return names
 
     def names_of_key(self, key_hash: str) -> Iterable[str]:
-        names = self.snap.key_names.get(key_hash)
-        if names is not None:
-            return names
-        self.needs.key_names.add(key_hash)
-        return self.cache.key_names.get(key_hash, ())
+        names: frozenset[str] = self.entry(self.keys.key_names(key_hash), NAMES)[1]
+        return names
 
     def waiters(self) -> Iterable[Waiter]:
-        if self.snap.waiters is not None:
-            return self.snap.waiters
-        self.needs.waiters = True
-        return self.cache.waiters
+        waiters: dict[int, Waiter] = self.entry(self.keys.waiters, WAITERS)[1]
+        return waiters.values()
 
     def counter(self, name: str) -> int:
-        """The base of this attempt's reservation (a guessed 0 before one is made)."""
-        reserved = self.snap.counters.get(name)
-        if reserved is not None:
-            return reserved[0]
-        self.needs.counters[name] = 1
-        return 0
+        """A sentinel base (see the module docstring); the script reserves the real values."""
+        number = self.counters.setdefault(name, len(self.counters))
+        return SENTINEL + number * SPAN
 
-    def check_counters(self, ch: Changes) -> None:
-        """Note a counter that used more values than were reserved (reserve more, run again)."""
-        for name, used_top in ch.counters.items():
-            base, top = self.snap.counters.get(name, (0, 0))
-            if used_top > top:
-                self.needs.counters[name] = used_top - base
+
+def _hole(value: int) -> str:
+    number, offset = divmod(value - SENTINEL, SPAN)
+    return f"\0{number + 1}:{offset}\0"
+
+
+def _real(value: int, bases: list[int]) -> int:
+    if value < SENTINEL:
+        return value
+    number, offset = divmod(value - SENTINEL, SPAN)
+    return bases[number] + offset
+
+
+def _with_hole(text: str, field: str, value: int) -> str:
+    """``text`` (JSON) with its top-level ``field`` (a counter value) as a hole. A quote inside
+    a JSON string is always escaped, so ``"field":`` can only be that key."""
+    if value < SENTINEL:
+        return text
+    return text.replace(f'"{field}":{value}', f'"{field}":{_hole(value)}', 1)
+
+
+def patch(obj: Any, bases: list[int]) -> Any:
+    """``obj`` (an operation's result) with every sentinel value replaced by the real one."""
+    if not bases:
+        return obj
+    if isinstance(obj, LockRecord):
+        return replace(obj, token=_real(obj.token, bases)) if obj.token >= SENTINEL else obj
+    if isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int):
+        return _real(obj, bases)
+    if isinstance(obj, list):
+        return [patch(x, bases) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(patch(x, bases) for x in obj)
+    return obj
+
+
+def _dump(d: dict[str, Any]) -> str:
+    return json.dumps(d, separators=(",", ":"))
+
+
+class Commit:
+    """The one ``CAS`` call of an attempt: built from what the view read and the changes."""
+
+    def __init__(self, keys: rk.KeySpace, view: View, ch: Changes, now: float,
+                 max_ahead: float, max_delay: float) -> None:
+        self.keys = keys
+        self.view = view
+        self.ch = ch
+        self._key_list: list[str] = []
+        self._key_index: dict[str, int] = {}
+        # Versioned keys written: key -> (shape, content after the write, sentinels unfilled).
+        self.finals: dict[str, tuple[str, Any]] = {}
+        self._commands: list[Any] = []
+        self._count = 0
+        self._xadds: list[int] = []
+        self.messages: list[LockUpdateMessage] = []
+        #: After a "stale" reply: Redis at the instant the script ran (``stale``).
+        self.snapshot: Snapshot | None = None
+        self._build_writes()
+        self.checks = list(view.read.items())
+        argv: list[Any] = [repr(now), repr(max_ahead), repr(max_delay), len(self.checks)]
+        for key, (shape, (version, _)) in self.checks:
+            argv += [self._index(key), shape[0], version]
+        counters = view.counters if ch.counters else {}
+        argv.append(len(counters))
+        for name in counters:  # in number order (insertion order)
+            used = ch.counters.get(name, SENTINEL) - view.counter(name)
+            argv += [self._index(keys.counter(name)), max(used, 0)]
+        argv.append(len(self.finals))
+        argv += [self._index(key) for key in self.finals]
+        self._argv = argv
+        self._key_list += [keys.versions, keys.version]
+
+    # -- building ------------------------------------------------------------------------
+    def _index(self, key: str) -> int:
+        index = self._key_index.get(key)
+        if index is None:
+            self._key_list.append(key)
+            index = self._key_index[key] = len(self._key_list)
+        return index
+
+    def _add(self, name: str, key: str | None, *args: Any) -> int:
+        self._commands += [name, self._index(key) if key is not None else 0, len(args), *args]
+        self._count += 1
+        return self._count - 1
+
+    def _before(self, key: str, shape: str) -> Any:
+        """Content of ``key`` as this operation read it (read now, and so checked, if the lock
+        table did not: every key written is checked)."""
+        if key in self.finals:
+            return self.finals[key][1]
+        return self.view.entry(key, shape)[1]
+
+    def _build_writes(self) -> None:
+        k, ch = self.keys, self.ch
+        touched: dict[str, tuple[bool, dict[str, LockRecord]]] = {}
+        for (name, key_hash) in ch.deletes:
+            self._records(touched, name).pop(key_hash, None)
+        for (name, key_hash), rec in ch.puts.items():
+            self._records(touched, name)[key_hash] = rec
+        for name, (had, after) in touched.items():
+            self.finals[k.records(name)] = (RECORDS, after)
+            if had == bool(after):
+                continue
+            verb = "SADD" if after else "SREM"
+            for a in ancestors(name):
+                key = k.under(a)
+                names = set(self._before(key, NAMES))
+                (names.add if after else names.discard)(name)
+                self.finals[key] = (NAMES, frozenset(names))
+                self._add(verb, key, name)
+            self._add(verb, k.names, name)
+        for rid, rec in ch.deletes.items():
+            name, key_hash = rid
+            self._add("HDEL", k.records(name), key_hash)
+            self._key_set(k.key_names(key_hash), name, add=False)
+            if rec.expires_at is not None:
+                self._add("ZREM", k.expiry, rk.expiry_member(rid))
+        for rid, rec in ch.puts.items():
+            name, key_hash = rid
+            text = _with_hole(_dump(rec.to_dict()), "token", rec.token)
+            self._add("HSET", k.records(name), key_hash, text)
+            self._key_set(k.key_names(key_hash), name, add=True)
+            if rec.expires_at is not None:
+                self._add("ZADD", k.expiry, repr(rec.expires_at), rk.expiry_member(rid))
+            else:
+                self._add("ZREM", k.expiry, rk.expiry_member(rid))
+        if ch.waiters_put or ch.waiters_deleted:
+            waiters = dict(self._before(k.waiters, WAITERS))
+            for ticket in ch.waiters_deleted:
+                waiters.pop(ticket, None)
+                if ticket < SENTINEL:  # else queued and dropped within this operation
+                    self._add("HDEL", k.waiters, ticket)
+            for ticket, w in ch.waiters_put.items():
+                waiters[ticket] = w
+                field = _hole(ticket) if ticket >= SENTINEL else str(ticket)
+                self._add("HSET", k.waiters, field,
+                          _with_hole(_dump(w.to_dict()), "ticket", ticket))
+            self.finals[k.waiters] = (WAITERS, waiters)
+        for event in ch.events:
+            m = to_message(event, "")
+            self.messages.append(m)
+            text = _with_hole(m.model_dump_json(exclude={"event_id"}), "token", m.lock.token)
+            self._xadds.append(self._add("XADD", k.events, "MAXLEN", "~", rk.EVENTS_MAXLEN, "*",
+                                         rk.EVENT_FIELD, text))
+
+    def _records(self, touched: dict[str, tuple[bool, dict[str, LockRecord]]],
+                 name: str) -> dict[str, LockRecord]:
+        slot = touched.get(name)
+        if slot is None:
+            before = self._before(self.keys.records(name), RECORDS)
+            slot = touched[name] = (bool(before), dict(before))
+        return slot[1]
+
+    def _key_set(self, key: str, name: str, *, add: bool) -> None:
+        names = set(self._before(key, NAMES))
+        (names.add if add else names.discard)(name)
+        self.finals[key] = (NAMES, frozenset(names))
+        self._add("SADD" if add else "SREM", key, name)
+
+    def command(self) -> tuple[Any, ...]:
+        return ("EVALSHA", CAS_SHA, len(self._key_list), *self._key_list, *self._argv,
+                *self._commands)
+
+    # -- the reply -----------------------------------------------------------------------
+    def stale(self, cache: Cache, found: list[Any]) -> Snapshot:
+        """Learn the current content of the keys whose check failed; returns the snapshot of
+        Redis when the script ran (every key checked)."""
+        snapshot: Snapshot = {key: entry for key, (_, entry) in self.checks}
+        for i in range(0, len(found), 3):
+            key, (shape, _) = self.checks[int(found[i]) - 1]
+            entry = (str(found[i + 1]), parse(shape, found[i + 2]))
+            snapshot[key] = entry
+            cache.put(key, *entry)
+        return snapshot
+
+    def done(self, cache: Cache, version: str, bases: list[int]) -> None:
+        """The writes happened: remember every key written at its new version."""
+        for key, (shape, content) in self.finals.items():
+            if bases and shape == RECORDS:
+                content = {h: patch(r, bases) for h, r in content.items()}
+            elif bases and shape == WAITERS:
+                content = {_real(t, bases): replace(w, ticket=_real(w.ticket, bases))
+                           for t, w in content.items()}
+            cache.put(key, version if content else "", content)
+
+    def events(self, replies: list[Any], bases: list[int]) -> list[LockUpdateMessage]:
+        """The events as appended: with their stream ids and real tokens."""
+        out = []
+        for m, i in zip(self.messages, self._xadds, strict=True):
+            update: dict[str, Any] = {"event_id": replies[i]}
+            if m.lock.token >= SENTINEL:
+                update["lock"] = m.lock.model_copy(
+                    update={"token": _real(m.lock.token, bases)})
+            out.append(m.model_copy(update=update))
+        return out
