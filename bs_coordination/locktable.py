@@ -327,7 +327,9 @@ class Txn:
         self._ch.deletes.setdefault(rec.id, rec)
 
     def emit(self, action: LockAction, rec: LockRecord) -> None:
-        self._ch.events.append(Event(action, replace(rec), self.now, self.actor))
+        # Records are never changed in place (a change is a new record, made with
+        # ``replace``), so the event shares the record instead of copying it.
+        self._ch.events.append(Event(action, rec, self.now, self.actor))
 
     def put_waiter(self, w: Waiter) -> None:
         self.waiters()[w.ticket] = w

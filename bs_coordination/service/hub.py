@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bs_coordination.models import LockUpdateMessage
@@ -57,6 +58,7 @@ class EventHub:
     def __init__(self, queue_size: int = 1000) -> None:
         self.queue_size = queue_size
         self._subs: set[Subscriber] = set()
+        self._listeners: list[Callable[[LockUpdateMessage], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._store: Store | None = None
         #: Id of the newest event handed to subscribers.
@@ -90,10 +92,26 @@ class EventHub:
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subs.discard(sub)
 
+    def add_listener(self, listener: Callable[[LockUpdateMessage], None]) -> None:
+        """Call ``listener(event)`` for every event, in the hub's task (it must not block).
+        Unlike a subscriber it has no queue and is never dropped (the metrics count this way)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[LockUpdateMessage], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def publish(self, msg: LockUpdateMessage) -> None:
-        """Hand one event to every subscriber without ever waiting."""
-        frame = Frame.of(msg)
-        self.last_event_id = frame.event_id
+        """Hand one event to every listener and subscriber without ever waiting."""
+        self.last_event_id = msg.event_id or "0"
+        for listener in self._listeners:
+            try:
+                listener(msg)
+            except Exception:
+                log.exception("event listener %r failed", listener)
+        if not self._subs:
+            return
+        frame = Frame.of(msg)  # serialised once, for every subscriber
         for sub in self._subs:
             if sub.dropped.is_set():
                 continue
@@ -121,7 +139,8 @@ class EventHub:
                     self.publish(msg)
                     # One request can append hundreds of events at once: let the connections
                     # forward each one before the next, so a burst alone never fills a queue.
-                    await asyncio.sleep(0)
+                    if self._subs:
+                        await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except EventGap as exc:

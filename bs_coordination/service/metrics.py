@@ -3,7 +3,7 @@
 ``install_metrics(app)`` adds an ASGI middleware and the ``/metrics`` route. The middleware
 times every HTTP request (labelled by route template, never by device name, so the label set
 stays bounded), counts lock-request outcomes, and, through the app's lifespan messages,
-follows the event hub from start to shutdown to count lock events. Gauges (locks by type,
+listens to the event hub from start to shutdown to count lock events. Gauges (locks by type,
 WebSocket subscribers, store up) are read at scrape time.
 
 =============================================  =================================================
@@ -29,9 +29,6 @@ them over one replica, not all. Request counters are per process.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import time
 from typing import Any
@@ -41,7 +38,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bs_coordination.models import LockState, LockType
+from bs_coordination.models import LockState, LockType, LockUpdateMessage
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +76,20 @@ class Metrics:
         for t in LockType:  # every series exists from the start, at 0
             for s in LockState:
                 self.locks.labels(t.value, s.value).set(0)
-        for outcome in ("granted", "conflict", "invalid", "unavailable", "error"):
-            self.requests.labels(outcome)
-        self._follower: asyncio.Task[None] | None = None
-        self._own_subscriber = False
-        self._stopping = False
+        self._by_outcome = {outcome: self.requests.labels(outcome)
+                            for outcome in ("granted", "conflict", "invalid", "unavailable", "error")}
+        self._by_action: dict[str, Any] = {}
+        #: (method, route, status) -> its latency and count series (bounded like the labels).
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     # -- events ---------------------------------------------------------------------------
-    def count_event(self, action: str) -> None:
-        self.events.labels(action).inc()
+    def count_event(self, msg: LockUpdateMessage) -> None:
+        """Count one event of the log (a listener of the event hub: called for every event)."""
+        action = msg.action.value
+        series = self._by_action.get(action)
+        if series is None:
+            series = self._by_action[action] = self.events.labels(action)
+        series.inc()
         if action in ("acquired", "restored"):
             self.grants.inc()
         elif action == "preempted":
@@ -96,57 +98,29 @@ class Metrics:
             self.expiries.inc()
 
     def start(self, app: Any) -> None:
-        """Follow the app's event hub (called once its lifespan has started it)."""
+        """Count the events of the app's event hub (called once its lifespan has started it)."""
         hub = getattr(app.state, "hub", None)
-        if hub is None or self._follower is not None:
-            return
-        self._stopping = False
-        first = hub.subscribe()  # now, so no event after startup is missed
-        self._own_subscriber = True
+        if hub is not None:
+            hub.add_listener(self.count_event)
 
-        async def follow() -> None:
-            sub = first
-            try:
-                while True:
-                    get = asyncio.ensure_future(sub.queue.get())
-                    dropped = asyncio.ensure_future(sub.dropped.wait())
-                    try:
-                        await asyncio.wait({get, dropped}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        for f in (get, dropped):
-                            f.cancel()
-                    if get.done() and not get.cancelled():
-                        with contextlib.suppress(ValueError, KeyError, TypeError):
-                            self.count_event(json.loads(get.result().text)["action"])
-                    elif sub.dropped.is_set():
-                        # The hub drops everyone when the log was trimmed past it: keep counting.
-                        hub.unsubscribe(sub)
-                        if self._stopping:
-                            return
-                        sub = hub.subscribe()
-            finally:
-                hub.unsubscribe(sub)
-                self._own_subscriber = False
-
-        self._follower = asyncio.create_task(follow(), name="bs-coordination-metrics")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
+    def stop(self, app: Any) -> None:
+        hub = getattr(app.state, "hub", None)
+        if hub is not None:
+            hub.remove_listener(self.count_event)
 
     # -- requests -------------------------------------------------------------------------
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.latency.labels(method, route).observe(seconds)
-        self.http.labels(method, route, str(status)).inc()
+        series = self._series.get((method, route, status))
+        if series is None:  # first answer of its kind: look the labelled children up once
+            series = self._series[(method, route, status)] = (
+                self.latency.labels(method, route), self.http.labels(method, route, str(status)))
+        series[0].observe(seconds)
+        series[1].inc()
         if status == 503:
             self.store_errors.inc()
         if route == LOCK_REQUEST_PATH and method == "POST":
             outcome = _OUTCOMES.get(status) or ("invalid" if 400 <= status < 500 else "error")
-            self.requests.labels(outcome).inc()
+            self._by_outcome[outcome].inc()
             if status == 409:
                 self.conflicts.inc()
 
@@ -155,7 +129,7 @@ class Metrics:
         store = getattr(app.state, "store", None)
         hub = getattr(app.state, "hub", None)
         if hub is not None:
-            self.subscribers.set(max(0, hub.subscriber_count - (1 if self._own_subscriber else 0)))
+            self.subscribers.set(hub.subscriber_count)
         if store is not None:
             try:
                 await store.ping()
@@ -207,20 +181,14 @@ class MetricsMiddleware:
             self.metrics.observe(scope.get("method", "GET"), route, status, time.perf_counter() - start)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def receive_wrapper() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.shutdown":
-                self.metrics._stopping = True  # the hub is about to drop every subscriber
-            return message
-
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 self.metrics.start(self.owner)
             elif message["type"].startswith("lifespan.shutdown"):
-                await self.metrics.stop()
+                self.metrics.stop(self.owner)
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        await self.app(scope, receive, send_wrapper)
 
 
 router = APIRouter(tags=["metrics"])

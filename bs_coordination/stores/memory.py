@@ -109,10 +109,17 @@ class MemoryStore(Store):
         last = self._seq(since) if since is not None else self._last_id
         while True:
             appended = self._appended
-            if self._last_id > last:
-                batch = await self.events_after(self._id(last), limit=len(self._events) or 1)
-                for m in batch:
-                    last = self._seq(m.event_id)
+            newer = self._last_id - last
+            if newer > len(self._events):
+                raise EventGap(f"event {self._id(last)} is older than the retained log")
+            if newer == 1:  # the usual case: one event since the last wake-up
+                last += 1
+                yield self._events[-1]
+                continue
+            if newer > 0:
+                batch = list(itertools.islice(reversed(self._events), newer))
+                last = self._last_id
+                for m in reversed(batch):
                     yield m
                 continue
             await appended.wait()
