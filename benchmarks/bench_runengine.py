@@ -10,7 +10,8 @@
    one) makes each stub call a few percent dearer. The plugin's preprocessor hands the
    RunEngine the plan itself behind one lock message; the per-message check runs in the
    RunEngine's command dispatch (wrapped device commands), outside the plan's stack. What is
-   left: the fixed cost per plan (one lock request, one release) and the check.
+   left: the fixed cost per plan (one lock request, one release) and the check; the sum of
+   those parts is printed beside the whole (the parts are measured with less noise).
 2. Added cost per plan message once its device is locked: a guarded device command (the
    wrapper ``install`` registers) against the bare command it wraps, awaited in a loop with
    no RunEngine (target <= 1 microsecond). The explicit ``coordinated_wrapper`` generator's
@@ -31,11 +32,13 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bluesky.plans as bp
+import bluesky.utils
 import httpx
 from _common import HEADER, percentile, row, service
 from bluesky import RunEngine
@@ -97,6 +100,37 @@ def overhead(url: str) -> dict[str, float]:
     out = {k: statistics.median(v) for k, v in times.items()}
     # The fastest run of each: the least disturbed by other jobs on the machine.
     out.update({f"{k} min": min(v) for k, v in times.items()})
+    return out
+
+
+def stub_call_depth(url: str) -> dict[str, int]:
+    """The deepest call stack a plan stub sees in a short scan (what ``bluesky.utils.Plan``
+    formats on every stub call), on a plain, a do-nothing-preprocessor and a coordinated
+    RunEngine."""
+    motor = SynAxis(name="motor")
+    det = SynGauss("det", motor, "motor", center=0, Imax=1)
+    depths: list[int] = []
+    original = bluesky.utils.Plan.__init__
+
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        depths.append(len(traceback.extract_stack()))
+        original(self, *args, **kwargs)
+
+    out = {}
+    for name in ("plain", "passthrough", "coordinated"):
+        RE = RunEngine({}, context_managers=[])
+        handle = install(RE, url, "bench_re", wait=5, lease=60) if name == "coordinated" else None
+        if name == "passthrough":
+            RE.preprocessors.append(_passthrough)
+        bluesky.utils.Plan.__init__ = counting_init  # type: ignore[method-assign]
+        try:
+            depths.clear()
+            RE(bp.scan([det], motor, -1, 1, 3))
+        finally:
+            bluesky.utils.Plan.__init__ = original  # type: ignore[method-assign]
+            if handle is not None:
+                handle.uninstall()
+        out[name] = max(depths)
     return out
 
 
@@ -239,6 +273,7 @@ def main() -> None:
         t = overhead(url)
         plain, coordinated = t["scan plain"], t["scan coordinated"]
         latencies = suspension_latency(url, TRIALS)
+        depth = stub_call_depth(url)
     cost = per_message_cost()
     print(HEADER)
     print(row("scan([det], motor, -1, 1, 300) with the plugin (median of "
@@ -253,6 +288,10 @@ def main() -> None:
     print(row("  the plugin against that do-nothing preprocessor",
               f"{coordinated * 1e3:.0f} ms", f"{t['scan passthrough'] * 1e3:.0f} ms",
               t["scan coordinated/passthrough"], "-"))
+    print(row("  stack depth at a plan stub call (plain / do-nothing preprocessor / plugin)",
+              f"{depth['coordinated']} frames with the plugin",
+              f"{depth['plain']} plain, {depth['passthrough']} do-nothing",
+              depth["coordinated"] / depth["plain"], "-"))
     fixed = t["count coordinated"] - t["count plain"]
     print(row("  fixed per plan (lock request + release; count num=1)",
               f"+{fixed * 1e3:.1f} ms", f"{t['count plain'] * 1e3:.1f} ms without",
@@ -261,6 +300,13 @@ def main() -> None:
     print(row("added cost per message once locked (guarded command, no RunEngine)",
               f"{added * 1e9:.0f} ns", f"{cost['bare command'] * 1e9:.0f} ns bare command",
               cost["guarded command"] / cost["bare command"], "<= 1000 ns added"))
+    # What the parts predict for the scan, immune to the run-to-run noise of the whole: the
+    # fixed cost once, the check on every message (an upper bound: not every one carries a
+    # device).
+    messages = t["scan messages"]
+    print(row(f"  the parts for the scan: fixed + {messages:.0f} messages x added",
+              f"+{(fixed + messages * added) * 1e3:.2f} ms", f"{plain * 1e3:.0f} ms without",
+              (plain + fixed + messages * added) / plain, "<= 1.03x"))
     bare = cost["bare generator"]
     print(row("  (for scale: coordinated_wrapper's pass-through, explicit use)",
               f"{(cost['wrapper generator'] - bare) * 1e9:.0f} ns added",
