@@ -14,7 +14,11 @@ Starts a private ``redis-server`` on a free port (append-only, ``--appendfsync``
    service on the memory store (no Redis), to show where the time goes.
 
 Prints pairs/s, p50 and p99 latency of a pair, the ratio service/anchor (target >= 0.5), and
-the Redis round trips and commands per operation (counted in-process on a ``RedisStore``).
+the Redis round trips and commands per operation, counted in-process on a ``RedisStore``: a
+round trip is one script call the operation waits for (alone, with a warm cache: one per
+request and one per release; under load a call that found a changed key adds one more). The
+store writes the calls of concurrent operations together on one connection, so under load a
+network write carries many of them (printed as operations per write).
 Not a test: figures depend on the machine (load generator and service share it).
 """
 
@@ -118,21 +122,57 @@ async def bench_service(base: str, clients: int, seconds: float) -> tuple[float,
         return await run_clients(clients, seconds, pair)
 
 
-async def bench_store(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+class Counting:
+    """Counts a ``RedisStore``'s script calls (round trips of its operations) and its writes
+    to the socket (one write carries the calls of every operation ready at that moment)."""
+
+    def __init__(self, store) -> None:  # type: ignore[no-untyped-def]
+        self.calls = self.writes = 0
+        link = store._link
+        call = link.call
+
+        async def counting_call(packed, on_reply=None):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            conn_link = link._link
+            if conn_link is not None and not getattr(conn_link, "_counted", False):
+                conn_link._counted = True
+                send = conn_link.conn.send_packed_command
+
+                async def counting_send(command, check_health=True):  # type: ignore[no-untyped-def]
+                    self.writes += 1
+                    return await send(command, check_health=check_health)
+
+                conn_link.conn.send_packed_command = counting_send
+            return await call(packed, on_reply)
+
+        link.call = counting_call
+
+    def reset(self) -> None:
+        self.calls = self.writes = 0
+
+
+async def bench_store(url: str, clients: int, seconds: float
+                      ) -> tuple[float, list[float], dict[str, float]]:
     """The store API in-process (no HTTP): what the Redis store itself costs."""
     from bs_coordination.models import LockRequest, LockType
     from bs_coordination.stores.redis import RedisStore
 
     store = RedisStore(url, prefix="bench-direct")
+    counting = Counting(store)
     reqs = [LockRequest(device_name=f"direct{i}", lock_type=LockType.MANUAL_OPERATOR,
                         user_id="bench") for i in range(clients)]
+    ops = 0
 
     async def pair(i: int) -> None:
+        nonlocal ops
         grant = await store.request(reqs[i])
         await store.release(grant.lock_key, f"direct{i}")
+        ops += 2
 
     try:
-        return await run_clients(clients, seconds, pair)
+        rate, lat = await run_clients(clients, seconds, pair)
+        return rate, lat, {"calls_per_op": counting.calls / ops,
+                           "ops_per_write": ops / max(counting.writes, 1)}
     finally:
         await store.close()
 
@@ -164,15 +204,7 @@ async def round_trips(url: str, n: int = 200) -> dict[str, float]:
     from bs_coordination.stores.redis import RedisStore
 
     store = RedisStore(url, prefix="bench-rt")
-    batches = 0
-    original = store._batch
-
-    async def counting(conn, commands):  # type: ignore[no-untyped-def]
-        nonlocal batches
-        batches += 1
-        return await original(conn, commands)
-
-    store._batch = counting  # type: ignore[method-assign]
+    counting = Counting(store)
     info = aioredis.Redis.from_url(url)
 
     async def commands() -> int:
@@ -183,21 +215,24 @@ async def round_trips(url: str, n: int = 200) -> dict[str, float]:
     await store.release(grant.lock_key, "rt")
     out: dict[str, float] = {}
     try:
-        batches, c0 = 0, await commands()
+        counting.reset()
+        c0 = await commands()
         for _ in range(n):
             g = await store.request(req)
             await store.release(g.lock_key, "rt")
-        out["pair_round_trips"] = batches / n
+        out["pair_round_trips"] = counting.calls / n
         out["pair_commands"] = (await commands() - c0 - 1) / n
         # Separate the two halves: a request alone, then a release alone.
-        batches = 0
+        counting.reset()
         c0 = await commands()
         g = await store.request(req)
-        out["request_round_trips"], out["request_commands"] = batches, await commands() - c0 - 1
-        batches = 0
+        out["request_round_trips"] = counting.calls
+        out["request_commands"] = await commands() - c0 - 1
+        counting.reset()
         c0 = await commands()
         await store.release(g.lock_key, "rt")
-        out["release_round_trips"], out["release_commands"] = batches, await commands() - c0 - 1
+        out["release_round_trips"] = counting.calls
+        out["release_commands"] = await commands() - c0 - 1
     finally:
         await info.aclose()
         await store.close()
@@ -214,7 +249,7 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
     anchor_rate, anchor_lat = await bench_anchor(url, args.clients, args.seconds)
     rate, lat = await bench_service_on(url, args.clients, args.seconds)
     # Context: where the time goes (the store alone; the HTTP layer alone).
-    direct_rate, direct_lat = await bench_store(url, args.clients, args.seconds)
+    direct_rate, direct_lat, load = await bench_store(url, args.clients, args.seconds)
     mem_rate, mem_lat = await bench_service_on("memory", args.clients, args.seconds)
 
     print(f"\nlock+release, {args.clients} concurrent clients, {args.seconds:g} s measured, "
@@ -229,10 +264,13 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
           f"HTTP service on memory {mem_rate / anchor_rate:.2f}")
     print(f"mean pair latency: anchor {1000 * statistics.fmean(anchor_lat):.2f} ms, "
           f"service {1000 * statistics.fmean(lat):.2f} ms")
-    print("Redis round trips per operation (warm cache, one replica): "
+    print("Redis round trips per operation (script calls waited for; warm cache, one replica): "
           f"request {rt['request_round_trips']:g}, release {rt['release_round_trips']:g}, "
           f"mean per pair {rt['pair_round_trips']:.2f}; redis-py Lock: acquire 1, release 1")
-    print("Redis commands executed per operation (including those run inside the APPLY "
+    print(f"under load ({args.clients} clients, store alone): "
+          f"{load['calls_per_op']:.3f} round trips per operation, "
+          f"{load['ops_per_write']:.1f} operations per network write")
+    print("Redis commands executed per operation (including those run inside the CAS "
           f"script): request {rt['request_commands']:g}, release {rt['release_commands']:g}")
 
 

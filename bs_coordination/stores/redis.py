@@ -262,6 +262,10 @@ class RedisStore(Store):
     def _on_reply(self, commit: Commit, reply: Any) -> None:
         """Runs as the reply arrives, in the order Redis ran the calls (``redis_conn``)."""
         if not isinstance(reply, list):
+            if isinstance(reply, Exception) and not is_noscript(reply):
+                # The script stopped part-way (keys it changed have new versions): forget
+                # everything rather than trust what this process computed.
+                self._cache.entries.clear()
             return
         status = reply[0]
         self._observe_time(reply[1], reply[2], reset=status == "clock")

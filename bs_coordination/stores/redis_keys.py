@@ -18,7 +18,7 @@ key                                 type         holds
 ``<p>:events``                      stream       field ``m``: event JSON without its id
 ``<p>:versions``                    hash         key -> version of its content (records, under,
                                                  key sets and waiters; none while empty)
-``<p>:version``                     string       last version handed out (one per commit)
+``<p>:version``                     string       last version handed out (Redis time in µs)
 ==================================  ===========  ============================================
 """
 

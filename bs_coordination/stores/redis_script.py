@@ -14,20 +14,26 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-#: KEYS: every key the operation reads or writes; then the version hash and the version
-#:       sequence (always the last two).
-#: ARGV: now (the operation's clock, s), max ahead (s), max delay (s);
-#:       c, then c triples: key index, kind ("h": hash, read with HVALS; "s": set, SMEMBERS),
-#:          the version read ("" = the key was absent);
-#:       m, then m pairs: counter key index, number of values to reserve;
-#:       w, then w key indexes whose version the writes change;
-#:       then commands to the end: name, key index (0: none), n, then n arguments. An argument
-#:       may hold holes "\0<counter>:<offset>\0": the counter's reserved base + offset.
+#: KEYS: every key the operation reads or writes; then the version hash and the last
+#:       version handed out (always the last two).
+#: ARGV: now (the operation's clock, s), max ahead (s), max delay (s), then one JSON array:
+#:       [checks, counters, written, commands], each flat:
+#:       checks: per key read: key index, kind ("h": hash, read with HVALS; "s": set,
+#:          SMEMBERS), the version read ("" = the key was absent);
+#:       counters: per counter used: key index, number of values to reserve;
+#:       written: indexes of the keys whose version the commands change;
+#:       commands: per command: name, key index (0: none), n, then n arguments: a string,
+#:          or a number i for ARGV[i] (the long texts: records and events, sent as they are
+#:          instead of escaped inside this JSON). An ARGV text may hold holes
+#:          "\1<counter>:<offset>\1": that counter's reserved base plus offset (JSON text
+#:          never holds a raw control character, so only holes do).
+#:       then the texts.
 #: Returns {status, TIME seconds, TIME microseconds, ...}:
 #:   "clock": ``now`` is more than max ahead of TIME, or more than max delay behind it;
 #:            nothing is checked or written.
-#:   "stale": then a list of triples: check number (1-based), current version, contents
-#:            (HVALS or SMEMBERS) for every check that failed; nothing is written.
+#:   "stale": then a flat list: check number (1-based), current version, contents (HVALS or
+#:            SMEMBERS) for every check that failed; nothing is written (but a version for
+#:            a key that had none).
 #:   "ok":    then the new version ("0" when nothing was written), the reserved bases (each
 #:            counter's value before this call), the replies of the commands.
 CAS = r"""
@@ -38,74 +44,76 @@ if used - now > tonumber(ARGV[2]) or now - used > tonumber(ARGV[3]) then
   return {'clock', t[1], t[2]}
 end
 local ver, seqkey = KEYS[#KEYS - 1], KEYS[#KEYS]
+-- Versions are Redis time in microseconds (one more than the last if the clock has not
+-- moved on): a Redis restored from an older state, or emptied, never hands out again a
+-- version a replica may have cached.
 local function next_version()
-  local seq = redis.call('INCR', seqkey)
-  if seq == 1 then
-    -- a new (or emptied) Redis: start above any version a replica may still have cached
-    seq = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    redis.call('SET', seqkey, string.format('%d', seq))
-  end
-  return string.format('%d', seq)
+  local last = tonumber(redis.call('GET', seqkey) or '0')
+  local v = string.format('%d', math.max(last + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  redis.call('SET', seqkey, v)
+  return v
 end
-local i = 5
+local p = cjson.decode(ARGV[4])
+local checks, counters, written, cmds = p[1], p[2], p[3], p[4]
 local stale = {}
-for c = 1, tonumber(ARGV[4]) do
-  local key = KEYS[tonumber(ARGV[i])]
-  local want = ARGV[i + 2]
+for c = 1, #checks, 3 do
+  local key = KEYS[checks[c]]
+  local want = checks[c + 2]
   local v = redis.call('HGET', ver, key) or ''
   local same = v == want
   if same and want == '' then same = redis.call('EXISTS', key) == 0 end
   if not same then
     local data
-    if ARGV[i + 1] == 'h' then data = redis.call('HVALS', key)
+    if checks[c + 1] == 'h' then data = redis.call('HVALS', key)
     else data = redis.call('SMEMBERS', key) end
     if v == '' and #data > 0 then
       -- written by something that keeps no version: give it one, so it can be compared
       v = next_version()
       redis.call('HSET', ver, key, v)
     end
-    stale[#stale + 1] = c
+    stale[#stale + 1] = (c + 2) / 3
     stale[#stale + 1] = v
     stale[#stale + 1] = data
   end
-  i = i + 3
 end
 if #stale > 0 then return {'stale', t[1], t[2], stale} end
 local bases = {}
-local counters = tonumber(ARGV[i])
-i = i + 1
-for c = 1, counters do
-  local n = tonumber(ARGV[i + 1])
-  bases[c] = redis.call('INCRBY', KEYS[tonumber(ARGV[i])], n) - n
-  i = i + 2
+for c = 1, #counters, 2 do
+  local n = counters[c + 1]
+  bases[#bases + 1] = redis.call('INCRBY', KEYS[counters[c]], n) - n
 end
-local written = {}
-for w = 1, tonumber(ARGV[i]) do written[w] = KEYS[tonumber(ARGV[i + w])] end
-i = i + 1 + #written
 local function fill(c, k)
   return string.format('%d', bases[tonumber(c)] + tonumber(k))
 end
+-- New versions first: should a command fail (the script stops there, keeping what it
+-- wrote), no changed key keeps the version a replica may have cached.
+local seq = '0'
+if #written > 0 then
+  seq = next_version()
+  for _, k in ipairs(written) do redis.call('HSET', ver, KEYS[k], seq) end
+end
 local out = {}
-while i <= #ARGV do
-  local cmd = {ARGV[i]}
-  local key = tonumber(ARGV[i + 1])
+local i = 1
+while i <= #cmds do
+  local cmd = {cmds[i]}
+  local key = cmds[i + 1]
   if key > 0 then cmd[2] = KEYS[key] end
-  local n = tonumber(ARGV[i + 2])
+  local n = cmds[i + 2]
   for j = 1, n do
-    local a = ARGV[i + 2 + j]
-    if counters > 0 and string.find(a, '%z') then a = string.gsub(a, '%z(%d+):(%d+)%z', fill) end
+    local a = cmds[i + 2 + j]
+    if type(a) == 'number' then
+      a = ARGV[a]
+      if #bases > 0 and string.find(a, '\1', 1, true) then
+        a = string.gsub(a, '\1(%d+):(%d+)\1', fill)
+      end
+    end
     cmd[#cmd + 1] = a
   end
   out[#out + 1] = redis.call(unpack(cmd))
   i = i + 3 + n
 end
-local seq = '0'
-if #written > 0 then
-  seq = next_version()
-  for _, key in ipairs(written) do
-    if redis.call('EXISTS', key) == 1 then redis.call('HSET', ver, key, seq)
-    else redis.call('HDEL', ver, key) end
-  end
+for _, k in ipairs(written) do
+  if redis.call('EXISTS', KEYS[k]) == 0 then redis.call('HDEL', ver, KEYS[k]) end
 end
 return {'ok', t[1], t[2], seq, bases, out}
 """
@@ -114,20 +122,18 @@ CAS_SHA = hashlib.sha1(CAS.encode()).hexdigest()
 
 
 def pack(commands: list[tuple[Any, ...]]) -> bytes:
-    """RESP encoding of ``commands`` (``str``, ``bytes``, ``int``; floats must come as text).
+    """RESP encoding of ``commands`` (``str`` and ``int`` arguments; floats must come as text).
 
     Plain and much cheaper than redis-py's general encoder, which showed up first in profiles.
     """
-    out: list[bytes] = []
+    out: list[str] = []
     for cmd in commands:
-        out.append(b"*%d\r\n" % len(cmd))
+        out.append(f"*{len(cmd)}\r\n")
         for arg in cmd:
-            if isinstance(arg, int):
-                data = b"%d" % arg
-            else:
-                data = arg.encode() if isinstance(arg, str) else arg
-            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+            text = arg if type(arg) is str else str(arg)
+            size = len(text) if text.isascii() else len(text.encode())
+            out.append(f"${size}\r\n{text}\r\n")
+    return "".join(out).encode()
 
 
 def is_noscript(value: object) -> bool:

@@ -128,7 +128,7 @@ class View:
 
 def _hole(value: int) -> str:
     number, offset = divmod(value - SENTINEL, SPAN)
-    return f"\0{number + 1}:{offset}\0"
+    return f"\1{number + 1}:{offset}\1"
 
 
 def _real(value: int, bases: list[int]) -> int:
@@ -163,8 +163,12 @@ def patch(obj: Any, bases: list[int]) -> Any:
     return obj
 
 
-def _dump(d: dict[str, Any]) -> str:
-    return json.dumps(d, separators=(",", ":"))
+_MAXLEN = str(rk.EVENTS_MAXLEN)
+
+
+#: Built once: ``json.dumps`` with any option builds a new encoder on every call.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_dump = _JSON.encode
 
 
 class Commit:
@@ -180,25 +184,27 @@ class Commit:
         # Versioned keys written: key -> (shape, content after the write, sentinels unfilled).
         self.finals: dict[str, tuple[str, Any]] = {}
         self._commands: list[Any] = []
+        self._texts: list[str] = []  # ARGV[5:]
         self._count = 0
         self._xadds: list[int] = []
         self.messages: list[LockUpdateMessage] = []
         #: After a "stale" reply: Redis at the instant the script ran (``stale``).
         self.snapshot: Snapshot | None = None
         self._build_writes()
+        index = self._index
         self.checks = list(view.read.items())
-        argv: list[Any] = [repr(now), repr(max_ahead), repr(max_delay), len(self.checks)]
+        checks: list[Any] = []
         for key, (shape, (version, _)) in self.checks:
-            argv += [self._index(key), shape[0], version]
-        counters = view.counters if ch.counters else {}
-        argv.append(len(counters))
-        for name in counters:  # in number order (insertion order)
-            used = ch.counters.get(name, SENTINEL) - view.counter(name)
-            argv += [self._index(keys.counter(name)), max(used, 0)]
-        argv.append(len(self.finals))
-        argv += [self._index(key) for key in self.finals]
-        self._argv = argv
+            checks += [index(key), shape[0], version]
+        counters: list[int] = []
+        if ch.counters:
+            for name, number in view.counters.items():  # in number order
+                used = ch.counters[name] - (SENTINEL + number * SPAN)
+                counters += [index(keys.counter(name)), used]
+        written = [index(key) for key in self.finals]
         self._key_list += [keys.versions, keys.version]
+        self._args = (repr(now), repr(max_ahead), repr(max_delay),
+                      _dump([checks, counters, written, self._commands]), *self._texts)
 
     # -- building ------------------------------------------------------------------------
     def _index(self, key: str) -> int:
@@ -212,6 +218,11 @@ class Commit:
         self._commands += [name, self._index(key) if key is not None else 0, len(args), *args]
         self._count += 1
         return self._count - 1
+
+    def _text(self, text: str) -> int:
+        """A long argument, sent as ARGV[i]; returns i."""
+        self._texts.append(text)
+        return len(self._texts) + 4
 
     def _before(self, key: str, shape: str) -> Any:
         """Content of ``key`` as this operation read it (read now, and so checked, if the lock
@@ -248,30 +259,32 @@ class Commit:
         for rid, rec in ch.puts.items():
             name, key_hash = rid
             text = _with_hole(_dump(rec.to_dict()), "token", rec.token)
-            self._add("HSET", k.records(name), key_hash, text)
+            self._add("HSET", k.records(name), key_hash, self._text(text))
             self._key_set(k.key_names(key_hash), name, add=True)
             if rec.expires_at is not None:
                 self._add("ZADD", k.expiry, repr(rec.expires_at), rk.expiry_member(rid))
             else:
-                self._add("ZREM", k.expiry, rk.expiry_member(rid))
+                old = self.view.entry(k.records(name), RECORDS)[1].get(key_hash)
+                if old is not None and old.expires_at is not None:
+                    self._add("ZREM", k.expiry, rk.expiry_member(rid))
         if ch.waiters_put or ch.waiters_deleted:
             waiters = dict(self._before(k.waiters, WAITERS))
             for ticket in ch.waiters_deleted:
                 waiters.pop(ticket, None)
                 if ticket < SENTINEL:  # else queued and dropped within this operation
-                    self._add("HDEL", k.waiters, ticket)
+                    self._add("HDEL", k.waiters, str(ticket))
             for ticket, w in ch.waiters_put.items():
                 waiters[ticket] = w
                 field = _hole(ticket) if ticket >= SENTINEL else str(ticket)
-                self._add("HSET", k.waiters, field,
-                          _with_hole(_dump(w.to_dict()), "ticket", ticket))
+                self._add("HSET", k.waiters, self._text(field),
+                          self._text(_with_hole(_dump(w.to_dict()), "ticket", ticket)))
             self.finals[k.waiters] = (WAITERS, waiters)
         for event in ch.events:
             m = to_message(event, "")
             self.messages.append(m)
             text = _with_hole(m.model_dump_json(exclude={"event_id"}), "token", m.lock.token)
-            self._xadds.append(self._add("XADD", k.events, "MAXLEN", "~", rk.EVENTS_MAXLEN, "*",
-                                         rk.EVENT_FIELD, text))
+            self._xadds.append(self._add("XADD", k.events, "MAXLEN", "~", _MAXLEN, "*",
+                                         rk.EVENT_FIELD, self._text(text)))
 
     def _records(self, touched: dict[str, tuple[bool, dict[str, LockRecord]]],
                  name: str) -> dict[str, LockRecord]:
@@ -282,14 +295,16 @@ class Commit:
         return slot[1]
 
     def _key_set(self, key: str, name: str, *, add: bool) -> None:
-        names = set(self._before(key, NAMES))
+        before = self._before(key, NAMES)
+        if (name in before) == add:
+            return  # unchanged: no write, no new version
+        names = set(before)
         (names.add if add else names.discard)(name)
         self.finals[key] = (NAMES, frozenset(names))
         self._add("SADD" if add else "SREM", key, name)
 
     def command(self) -> tuple[Any, ...]:
-        return ("EVALSHA", CAS_SHA, len(self._key_list), *self._key_list, *self._argv,
-                *self._commands)
+        return ("EVALSHA", CAS_SHA, len(self._key_list), *self._key_list, *self._args)
 
     # -- the reply -----------------------------------------------------------------------
     def stale(self, cache: Cache, found: list[Any]) -> Snapshot:
