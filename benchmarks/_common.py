@@ -59,15 +59,46 @@ def service(store: str = "memory") -> Iterator[str]:
         yield url
 
 
+#: How the throughput benchmarks run a server, the service and its anchor alike: one uvicorn
+#: worker, its defaults (uvloop, httptools), warnings only, no access log.
+UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+
+
+@contextmanager
+def service_under_uvicorn(store: str = "memory") -> Iterator[subprocess.Popen[bytes]]:
+    """The service as ``uvicorn --factory bs_coordination.service:create_app``, under the
+    same uvicorn settings as ``trivial_app`` (``.url`` is set on the process)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process([sys.executable, *UVICORN, "--port", str(port), "--factory",
+                  "bs_coordination.service:create_app"], f"{url}/api/health/live",
+                 env={"COORDINATION_STORE": store}) as proc:
+        proc.url = url  # type: ignore[attr-defined]
+        yield proc
+
+
 @contextmanager
 def trivial_app() -> Iterator[str]:
     """The anchor: a trivial FastAPI JSON endpoint under the same uvicorn settings."""
+    with trivial_process() as proc:
+        yield proc.url  # type: ignore[attr-defined]
+
+
+@contextmanager
+def trivial_process() -> Iterator[subprocess.Popen[bytes]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with process([sys.executable, "-m", "uvicorn", "--app-dir", HERE, "_trivial_app:app",
-                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                  "--no-access-log"], f"{url}/ping"):
-        yield url
+    with process([sys.executable, *UVICORN, "--port", str(port), "--app-dir", HERE,
+                  "_trivial_app:app"], f"{url}/ping") as proc:
+        proc.url = url  # type: ignore[attr-defined]
+        yield proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -84,4 +115,5 @@ def row(what: str, figure: str, anchor: str, ratio: float, target: str) -> str:
 
 HEADER = "| what | figure | anchor (same run) | ratio | target |\n|---|---|---|---|---|"
 
-__all__ = ["HEADER", "percentile", "process", "row", "service", "statistics", "trivial_app"]
+__all__ = ["HEADER", "cpu_seconds", "percentile", "process", "row", "service", "service_under_uvicorn",
+           "statistics", "trivial_app", "trivial_process"]

@@ -87,6 +87,9 @@ class LockRecord:
     plan_uid: str | None = None
     state: LockState = LockState.ACTIVE
     preempted_by: dict[str, Any] | None = None
+    #: ``public()``'s answer, made once: a record is never changed in place (a change is a new
+    #: record, made with ``replace``, which starts without it).
+    _public: DeviceLock | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def id(self) -> RecordId:
@@ -116,6 +119,13 @@ class LockRecord:
         )
 
     def public(self) -> DeviceLock:
+        """The record as everyone but its acquirer sees it (the same object on every call:
+        treat it as read-only)."""
+        if self._public is None:
+            self._public = self._make_public()
+        return self._public
+
+    def _make_public(self) -> DeviceLock:
         return DeviceLock(
             device_name=self.device_name,
             lock_type=self.lock_type,
