@@ -81,7 +81,7 @@ from bs_coordination.stores.base import Store
 from bs_coordination.stores.redis_conn import OrderedConnection
 from bs_coordination.stores.redis_events import RedisEventLog
 from bs_coordination.stores.redis_script import CAS, is_noscript, pack
-from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View, patch
+from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class RedisStore(Store):
                 messages = commit.events(reply[5], bases)
                 self.events.appended(messages)
                 self.notify_changed()
-                return patch(result, bases), messages
+                return commit.patch(result, bases), messages
             snapshot = commit.snapshot
             if status == "stale" and attempt >= 2:
                 await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempt - 2), 0.05)))

@@ -146,23 +146,6 @@ def _with_hole(text: str, field: str, value: int) -> str:
     return text.replace(f'"{field}":{value}', f'"{field}":{_hole(value)}', 1)
 
 
-def patch(obj: Any, bases: list[int]) -> Any:
-    """``obj`` (an operation's result) with every sentinel value replaced by the real one."""
-    if not bases:
-        return obj
-    if isinstance(obj, LockRecord):
-        return replace(obj, token=_real(obj.token, bases)) if obj.token >= SENTINEL else obj
-    if isinstance(obj, bool):
-        return obj
-    if isinstance(obj, int):
-        return _real(obj, bases)
-    if isinstance(obj, list):
-        return [patch(x, bases) for x in obj]
-    if isinstance(obj, tuple):
-        return tuple(patch(x, bases) for x in obj)
-    return obj
-
-
 _MAXLEN = str(rk.EVENTS_MAXLEN)
 
 
@@ -190,6 +173,7 @@ class Commit:
         self.messages: list[LockUpdateMessage] = []
         #: After a "stale" reply: Redis at the instant the script ran (``stale``).
         self.snapshot: Snapshot | None = None
+        self._patched: dict[int, LockRecord] = {}  # id(record with a sentinel) -> real
         self._build_writes()
         index = self._index
         self.checks = list(view.read.items())
@@ -318,23 +302,43 @@ class Commit:
             cache.put(key, *entry)
         return snapshot
 
+    def patch(self, obj: Any, bases: list[int]) -> Any:
+        """``obj`` (the operation's result, or a record it wrote) with every sentinel value
+        replaced by the real one; a record is patched once (its ``public()`` made once)."""
+        if not bases:
+            return obj
+        if isinstance(obj, LockRecord):
+            if obj.token < SENTINEL:
+                return obj
+            real = self._patched.get(id(obj))
+            if real is None:
+                real = self._patched[id(obj)] = replace(obj, token=_real(obj.token, bases))
+            return real
+        if isinstance(obj, bool):
+            return obj
+        if isinstance(obj, int):
+            return _real(obj, bases)
+        if isinstance(obj, list):
+            return [self.patch(x, bases) for x in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.patch(x, bases) for x in obj)
+        return obj
+
     def done(self, cache: Cache, version: str, bases: list[int]) -> None:
         """The writes happened: remember every key written at its new version."""
         for key, (shape, content) in self.finals.items():
             if bases and shape == RECORDS:
-                content = {h: patch(r, bases) for h, r in content.items()}
+                content = {h: self.patch(r, bases) for h, r in content.items()}
             elif bases and shape == WAITERS:
                 content = {_real(t, bases): replace(w, ticket=_real(w.ticket, bases))
                            for t, w in content.items()}
             cache.put(key, version if content else "", content)
 
     def events(self, replies: list[Any], bases: list[int]) -> list[LockUpdateMessage]:
-        """The events as appended: with their stream ids and real tokens."""
-        out = []
+        """The events as appended: with their stream ids and real tokens (the messages built
+        for the script, completed in place: nobody else holds them)."""
         for m, i in zip(self.messages, self._xadds, strict=True):
-            update: dict[str, Any] = {"event_id": replies[i]}
+            m.event_id = replies[i]
             if m.lock.token >= SENTINEL:
-                update["lock"] = m.lock.model_copy(
-                    update={"token": _real(m.lock.token, bases)})
-            out.append(m.model_copy(update=update))
-        return out
+                m.lock = m.lock.model_copy(update={"token": _real(m.lock.token, bases)})
+        return self.messages
