@@ -17,8 +17,8 @@ key                                 type         holds
                                                  wait ``ticket``)
 ``<p>:events``                      stream       field ``m``: event JSON without its id
 ``<p>:versions``                    hash         key -> version of its content (records, under,
-                                                 key sets and waiters; none while empty)
-``<p>:version``                     string       last version handed out (Redis time in µs)
+                                                 key sets and waiters; none while empty);
+                                                 ``~last``: the last version handed out
 ==================================  ===========  ============================================
 """
 
@@ -40,7 +40,6 @@ WAITERS = "waiters"
 COUNTER = "counter"
 EVENTS = "events"
 VERSIONS = "versions"
-VERSION = "version"
 
 #: Stream field holding an event's JSON.
 EVENT_FIELD = "m"
@@ -85,10 +84,6 @@ class KeySpace:
     @property
     def versions(self) -> str:
         return f"{self.prefix}:{VERSIONS}"
-
-    @property
-    def version(self) -> str:
-        return f"{self.prefix}:{VERSION}"
 
 
 def expiry_member(record_id: RecordId) -> str:

@@ -185,10 +185,12 @@ class Commit:
             for name, number in view.counters.items():  # in number order
                 used = ch.counters[name] - (SENTINEL + number * SPAN)
                 counters += [index(keys.counter(name)), used]
-        written = [index(key) for key in self.finals]
-        self._key_list += [keys.versions, keys.version]
+        written = [index(key) for key, (_, content) in self.finals.items() if content]
+        emptied = [index(key) for key, (_, content) in self.finals.items() if not content]
+        self._key_list.append(keys.versions)
         self._args = (repr(now), repr(max_ahead), repr(max_delay),
-                      _dump([checks, counters, written, self._commands]), *self._texts)
+                      _dump([checks, counters, written, emptied, self._commands]),
+                      *self._texts)
 
     # -- building ------------------------------------------------------------------------
     def _index(self, key: str) -> int:
