@@ -23,7 +23,6 @@ deprecated query form of release) come from the one place that gives them everyw
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -63,6 +62,7 @@ class DirectRoutes:
         self.routes = {r.path: r for r in routes}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
         route = self.routes.get(_route_path(scope)) if scope["type"] == "http" else None
         state = self.owner.state
         if route is None or scope["method"] != "POST" or scope["query_string"] \
@@ -77,27 +77,29 @@ class DirectRoutes:
                 or (settings.cors_origins and b"origin" in headers):
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
         raw, complete = await _read_body(receive)
         if not complete:  # the client went away
             return
-        retry = _replay(raw, receive)
         try:
-            body = route.body_model.model_validate(json.loads(raw))
-        except (ValueError, ValidationError):  # not JSON, or invalid: FastAPI words the 422
-            await self.app(scope, retry, send)
+            # Parsed and validated in one step (pydantic's JSON mode). Where it and FastAPI's
+            # ``json.loads`` + validation could differ (a byte-order mark, say), it refuses and
+            # FastAPI decides.
+            body = route.body_model.model_validate_json(raw)
+        except ValidationError:  # not JSON, or invalid: FastAPI words the 422
+            await self.app(scope, _replay(raw, receive), send)
             return
         principal = None
-        if state.keyring is not None:
+        keyring = state.keyring
+        if keyring is not None:
             authorization = headers.get(b"authorization")
             try:
-                principal = identify(state.keyring, authorization and authorization.decode("latin-1"))
+                principal = identify(keyring, authorization and authorization.decode("latin-1"))
             except AuthenticationError:  # the key middleware answers 401 and logs it
-                await self.app(scope, retry, send)
+                await self.app(scope, _replay(raw, receive), send)
                 return
             scope[PRINCIPAL_SCOPE_KEY] = principal
-        caller = Caller(state.store, state.devices, principal)
-        status = await self._answer(route, body, caller, scope, retry, send)
+        status = await self._answer(route, body, Caller(state.store, state.devices, principal),
+                                    scope, receive, send)
         metrics = getattr(state, "metrics", None)
         if metrics is not None:
             metrics.observe("POST", route.path, status, time.perf_counter() - start)
@@ -115,7 +117,7 @@ class DirectRoutes:
             response = await handlers.get(cls, _bare_500)(Request(scope, receive, send), exc)
             await response(scope, receive, send)
             return int(response.status_code)
-        payload = result.model_dump_json(by_alias=True).encode()
+        payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(payload))]})
