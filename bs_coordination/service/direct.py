@@ -19,6 +19,9 @@ any route), and records the request in the metrics. Every other request, includi
 that does not parse or validate and a key that is refused, continues into the FastAPI app
 with its body replayed, so those answers (the 422 naming the field, the 401, the 413, the
 deprecated query form of release) come from the one place that gives them everywhere else.
+
+FastAPI's own OpenTelemetry instrumentation, when one is configured, sees only the requests
+that go through FastAPI; ``/metrics`` counts every request.
 """
 
 from __future__ import annotations
