@@ -125,6 +125,7 @@ class RedisStore(Store):
         self._url = url
         self._max_delay = min(MAX_DELAY, socket_timeout / 2)
         self._cache = Cache()
+        self._loading: asyncio.Future[Any] | None = None
         # Redis time = time.monotonic() + offset (a lower bound; see the docstring).
         self._offset = time.time() - time.monotonic()
         self._offset_at = -OFFSET_KEEP
@@ -137,10 +138,13 @@ class RedisStore(Store):
         answers 503 until Redis is reachable, then heals)."""
         try:
             await self.ping()
+            await self._load_script()
         except StoreUnavailableError as exc:
             log.warning("%s", exc.message)
 
     async def close(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
         await self._link.close()
         await self._redis.aclose()
 
@@ -251,13 +255,22 @@ class RedisStore(Store):
             reply = await self._link.call(pack([commit.command()]),
                                           partial(self._on_reply, commit))
             if is_noscript(reply):
-                await self._redis.script_load(CAS)
+                await self._load_script()
                 return ["noscript"]
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
         if isinstance(reply, Exception):
             raise self._down(reply)
         return list(reply)
+
+    async def _load_script(self) -> None:
+        """Register ``CAS`` (Redis forgets scripts when it restarts); concurrent callers share
+        one ``SCRIPT LOAD``."""
+        loading = self._loading
+        if loading is None or loading.done():
+            loading = self._loading = asyncio.ensure_future(self._redis.script_load(CAS))
+        with self._unavailable():
+            await asyncio.shield(loading)
 
     def _on_reply(self, commit: Commit, reply: Any) -> None:
         """Runs as the reply arrives, in the order Redis ran the calls (``redis_conn``)."""
