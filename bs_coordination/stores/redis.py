@@ -238,7 +238,7 @@ class RedisStore(Store):
                     raise error  # the reads it was decided on were confirmed
                 if changes.empty:
                     return result, []
-                bases = [int(b) for b in reply[4]]
+                bases = commit.bases
                 messages = commit.events(reply[5], bases)
                 self.events.appended(messages)
                 self.notify_changed()
@@ -284,8 +284,10 @@ class RedisStore(Store):
         self._observe_time(reply[1], reply[2], reset=status == "clock")
         if status == "stale":
             commit.snapshot = commit.stale(self._cache, reply[3])
-        elif status == "ok" and reply[3] != "0":
-            commit.done(self._cache, reply[3], [int(b) for b in reply[4]])
+        elif status == "ok":
+            commit.bases = [int(b) for b in reply[4]]
+            if reply[3] != "0":
+                commit.done(self._cache, reply[3], commit.bases)
 
     # -- event log (redis_events) --------------------------------------------------------
     async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:

@@ -174,6 +174,8 @@ class Commit:
         #: After a "stale" reply: Redis at the instant the script ran (``stale``).
         self.snapshot: Snapshot | None = None
         self._patched: dict[int, LockRecord] = {}  # id(record with a sentinel) -> real
+        #: After an "ok" reply: each counter's reserved base.
+        self.bases: list[int] = []
         self._build_writes()
         index = self._index
         self.checks = list(view.read.items())
@@ -339,8 +341,15 @@ class Commit:
     def events(self, replies: list[Any], bases: list[int]) -> list[LockUpdateMessage]:
         """The events as appended: with their stream ids and real tokens (the messages built
         for the script, completed in place: nobody else holds them)."""
-        for m, i in zip(self.messages, self._xadds, strict=True):
+        puts = self.ch.puts
+        for m, event, i in zip(self.messages, self.ch.events, self._xadds, strict=True):
             m.event_id = replies[i]
-            if m.lock.token >= SENTINEL:
-                m.lock = m.lock.model_copy(update={"token": _real(m.lock.token, bases)})
+            token = event.record.token
+            if token >= SENTINEL:
+                put = puts.get(event.record.id)
+                if put is not None and put.token == token:
+                    # The record as stored: its public() is the one the caller answers with.
+                    m.lock = self.patch(put, bases).public()
+                else:
+                    m.lock = m.lock.model_copy(update={"token": _real(token, bases)})
         return self.messages
