@@ -14,14 +14,16 @@ A lock operation is **one round trip** in the common case:
    of names and the wait queue the lock table looked at are unchanged), then reserves the
    fencing-token/ticket values it used (``INCRBY``), writes the records, the index sets, the
    expiry sorted set and the waiters, appends the events (``XADD``) and gives every key it
-   changed a new version, all atomically. Versions come from one sequence, so a key never
-   has the same version twice with different content.
+   changed a new version, all atomically. A key the operation writes but did not read is
+   checked too. Versions are Redis time in microseconds (strictly increasing), so a key
+   never has the same version twice with different content, even after Redis restarted
+   from an older state or was emptied.
 3. **On a mismatch** nothing is written and the script returns the current content of the
    keys that changed, read at the same instant as the checks that passed: a snapshot of
    Redis. The operation runs again on it. A refusal (or a read such as ``device_status``)
    decided wholly on that snapshot is final without another call: the holder it names held
    the device at that instant, during the request. Anything else goes out again (bounded,
-   with jitter after the second mismatch).
+   with jitter from the third mismatch on).
 
 Why not ``WATCH``/``MULTI`` (the earlier version of this store): it needs the reads back before
 it can write, so every operation was two round trips (and connections held across them);
@@ -35,7 +37,8 @@ has a larger token) and grants on unrelated devices never conflict on the fencin
 Time: the operation needs "now" before the call, so the store keeps the offset between
 ``time.monotonic()`` and Redis ``TIME`` (every script reply carries ``TIME``; ``now()``, which
 the sweeper calls, reads it too). An estimate taken from a reply is never ahead of Redis (the
-reply left after ``TIME`` was read). The script compares its own ``TIME`` with the ``now`` the
+reply left after ``TIME`` was read), so the highest of the last ``OFFSET_KEEP`` seconds is
+kept. The script compares its own ``TIME`` with the ``now`` the
 operation used and refuses (the store resynchronises and runs the operation again) when it is
 more than ``MAX_AHEAD`` ahead or more than ``max_delay`` behind, so every replica decides
 expiry on Redis time within those bounds. ``max_delay`` is below the reply timeout, so a call

@@ -1,6 +1,6 @@
 """The Redis store's event log: a Redis Stream, read back, resumed and followed.
 
-Events are appended by the store's commit (``XADD ... MAXLEN ~``, in the same transaction as
+Events are appended by the store's commit (``XADD ... MAXLEN ~``, in the same script call as
 the change); the entry id is the event id, so every replica sees one order. This module only
 reads: ``events_after`` (``XRANGE``, with the trimmed-log check), ``last_event_id`` and
 ``tail`` (``XREAD BLOCK`` on a client of its own without a read timeout).
