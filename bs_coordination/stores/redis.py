@@ -25,6 +25,12 @@ A lock operation is **one round trip** in the common case:
    the device at that instant, during the request. Anything else goes out again (bounded,
    with jitter from the third mismatch on).
 
+Within one process, operations are ordered by arrival: one that reads a key an earlier one is
+still writing waits for it and then runs on the cache that write updated, so a hot device sees
+one writer of this process at a time rather than all of them going stale but one (a stress of
+100 clients preempting each other on a few devices: 1.15 calls per operation instead of 1.4,
+and no operation giving up). Writes of other replicas are met by the checks alone.
+
 Why not ``WATCH``/``MULTI`` (the earlier version of this store): it needs the reads back before
 it can write, so every operation was two round trips (and connections held across them);
 here the write goes with the first call and a warm cache makes the guess right. Why not the
@@ -61,6 +67,7 @@ a client of its own without a read timeout (redis-py 8's 5 s default plus retrie
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import random
@@ -128,6 +135,9 @@ class RedisStore(Store):
         self._url = url
         self._max_delay = min(MAX_DELAY, socket_timeout / 2)
         self._cache = Cache()
+        self._arrivals = itertools.count()
+        # key -> (arrival, done) of the latest operation of this store that writes it.
+        self._writers: dict[str, tuple[int, asyncio.Future[None]]] = {}
         self._loading: asyncio.Future[Any] | None = None
         # Redis time = time.monotonic() + offset (a lower bound; see the docstring).
         self._offset = time.time() - time.monotonic()
@@ -213,44 +223,86 @@ class RedisStore(Store):
     # -- transactions ------------------------------------------------------------------
     async def _run(self, op: Callable[[Txn], T], actor: str | None
                    ) -> tuple[T, list[LockUpdateMessage]]:
+        # Operations of this store are ordered by arrival: one waits for the earlier ones
+        # still writing a key it reads, and is waited for by later ones reading a key it
+        # writes (``_writers``), so a hot key sees one writer of this process at a time
+        # instead of every one of them going stale but one. Only earlier ones are waited for,
+        # so waits never form a cycle. Other replicas' writes are met by the checks alone.
+        seq = next(self._arrivals)
+        mine: asyncio.Future[None] | None = None
+        claimed: list[str] = []
         snapshot: Snapshot | None = None
-        for attempt in range(MAX_ATTEMPTS):
-            view = View(self.keys, self._cache, snapshot)
-            now = time.monotonic() + self._offset
-            txn = Txn(view, now, actor)
-            error: Exception | None = None
-            try:
-                result = op(txn)
-            except CoordinationError as exc:
-                error = exc
-            except Exception as exc:
-                if view.fresh:  # a real bug, not an artefact of a guessed view
-                    raise
-                error = exc
-            changes = txn.changes() if error is None else Changes()
-            if view.fresh and changes.empty:
-                # Decided on one snapshot of Redis taken during this operation.
-                if error is not None:
-                    raise error
-                return result, []
-            commit = Commit(self.keys, view, changes, now, MAX_AHEAD, self._max_delay)
-            reply = await self._call(commit)
-            status = reply[0]
-            if status == "ok":
-                if error is not None:
-                    raise error  # the reads it was decided on were confirmed
-                if changes.empty:
+        attempts = 0
+        try:
+            while True:
+                view = View(self.keys, self._cache, snapshot)
+                now = time.monotonic() + self._offset
+                txn = Txn(view, now, actor)
+                error: Exception | None = None
+                try:
+                    result = op(txn)
+                except CoordinationError as exc:
+                    error = exc
+                except Exception as exc:
+                    if view.fresh:  # a real bug, not an artefact of a guessed view
+                        raise
+                    error = exc
+                changes = txn.changes() if error is None else Changes()
+                if view.fresh and changes.empty:
+                    # Decided on one snapshot of Redis taken during this operation.
+                    if error is not None:
+                        raise error
                     return result, []
-                bases = commit.bases
-                messages = commit.events(reply[5], bases)
-                self.events.appended(messages)
-                self.notify_changed()
-                return commit.patch(result, bases), messages
-            snapshot = commit.snapshot
-            if status == "stale" and attempt >= 2:
-                await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempt - 2), 0.05)))
-        raise StoreUnavailableError(
-            f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
+                commit = Commit(self.keys, view, changes, now, MAX_AHEAD, self._max_delay)
+                earlier = self._earlier_writers(seq, commit)
+                if commit.finals:
+                    if mine is None:
+                        mine = asyncio.get_running_loop().create_future()
+                    for key in commit.finals:
+                        held = self._writers.get(key)
+                        if held is None or held[0] < seq:
+                            self._writers[key] = (seq, mine)
+                            claimed.append(key)
+                if earlier:
+                    await asyncio.wait(earlier)
+                    snapshot = None  # the cache now has what they wrote
+                    continue
+                if attempts == MAX_ATTEMPTS:
+                    raise StoreUnavailableError(
+                        f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
+                attempts += 1
+                reply = await self._call(commit)
+                status = reply[0]
+                if status == "ok":
+                    if error is not None:
+                        raise error  # the reads it was decided on were confirmed
+                    if changes.empty:
+                        return result, []
+                    bases = commit.bases
+                    messages = commit.events(reply[5], bases)
+                    self.events.appended(messages)
+                    self.notify_changed()
+                    return commit.patch(result, bases), messages
+                snapshot = commit.snapshot
+                if status == "stale" and attempts >= 3:
+                    await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempts - 3), 0.05)))
+        finally:
+            if mine is not None:
+                mine.set_result(None)
+                for key in claimed:
+                    held = self._writers.get(key)
+                    if held is not None and held[1] is mine:
+                        del self._writers[key]
+
+    def _earlier_writers(self, seq: int, commit: Commit) -> list[asyncio.Future[None]]:
+        """Unfinished earlier operations of this store that write a key ``commit`` reads."""
+        out = []
+        writers = self._writers
+        for key, _ in commit.checks:
+            held = writers.get(key)
+            if held is not None and held[0] < seq and not held[1].done():
+                out.append(held[1])
+        return out
 
     async def _call(self, commit: Commit) -> list[Any]:
         """The script's reply (``["noscript"]`` after loading it again)."""
