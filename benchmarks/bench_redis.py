@@ -7,9 +7,10 @@ Starts a private ``redis-server`` on a free port (append-only, ``--appendfsync``
 
 1. **anchor**: ``--clients`` asyncio tasks, each looping ``Lock.acquire()`` + ``release()``
    on its own lock name (no contention, so redis-py's 0.1 s polling never runs);
-2. **service**: ``python -m bs_coordination.service --store redis://...`` (one uvicorn worker)
-   and ``--clients`` aiohttp tasks, each looping POST ``/api/lock/request`` + POST
-   ``/api/lock/release`` on its own device;
+2. **service**: ``uvicorn --factory bs_coordination.service:create_app`` on the Redis store
+   (one worker, no access log) and ``--clients`` keep-alive connections of the lean client
+   of ``_load.py``, each looping POST ``/api/lock/request`` + POST ``/api/lock/release`` on
+   its own device;
 3. for context, the same pairs on the ``RedisStore`` API in-process (no HTTP), and through the
    service on the memory store (no Redis), to show where the time goes.
 
@@ -40,8 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 import redis.asyncio as aioredis
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import UVICORN
+from _load import Connection
 
 
 def free_port() -> int:
@@ -109,21 +114,25 @@ async def bench_anchor(url: str, clients: int, seconds: float) -> tuple[float, l
 
 
 async def bench_service(base: str, clients: int, seconds: float) -> tuple[float, list[float]]:
-    conn = aiohttp.TCPConnector(limit=clients + 10)
-    async with aiohttp.ClientSession(base, connector=conn) as http:
+    # The lean keep-alive client of ``_load.py``: a general-purpose HTTP client would spend as
+    # much CPU per request as the service, and be the thing measured.
+    conns = [await Connection.open(base) for _ in range(clients)]
 
-        async def pair(i: int) -> None:
-            device = f"bench{i}"
-            async with http.post("/api/lock/request", json={
-                    "device_name": device, "lock_type": "MANUAL_OPERATOR", "user_id": "bench",
-                    "timeout": 30}) as r:
-                body = await r.json()
-                assert r.status == 200, body
-            async with http.post("/api/lock/release", json={
-                    "lock_key": body["lock_key"], "device_name": device}) as r:
-                assert r.status == 200, await r.text()
+    async def pair(i: int) -> None:
+        device = f"bench{i}"
+        status, body = await conns[i].post_json("/api/lock/request", {
+            "device_name": device, "lock_type": "MANUAL_OPERATOR", "user_id": "bench",
+            "timeout": 30})
+        assert status == 200, body
+        status, body = await conns[i].post_json("/api/lock/release", {
+            "lock_key": body["lock_key"], "device_name": device})
+        assert status == 200, body
 
+    try:
         return await run_clients(clients, seconds, pair)
+    finally:
+        for c in conns:
+            c.close()
 
 
 class Counting:
@@ -182,12 +191,14 @@ async def bench_store(url: str, clients: int, seconds: float
 
 
 def start_service(store: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The service under uvicorn with the settings of the service benchmark's runs (one
+    worker, no access log)."""
     port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATION_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bs_coordination.service", "--host", "127.0.0.1",
-         "--port", str(port), "--store", store, "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("COORDINATION_")})
+        [sys.executable, *UVICORN, "--port", str(port), "--factory",
+         "bs_coordination.service:create_app"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**env, "COORDINATION_STORE": store})
     wait_port(port)
     return proc, f"http://127.0.0.1:{port}"
 
