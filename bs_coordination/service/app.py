@@ -31,6 +31,7 @@ from .limits import install_limits
 from .logfilter import install_query_filter
 from .metrics import install_metrics
 from .routes import device_config, events, health, locks
+from .tasks import stop
 from .ws import router as ws_router
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            await stop(sweeper)
             await app.state.devices.close()
             await hub.stop()
             await st.close()

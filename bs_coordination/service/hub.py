@@ -17,6 +17,8 @@ from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import EventGap, Store
 from bs_coordination.stores.base import event_order
 
+from .tasks import stop
+
 log = logging.getLogger(__name__)
 
 #: Back-off after the store's tail fails (e.g. Redis down): first, then doubling up to max.
@@ -74,11 +76,7 @@ class EventHub:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop(self._task)
             self._task = None
         for sub in list(self._subs):
             sub.drop("the service is shutting down")

@@ -341,15 +341,12 @@ class Commit:
     def events(self, replies: list[Any], bases: list[int]) -> list[LockUpdateMessage]:
         """The events as appended: with their stream ids and real tokens (the messages built
         for the script, completed in place: nobody else holds them)."""
-        puts = self.ch.puts
         for m, event, i in zip(self.messages, self.ch.events, self._xadds, strict=True):
             m.event_id = replies[i]
-            token = event.record.token
-            if token >= SENTINEL:
-                put = puts.get(event.record.id)
-                if put is not None and put.token == token:
-                    # The record as stored: its public() is the one the caller answers with.
-                    m.lock = self.patch(put, bases).public()
-                else:
-                    m.lock = m.lock.model_copy(update={"token": _real(token, bases)})
+            if event.record.token >= SENTINEL:
+                # The event's own record, patched once: the caller's answer patches the same
+                # object, so both share one public(). Not the record stored last under the same
+                # id: one operation may restore a lock and preempt it again (both carry the
+                # same new token), and each event must show the lock as it was at that event.
+                m.lock = self.patch(event.record, bases).public()
         return self.messages

@@ -17,6 +17,7 @@ import pytest
 
 from bs_coordination.errors import CoordinationError, LockConflictError
 from bs_coordination.models import LockAction, LockRequest, LockState, LockType, names_overlap
+from bs_coordination.service.tasks import stop
 from bs_coordination.stores.redis import RedisStore
 
 pytestmark = pytest.mark.redis
@@ -100,8 +101,7 @@ async def test_replicas_never_hand_one_device_to_two_holders(redis_server) -> No
                         f"after event {event.event_id}: {d1!r} held by {u1} and {d2!r} by {u2}")
         assert live == {}
     finally:
-        for task in (*workers, *sweepers):
-            task.cancel()
-        await asyncio.gather(*workers, *sweepers, return_exceptions=True)
+        for task in (*workers, *sweepers):  # again while one runs on: see service/tasks.py
+            await stop(task)
         for store in stores:
             await store.close()
