@@ -61,7 +61,7 @@ async def sweep_forever(store: Store, interval: float = SWEEP_SECONDS) -> None:
 class CoordinationApp(FastAPI):
     """The service's FastAPI app, with the lock operations' fast path (``direct.py``) in front
     of it: ordinary lock requests, releases and renewals are answered there, everything else
-    goes through FastAPI as usual (and so does all of FastAPI's own instrumentation)."""
+    goes through FastAPI as usual (FastAPI's own instrumentation sees only the latter)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

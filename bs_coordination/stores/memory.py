@@ -96,11 +96,7 @@ class MemoryStore(Store):
         newer = self._last_id - after  # ids are consecutive: the newest ``newer`` entries
         if newer > len(self._events):
             raise EventGap(f"event {since} is older than the retained log")
-        if newer <= 0:
-            return []
-        tail = list(itertools.islice(reversed(self._events), newer))
-        tail.reverse()
-        return tail[:limit]
+        return self._newest(newer)[:limit]
 
     async def last_event_id(self) -> str | None:
         return self._id(self._last_id) if self._last_id else None
@@ -117,12 +113,20 @@ class MemoryStore(Store):
                 yield self._events[-1]
                 continue
             if newer > 0:
-                batch = list(itertools.islice(reversed(self._events), newer))
+                batch = self._newest(newer)
                 last = self._last_id
-                for m in reversed(batch):
+                for m in batch:
                     yield m
                 continue
             await appended.wait()
+
+    def _newest(self, n: int) -> list[LockUpdateMessage]:
+        """The newest ``n`` events, oldest first (ids are consecutive: no search)."""
+        if n <= 0:
+            return []
+        newest = list(itertools.islice(reversed(self._events), n))
+        newest.reverse()
+        return newest
 
     def _id(self, seq: int) -> str:
         return f"{self._epoch}-{seq}"

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import httpx
 import pytest
+from lockhttp import LockHttp
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP = ROOT / "profile_collection_example" / "startup"
@@ -95,53 +95,13 @@ def _plugin_module(config: pytest.Config, path: Path) -> ModuleType:
     raise RuntimeError(f"{path} is not loaded as a conftest")
 
 
-class Locks:
-    """The lock service as another party sees it (plain HTTP, its own keys)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.http = httpx.Client(base_url=url, timeout=10)
-
-    def all(self) -> list[dict[str, Any]]:
-        r = self.http.get("/api/locks/status")
-        r.raise_for_status()
-        return list(r.json()["locks"])
-
-    def of(self, user_id: str) -> dict[str, dict[str, Any]]:
-        """Locks of ``user_id`` by device name."""
-        return {lk["device_name"]: lk for lk in self.all() if lk["user_id"] == user_id}
-
-    def events(self, since: str | None = None) -> list[dict[str, Any]]:
-        r = self.http.get("/api/events", params={"since": since} if since else None)
-        r.raise_for_status()
-        return list(r.json()["events"])
-
-    def last_event_id(self) -> str | None:
-        events = self.events()
-        return str(events[-1]["event_id"]) if events else None
-
-    def lock(self, device: str, lock_type: str, user_id: str, reason: str | None = None) -> str:
-        r = self.http.post("/api/lock/request", json={
-            "device_name": device, "lock_type": lock_type, "user_id": user_id,
-            "reason": reason, "timeout": None})
-        assert r.status_code == 200, r.text
-        return str(r.json()["lock_key"])
-
-    def release(self, lock_key: str) -> None:
-        r = self.http.post("/api/lock/release", json={"lock_key": lock_key})
-        assert r.status_code == 200, r.text
-
-    def close(self) -> None:
-        self.http.close()
-
-
 @dataclass
 class QueueServer:
     """A running RE Manager with an open environment: ``api`` (``REManagerAPI``), ``locks``
     (the lock service), ``log`` (the manager's output file)."""
 
     api: Any
-    locks: Locks
+    locks: LockHttp
     log: Path
     control_addr: str
 
@@ -254,7 +214,7 @@ def queue_server(request: pytest.FixtureRequest, e2e_redis: Any, e2e_service: An
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = REManagerAPI(zmq_control_addr=control, zmq_info_addr=info, timeout_recv=10,
                        timeout_send=10)
-    locks = Locks(e2e_service.url)
+    locks = LockHttp(e2e_service.url)
     try:
         wait_until(lambda: _answers(api), timeout=30, what="the RE Manager answers")
         api.environment_open()
@@ -308,7 +268,7 @@ def qs(queue_server: QueueServer) -> Iterator[QueueServer]:
     api.queue_clear()
     locks = queue_server.locks
     deadline = time.monotonic() + 5
-    while (left := locks.all()) and time.monotonic() < deadline:
+    while (left := locks.locks()) and time.monotonic() < deadline:
         time.sleep(0.05)
     for name in {lk["device_name"] for lk in left}:  # so that the next test starts clean
         locks.http.post("/api/lock/force-release", json={"device_name": name})

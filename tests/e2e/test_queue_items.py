@@ -23,7 +23,7 @@ def _queue_events(qs: QueueServer, since: str | None, uid: str) -> list[dict]:
 def test_count_item_holds_exactly_its_devices_with_its_item_uid(qs: QueueServer) -> None:
     uid = qs.api.item_add(BPlan("count", ["det1", "det2"], num=10, delay=0.2))["item"]["item_uid"]
     qs.api.queue_start()
-    held = wait_until(lambda: qs.locks.of(QUEUE_USER), what="the running item takes its locks")
+    held = wait_until(lambda: qs.locks.held(QUEUE_USER), what="the running item takes its locks")
     assert set(held) == {"det1", "det2"}
     for lock in held.values():
         assert lock["lock_type"] == "QUEUE_EXECUTING"
@@ -36,7 +36,7 @@ def test_count_item_holds_exactly_its_devices_with_its_item_uid(qs: QueueServer)
     qs.api.wait_for_idle(timeout=30)
     last = qs.history()[-1]
     assert (last["item_uid"], last["result"]["exit_status"]) == (uid, "completed")
-    assert qs.locks.all() == []
+    assert qs.locks.locks() == []
 
 
 def test_scan_item_locks_its_devices_once_and_releases_them(qs: QueueServer) -> None:
@@ -56,7 +56,7 @@ def test_scan_item_locks_its_devices_once_and_releases_them(qs: QueueServer) -> 
     assert acquired == ["det", "motor"]  # one request per device: one plugin installed
     assert released == ["det", "motor"]
     assert all(e["lock"]["user_id"] == QUEUE_USER for e in events)
-    assert qs.locks.all() == []
+    assert qs.locks.locks() == []
 
 
 def test_maintenance_suspends_the_running_item_which_then_completes(qs: QueueServer) -> None:
@@ -67,7 +67,7 @@ def test_maintenance_suspends_the_running_item_which_then_completes(qs: QueueSer
     wait_until(lambda: qs.run_function("position_of", "motor2") >= 3, timeout=30,
                what="the scan reaches its third point")
     key = qs.locks.lock("motor2", "MAINTENANCE", "maint_bob", reason="replacing the encoder")
-    wait_until(lambda: qs.locks.of(QUEUE_USER).get("motor2", {}).get("state") == "preempted",
+    wait_until(lambda: qs.locks.held(QUEUE_USER).get("motor2", {}).get("state") == "preempted",
                what="the item's lock on motor2 is preempted")
     # The status has no field for it; the worker's console output says why. Once it is
     # printed the RunEngine is suspending: no further plan message runs.
@@ -88,7 +88,7 @@ def test_maintenance_suspends_the_running_item_which_then_completes(qs: QueueSer
     last = qs.history()[-1]
     assert (last["item_uid"], last["result"]["exit_status"]) == (uid, "completed")
     assert qs.run_function("position_of", "motor2") == 10
-    assert qs.locks.all() == []
+    assert qs.locks.locks() == []
 
 
 def test_device_held_before_the_item_starts_fails_it_naming_the_holder(qs: QueueServer) -> None:
@@ -107,7 +107,7 @@ def test_device_held_before_the_item_starts_fails_it_naming_the_holder(qs: Queue
         assert "maint_alice" in message
         assert "MAINTENANCE" in message
         assert "cable swap" in message
-        assert qs.locks.of(QUEUE_USER) == {}
+        assert qs.locks.held(QUEUE_USER) == {}
     finally:
         qs.locks.release(key)
 
@@ -142,7 +142,7 @@ def test_functions_bypass_the_runengine_unless_they_use_the_guard(qs: QueueServe
     finally:
         qs.locks.release(key)
     assert qs.run_function("park_motor", position=0.5) == 0.5
-    assert qs.locks.of("queue_functions") == {}  # released after the move
+    assert qs.locks.held("queue_functions") == {}  # released after the move
 
 
 def test_reopening_the_environment_installs_the_plugin_once(qs: QueueServer) -> None:

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 from bluesky_queueserver_api import BPlan
+from lockhttp import LockHttp
 
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.reservations import QueueReservations, names_from_device_list
 
-from .conftest import QUEUE_USER, STARTUP, Locks, QueueServer, wait_until
+from .conftest import QUEUE_USER, STARTUP, QueueServer, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -100,7 +101,7 @@ def reserver(qs: QueueServer) -> Iterator[ReserverThread]:
 
 
 def _reserved(qs: QueueServer) -> dict[str, dict[str, Any]]:
-    return {name: lk for name, lk in qs.locks.of(RESERVER).items()
+    return {name: lk for name, lk in qs.locks.held(RESERVER).items()
             if lk["lock_type"] == "QUEUE_QUEUED"}
 
 
@@ -138,7 +139,7 @@ def test_waiting_items_are_reserved_consumed_when_they_start_and_dropped_when_re
 
     since = qs.locks.last_event_id()
     api.queue_start()
-    executing = wait_until(lambda: qs.locks.of(QUEUE_USER).get("det1"),
+    executing = wait_until(lambda: qs.locks.held(QUEUE_USER).get("det1"),
                            what="the first item takes det1")
     assert (executing["lock_type"], executing["plan_uid"]) == ("QUEUE_EXECUTING", first)
     # The first item's reservation was consumed; the second's are still there.
@@ -152,7 +153,7 @@ def test_waiting_items_are_reserved_consumed_when_they_start_and_dropped_when_re
     api.wait_for_idle(timeout=30)
     results = {h["item_uid"]: h["result"]["exit_status"] for h in qs.history()}
     assert (results[first], results[second]) == ("completed", "completed")
-    wait_until(lambda: qs.locks.all() == [], what="no lock left after both items")
+    wait_until(lambda: qs.locks.locks() == [], what="no lock left after both items")
     events = qs.locks.events(since)
     consumed = {(e["device_name"], e["lock"]["plan_uid"]) for e in events
                 if e["action"] == "consumed"}
@@ -184,7 +185,7 @@ def test_an_operator_outranks_a_reservation(qs: QueueServer, reserver: ReserverT
     wait_until(lambda: "motor" in _reserved(qs), what="the free device is reserved")
     reserver.synced()
     assert set(_reserved(qs)) == {"motor"}  # det is the operator's: not reserved
-    assert qs.locks.of("operator_olga")["det"]["state"] == "active"
+    assert qs.locks.held("operator_olga")["det"]["state"] == "active"
 
     qs.locks.release(key)
     held = wait_until(lambda: _reserved(qs).get("det"),
@@ -193,9 +194,9 @@ def test_an_operator_outranks_a_reservation(qs: QueueServer, reserver: ReserverT
 
     # An operator asking for a reserved device gets it (the reservation waits, preempted).
     key = qs.locks.lock("motor", "MANUAL_OPERATOR", "operator_olga", reason="one more look")
-    assert qs.locks.of(RESERVER)["motor"]["state"] == "preempted"
+    assert qs.locks.held(RESERVER)["motor"]["state"] == "preempted"
     qs.locks.release(key)
-    assert qs.locks.of(RESERVER)["motor"]["state"] == "active"
+    assert qs.locks.held(RESERVER)["motor"]["state"] == "active"
 
     qs.api.item_remove(uid=uid)
     wait_until(lambda: _reserved(qs) == {}, what="the removed item's reservations are dropped")
@@ -225,7 +226,7 @@ def test_reservations_are_renewed_while_held(qs: QueueServer) -> None:
 def test_device_names_come_from_the_service_discovery_when_it_has_them(
         qs: QueueServer, service_factory: Any) -> None:
     svc = service_factory("memory", profile_collection=str(STARTUP.parent))
-    other = Locks(svc.url)
+    other = LockHttp(svc.url)
     try:
         if other.http.get("/api/device-config/status").status_code == 404:
             pytest.skip("this service has no device discovery (no /api/device-config)")
@@ -241,11 +242,11 @@ def test_device_names_come_from_the_service_discovery_when_it_has_them(
             assert {"stage", "stage.coarse.x", "det"} <= known
             uid = qs.api.item_add(BPlan("move_then_count", "stage.coarse.x", 1.0, ["det"])
                                   )["item"]["item_uid"]
-            held = wait_until(lambda: (lk := other.of(RESERVER)) and set(lk) == {"stage", "det"}
+            held = wait_until(lambda: (lk := other.held(RESERVER)) and set(lk) == {"stage", "det"}
                               and lk, what="the item's devices are reserved in that service")
             assert {lk["plan_uid"] for lk in held.values()} == {uid}
             qs.api.item_remove(uid=uid)
-            wait_until(lambda: other.of(RESERVER) == {}, what="the reservations are dropped")
+            wait_until(lambda: other.held(RESERVER) == {}, what="the reservations are dropped")
         finally:
             r.stop()
     finally:

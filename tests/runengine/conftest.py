@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 from bluesky import RunEngine
+from lockhttp import LockHttp
 from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.sim import SynAxis, SynGauss
@@ -34,37 +34,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "
         time.sleep(interval)
 
 
-class Service:
-    """The lock service as another party sees it (plain HTTP, its own keys)."""
-
-    def __init__(self, url: str, api_key: str | None = None) -> None:
-        self.url = url
-        headers = {"Authorization": f"ApiKey {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url, timeout=10, headers=headers)
-
-    def locks(self) -> list[dict[str, Any]]:
-        r = self.http.get("/api/locks/status")
-        r.raise_for_status()
-        return list(r.json()["locks"])
+class Service(LockHttp):
+    """The lock service as another party sees it; ``held()`` defaults to the plans' user."""
 
     def held(self, user_id: str = USER) -> dict[str, dict[str, Any]]:
-        """Locks of ``user_id`` by device name."""
-        return {lk["device_name"]: lk for lk in self.locks() if lk["user_id"] == user_id}
-
-    def lock(self, device: str, lock_type: str, user_id: str, reason: str | None = None,
-             timeout: float | None = None) -> str:
-        r = self.http.post("/api/lock/request", json={
-            "device_name": device, "lock_type": lock_type, "user_id": user_id,
-            "reason": reason, "timeout": timeout})
-        assert r.status_code == 200, r.text
-        return str(r.json()["lock_key"])
-
-    def release(self, lock_key: str) -> None:
-        r = self.http.post("/api/lock/release", json={"lock_key": lock_key})
-        assert r.status_code == 200, r.text
-
-    def close(self) -> None:
-        self.http.close()
+        return super().held(user_id)
 
 
 class TcpProxy:
