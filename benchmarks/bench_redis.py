@@ -144,19 +144,19 @@ class Counting:
         link = store._link
         call = link.call
 
-        async def counting_call(packed, on_reply=None):  # type: ignore[no-untyped-def]
+        def counting_call(packed, on_reply=None):  # type: ignore[no-untyped-def]
             self.calls += 1
             conn_link = link._link
             if conn_link is not None and not getattr(conn_link, "_counted", False):
                 conn_link._counted = True
-                send = conn_link.conn.send_packed_command
+                flush = conn_link._flush
 
-                async def counting_send(command, check_health=True):  # type: ignore[no-untyped-def]
+                def counting_flush():  # type: ignore[no-untyped-def]
                     self.writes += 1
-                    return await send(command, check_health=check_health)
+                    return flush()
 
-                conn_link.conn.send_packed_command = counting_send
-            return await call(packed, on_reply)
+                conn_link._flush = counting_flush
+            return call(packed, on_reply)
 
         link.call = counting_call
 

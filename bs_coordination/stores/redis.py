@@ -90,8 +90,8 @@ from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import Store
 from bs_coordination.stores.redis_conn import OrderedConnection
 from bs_coordination.stores.redis_events import RedisEventLog
-from bs_coordination.stores.redis_script import CAS, is_noscript, pack
-from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View
+from bs_coordination.stores.redis_script import CAS, is_noscript
+from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View, constants
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class RedisStore(Store):
             socket_timeout)
         self._url = url
         self._max_delay = min(MAX_DELAY, socket_timeout / 2)
+        self._constants = constants(self.keys, MAX_AHEAD, self._max_delay)
         self._cache = Cache()
         self._arrivals = itertools.count()
         # key -> (arrival, done) of the latest operation of this store that writes it.
@@ -253,7 +254,7 @@ class RedisStore(Store):
                     if error is not None:
                         raise error
                     return result, []
-                commit = Commit(self.keys, view, changes, now, MAX_AHEAD, self._max_delay)
+                commit = Commit(self.keys, view, changes, now, self._constants)
                 earlier = self._earlier_writers(seq, commit)
                 if commit.finals:
                     if mine is None:
@@ -298,7 +299,7 @@ class RedisStore(Store):
         """Unfinished earlier operations of this store that write a key ``commit`` reads."""
         out = []
         writers = self._writers
-        for key, _ in commit.checks:
+        for key in commit.view.read:
             held = writers.get(key)
             if held is not None and held[0] < seq and not held[1].done():
                 out.append(held[1])
@@ -307,8 +308,7 @@ class RedisStore(Store):
     async def _call(self, commit: Commit) -> list[Any]:
         """The script's reply (``["noscript"]`` after loading it again)."""
         try:
-            reply = await self._link.call(pack([commit.command()]),
-                                          partial(self._on_reply, commit))
+            reply = await self._link.call(commit.request, partial(self._on_reply, commit))
             if is_noscript(reply):
                 await self._load_script()
                 return ["noscript"]
@@ -316,7 +316,7 @@ class RedisStore(Store):
             raise self._down(exc) from None
         if isinstance(reply, Exception):
             raise self._down(reply)
-        return list(reply)
+        return reply  # type: ignore[no-any-return]
 
     async def _load_script(self) -> None:
         """Register ``CAS`` (Redis forgets scripts when it restarts); concurrent callers share
@@ -340,7 +340,8 @@ class RedisStore(Store):
         if status == "stale":
             commit.snapshot = commit.stale(self._cache, reply[3])
         elif status == "ok":
-            commit.bases = [int(b) for b in reply[4]]
+            if commit.ch.counters:
+                commit.bases = [int(b) for b in reply[4]]
             if reply[3] != "0":
                 commit.done(self._cache, reply[3], commit.bases)
 

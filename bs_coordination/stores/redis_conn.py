@@ -1,83 +1,92 @@
-"""One Redis connection shared by every operation of a Redis store, used as a pipeline.
+"""One Redis connection shared by every lock operation of a Redis store, used as a pipeline.
 
 Calls are written in the order they are made; every call made during one event-loop iteration
-goes out in one write (one ``send`` for 50 concurrent requests instead of 50), and replies are
-matched to calls in order, which is the order Redis ran them. Each call may pass ``on_reply``,
-run by the reader as its reply arrives, in that same order and even if the caller has gone:
-the store updates its cache there, so the cache never goes back in time.
+goes out in one write (one ``send`` for many concurrent requests instead of one each), and
+replies are matched to calls in order, which is the order Redis ran them. Each call may pass
+``on_reply``, run as its reply arrives, in that same order and even if the caller has gone: the
+store updates its cache there, so the cache never goes back in time.
+
+``_Link`` is a plain ``asyncio.Protocol``: a call is a ``write`` (coalesced per loop iteration
+with ``call_soon``), replies are parsed with ``hiredis`` as the bytes arrive (``data_received``)
+and resolve the calls' futures in order. No reader or writer task, no stream, no per-reply
+redis-py machinery: this link carries every lock operation, so its cost is paid on each one.
+The URL is read by redis-py (the store's other clients read the same one): every form the
+store accepts works, ``redis://``, ``rediss://`` (its TLS settings), ``unix://``; a password
+(and user name) is sent with ``AUTH``, a database number with ``SELECT``.
 
 Failing closed: if no reply arrives within ``timeout`` of a call, or the connection breaks, every
 call waiting on it fails (its outcome is unknown to the caller) and the connection is dropped;
-the next call opens a new one, so the store heals by itself when Redis returns. The reader
-reads all the time, so a connection Redis closed while idle is noticed at once instead of
-failing the next call.
+the next call opens a new one, so the store heals by itself when Redis returns. A connection
+Redis closes while idle is noticed at once (``connection_lost``) instead of failing the next
+call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import hiredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bs_coordination.stores.redis_script import pack
 
 log = logging.getLogger(__name__)
 
 OnReply = Callable[[Any], None]
 
 
-class _Link:
-    """One open connection with its writer and reader tasks; dead for good once it fails."""
+class _Link(asyncio.Protocol):
+    """One open connection; dead for good once it fails."""
 
-    def __init__(self, conn: Any, pool: Any, timeout: float) -> None:
-        self.conn = conn
-        self.pool = pool
+    transport: asyncio.Transport
+
+    def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.loop = asyncio.get_running_loop()
+        # Error replies come back as ``ResponseError`` values (they answer their call).
+        self.parser = hiredis.Reader(encoding="utf-8", replyError=ResponseError,
+                                     protocolError=InvalidResponse)
         self.pending: deque[tuple[asyncio.Future[Any], OnReply | None, float]] = deque()
         self.outbox: list[bytes] = []
         self.dead: BaseException | None = None
-        self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
-        self._writer = asyncio.create_task(self._write_loop(), name="bs-coordination-redis-writer")
-        self._reader = asyncio.create_task(self._read_loop(), name="bs-coordination-redis-reader")
 
     def call(self, packed: bytes, on_reply: OnReply | None) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self.loop.create_future()
         self.pending.append((fut, on_reply, self.loop.time() + self.timeout))
+        if not self.outbox:
+            self.loop.call_soon(self._flush)
         self.outbox.append(packed)
-        self._wake.set()
         if self._timer is None:
             self._arm()
         return fut
 
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                batch, self.outbox = self.outbox, []
-                if batch:
-                    await self.conn.send_packed_command(batch, check_health=False)
-        except Exception as exc:
-            self.die(exc)
+    def _flush(self) -> None:
+        """Write every call made since the last write (runs once per loop iteration)."""
+        batch, self.outbox = self.outbox, []
+        if self.dead is None:
+            self.transport.write(b"".join(batch))
 
-    async def _read_loop(self) -> None:
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        pending = self.pending
         try:
-            while True:
-                try:
-                    reply = await self.conn.read_response(timeout=math.inf)
-                except ResponseError as exc:
-                    reply = exc  # an error reply answers its call
-                if not self.pending:
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if not pending:
                     raise RedisConnectionError("Redis sent a reply nobody asked for")
-                fut, on_reply, _ = self.pending.popleft()
+                fut, on_reply, _ = pending.popleft()
                 if on_reply is not None:
                     try:
                         on_reply(reply)
@@ -85,17 +94,17 @@ class _Link:
                         log.exception("handling a Redis reply failed")
                 if not fut.done():
                     fut.set_result(reply)
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:
+        except Exception as exc:  # a protocol error: nothing after it can be trusted
             self.die(exc)
-        finally:
-            self.die(RedisConnectionError("connection closed"))
-            with contextlib.suppress(Exception):
-                await self.conn.disconnect(nowait=True)
-            with contextlib.suppress(Exception):
-                await self.pool.release(self.conn)
 
+    def eof_received(self) -> bool:
+        self.die(RedisConnectionError("Redis closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.die(RedisConnectionError(f"connection lost: {exc}" if exc else "connection closed"))
+
+    # -- failing -----------------------------------------------------------------------
     def _arm(self) -> None:
         self._timer = self.loop.call_at(self.pending[0][2], self._check)
 
@@ -109,7 +118,7 @@ class _Link:
             self._arm()
 
     def die(self, exc: BaseException) -> None:
-        """Fail every waiting call with ``exc`` and stop (the reader closes the connection)."""
+        """Fail every waiting call with ``exc`` and drop the connection."""
         if self.dead is not None:
             return
         self.dead = exc
@@ -121,18 +130,13 @@ class _Link:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        me = asyncio.current_task()
-        for task in (self._writer, self._reader):
-            if task is not me:
-                task.cancel()
-
-    async def close(self) -> None:
-        self.die(RedisConnectionError("the store is closed"))
-        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+        self.transport.abort()
 
 
 class OrderedConnection:
-    """Calls on one pipelined connection (see the module docstring), opened on first use."""
+    """Calls on one pipelined connection (see the module docstring), opened on first use from
+    ``pool`` (a redis-py ``ConnectionPool`` for the store's URL; only its connection class and
+    settings are used)."""
 
     def __init__(self, pool: Any, timeout: float) -> None:
         self._pool = pool
@@ -140,25 +144,60 @@ class OrderedConnection:
         self._link: _Link | None = None
         self._opening = asyncio.Lock()
 
-    async def call(self, packed: bytes, on_reply: OnReply | None = None) -> Any:
-        """Send ``packed`` (one command); its reply, an error reply as an exception value.
-        Raises ``redis.exceptions.ConnectionError``/``TimeoutError`` when the connection fails
-        (whether the command ran is then unknown)."""
+    def call(self, packed: bytes, on_reply: OnReply | None = None) -> Awaitable[Any]:
+        """Send ``packed`` (one command); await its reply, an error reply as an exception
+        value. Raises ``redis.exceptions.ConnectionError``/``TimeoutError`` when the connection
+        fails (whether the command ran is then unknown)."""
         link = self._link
         if link is None or link.dead is not None:
-            link = await self._open()
-        return await link.call(packed, on_reply)
+            return self._open_and_call(packed, on_reply)
+        return link.call(packed, on_reply)
+
+    async def _open_and_call(self, packed: bytes, on_reply: OnReply | None) -> Any:
+        return await (await self._open()).call(packed, on_reply)
 
     async def _open(self) -> _Link:
         async with self._opening:
             link = self._link
             if link is None or link.dead is not None:
-                conn = await self._pool.get_connection()
-                link = self._link = _Link(conn, self._pool, self._timeout)
+                link = self._link = await self._connect()
             return link
+
+    async def _connect(self) -> _Link:
+        # A connection object of redis-py, never connected: the URL's settings as redis-py
+        # reads them (address, TLS context, user name, password, database).
+        conf = self._pool.make_connection()
+        loop = asyncio.get_running_loop()
+
+        def link() -> _Link:
+            return _Link(self._timeout)
+
+        if isinstance(conf, UnixDomainSocketConnection):
+            connecting = loop.create_unix_connection(link, conf.path)
+        else:
+            ssl = conf.ssl_context.get() if isinstance(conf, SSLConnection) else None
+            connecting = loop.create_connection(link, conf.host, conf.port, ssl=ssl)
+        try:
+            _, made = await asyncio.wait_for(connecting, conf.socket_connect_timeout)
+        except asyncio.TimeoutError:
+            raise RedisTimeoutError("timeout connecting to Redis") from None
+        handshake = []
+        if conf.password:
+            user = [conf.username] if conf.username else []
+            handshake.append(made.call(pack([("AUTH", *user, conf.password)]), None))
+        if conf.db:
+            handshake.append(made.call(pack([("SELECT", conf.db)]), None))
+        try:
+            for reply in await asyncio.gather(*handshake):
+                if isinstance(reply, Exception):
+                    raise reply
+        except BaseException:
+            made.die(RedisConnectionError("handshake failed"))
+            raise
+        return made
 
     async def close(self) -> None:
         if self._link is not None:
-            await self._link.close()
+            self._link.die(RedisConnectionError("the store is closed"))
             self._link = None
         await self._pool.disconnect()

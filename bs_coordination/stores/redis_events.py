@@ -22,8 +22,8 @@ from redis.retry import Retry
 
 from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
 from bs_coordination.models import LockUpdateMessage
-from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import EventGap
+from bs_coordination.stores.redis_codec import parse_event
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ class RedisEventLog:
         own = self._own.get(event_id)
         if own is not None:
             return own
-        msg = LockUpdateMessage.model_validate_json(fields[rk.EVENT_FIELD])
-        return msg.model_copy(update={"event_id": event_id})
+        return parse_event(event_id, fields)
 
     async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
         with self._unavailable():

@@ -15,7 +15,7 @@ key                                 type         holds
 ``<p>:waiters``                     hash         ticket -> waiter JSON (requests with ``wait``)
 ``<p>:counter:<name>``              string       last value handed out (fencing ``token``,
                                                  wait ``ticket``)
-``<p>:events``                      stream       field ``m``: event JSON without its id
+``<p>:events``                      stream       field ``e``: the event's JSON (``redis_codec``)
 ``<p>:versions``                    hash         key -> version of its content (records, under,
                                                  key sets and waiters; none while empty);
                                                  ``~last``: the last version handed out
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bs_coordination.locktable import RecordId
+from bs_coordination.locktable import TICKET_COUNTER, TOKEN_COUNTER, RecordId
 
 #: Prefix of every key unless the store is given another.
 DEFAULT_PREFIX = "bsc"
@@ -41,8 +41,10 @@ COUNTER = "counter"
 EVENTS = "events"
 VERSIONS = "versions"
 
-#: Stream field holding an event's JSON.
-EVENT_FIELD = "m"
+#: Stream field holding an event's JSON (``redis_codec.event_json``).
+EVENT_FIELD = "e"
+#: The field of entries appended before (the ``LockUpdateMessage`` JSON without its id).
+OLD_EVENT_FIELD = "m"
 #: Approximate length the event stream is trimmed to (``XADD ... MAXLEN ~``).
 EVENTS_MAXLEN = 10_000
 
@@ -84,6 +86,12 @@ class KeySpace:
     @property
     def versions(self) -> str:
         return f"{self.prefix}:{VERSIONS}"
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """The keys every ``CAS`` call names first, in this order (``redis_script``)."""
+        return (self.versions, self.names, self.expiry, self.events,
+                self.counter(TOKEN_COUNTER), self.counter(TICKET_COUNTER))
 
 
 def expiry_member(record_id: RecordId) -> str:

@@ -1,4 +1,4 @@
-"""The Redis store's wire: one Lua script, ``CAS``, and a plain RESP encoder.
+"""The Redis store's wire: one Lua script, ``CAS``, and plain RESP encoding.
 
 ``CAS`` holds no lock logic (that stays in ``locktable``, the one copy every store runs). It
 is a compare-and-swap of a diff the lock table computed in Python: it checks that every key
@@ -14,20 +14,18 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-#: KEYS: every key the operation reads or writes; then the version hash (always last).
-#: ARGV: now (the operation's clock, s), max ahead (s), max delay (s), then one JSON array:
-#:       [checks, counters, written, emptied, commands], each flat:
-#:       checks: per key read: key index, kind ("h": hash, read with HVALS; "s": set,
-#:          SMEMBERS), the version read ("" = the key was absent);
-#:       counters: per counter used: key index, number of values to reserve;
-#:       written, emptied: indexes of the keys the commands change, that hold something
-#:          after them / that they empty;
-#:       commands: per command: name, key index (0: none), n, then n arguments: a string,
-#:          or a number i for ARGV[i] (the long texts: records and events, sent as they are
-#:          instead of escaped inside this JSON). An ARGV text may hold holes
-#:          "\1<counter>:<offset>\1": that counter's reserved base plus offset (JSON text
-#:          never holds a raw control character, so only holes do).
-#:       then the texts.
+#: KEYS: first the fixed keys (``KeySpace.fixed``): 1 the version hash, 2 the set of names,
+#:       3 the expiry index, 4 the event stream, 5 the token counter, 6 the ticket counter; then
+#:       every key the operation read (each checked), in the order ``View`` read them.
+#: ARGV: 1 now (the operation's clock, s), 2 max ahead (s), 3 max delay (s), 4 and 5 how many
+#:       token and ticket values to reserve ("0": none); then one per key checked
+#:       (``KEYS[FIXED_KEYS + c]``): its kind ("h": a hash, read with HVALS; "s": a set,
+#:       SMEMBERS), a mark ("w": the commands write it and it holds something after them;
+#:       "e": they empty it; "-": read only), then the version read ("" = the key was
+#:       absent), as in "hw1732456789123456" or "s-"; then the commands, each: name, n, key
+#:       index, n arguments. An argument may hold holes "\1<counter>:<offset>\1" (counter 1:
+#:       token, 2: ticket): that counter's reserved base plus offset (JSON text never holds a
+#:       raw control character, so only holes do).
 #: Returns {status, TIME seconds, TIME microseconds, ...}:
 #:   "clock": ``now`` is more than max ahead of TIME, or more than max delay behind it;
 #:            nothing is checked or written.
@@ -36,7 +34,8 @@ from redis.exceptions import NoScriptError
 #:            a key whose version and content disagree: a key with content has one, an
 #:            empty key none).
 #:   "ok":    then the new version ("0" when nothing was written), the reserved bases (each
-#:            counter's value before this call), the replies of the commands.
+#:            counter's value before this call; 0 for a counter not used), the replies of the
+#:            commands.
 #: Versions are Redis time in microseconds (one more than the last if the clock has not moved
 #: on; the last is the version hash's field LAST): a Redis restored from an older state, or
 #: emptied, never hands out again a version a replica may have cached. Few ``redis.call``s
@@ -49,32 +48,38 @@ local used = tonumber(ARGV[1])
 if used - now > tonumber(ARGV[2]) or now - used > tonumber(ARGV[3]) then
   return {'clock', t[1], t[2]}
 end
-local ver, LAST = KEYS[#KEYS], '~last'
-local p = cjson.decode(ARGV[4])
-local checks, counters, written, emptied, cmds = p[1], p[2], p[3], p[4], p[5]
-local fields = {}
-for c = 1, #checks, 3 do fields[#fields + 1] = KEYS[checks[c]] end
-fields[#fields + 1] = LAST
-local got = redis.call('HMGET', ver, unpack(fields))
-local last = tonumber(got[#got] or '0')
+local FIXED, ver, LAST = 6, KEYS[1], '~last'
+local n = #KEYS - FIXED
+local checked, kinds, marks, want = {}, {}, {}, {}
+for c = 1, n do
+  local a = ARGV[5 + c]
+  checked[c] = KEYS[FIXED + c]
+  kinds[c] = string.sub(a, 1, 1)
+  marks[c] = string.sub(a, 2, 2)
+  want[c] = string.sub(a, 3)
+end
+checked[n + 1] = LAST
+local got = redis.call('HMGET', ver, unpack(checked))
+checked[n + 1] = nil
+local last = tonumber(got[n + 1] or '0')
 local function next_version()
   last = math.max(last + 1, tonumber(t[1]) * 1000000 + tonumber(t[2]))
   return string.format('%d', last)
 end
 local absent = {}
-for c = 1, #checks, 3 do
-  if checks[c + 2] == '' and not got[(c + 2) / 3] then absent[#absent + 1] = KEYS[checks[c]] end
+for c = 1, n do
+  if want[c] == '' and not got[c] then absent[#absent + 1] = checked[c] end
 end
 local some_exist = #absent > 0 and redis.call('EXISTS', unpack(absent)) > 0
 local stale = {}
-for c = 1, #checks, 3 do
-  local key, want = KEYS[checks[c]], checks[c + 2]
-  local v = got[(c + 2) / 3] or ''
-  local same = v == want
-  if same and want == '' and some_exist then same = redis.call('EXISTS', key) == 0 end
+for c = 1, n do
+  local key = checked[c]
+  local v = got[c] or ''
+  local same = v == want[c]
+  if same and v == '' and some_exist then same = redis.call('EXISTS', key) == 0 end
   if not same then
     local data
-    if checks[c + 1] == 'h' then data = redis.call('HVALS', key)
+    if kinds[c] == 'h' then data = redis.call('HVALS', key)
     else data = redis.call('SMEMBERS', key) end
     if v == '' and #data > 0 then
       v = next_version()
@@ -83,61 +88,76 @@ for c = 1, #checks, 3 do
       v = ''
       redis.call('HDEL', ver, key)
     end
-    stale[#stale + 1] = (c + 2) / 3
+    stale[#stale + 1] = c
     stale[#stale + 1] = v
     stale[#stale + 1] = data
   end
 end
 if #stale > 0 then return {'stale', t[1], t[2], stale} end
-local bases = {}
-for c = 1, #counters, 2 do
-  local n = counters[c + 1]
-  bases[#bases + 1] = redis.call('INCRBY', KEYS[counters[c]], n) - n
+local bases = {0, 0}
+for c = 1, 2 do
+  local k = tonumber(ARGV[3 + c])
+  if k > 0 then bases[c] = redis.call('INCRBY', KEYS[4 + c], k) - k end
 end
 -- New versions first: should a command fail (the script stops there, keeping what it
 -- wrote), no changed key keeps the version a replica may have cached.
 local seq = '0'
-if #written + #emptied > 0 then
-  seq = next_version()
-  local set = {LAST, seq}
-  for _, k in ipairs(written) do
-    set[#set + 1] = KEYS[k]
-    set[#set + 1] = seq
-  end
-  redis.call('HSET', ver, unpack(set))
-  if #emptied > 0 then
-    local gone = {}
-    for _, k in ipairs(emptied) do gone[#gone + 1] = KEYS[k] end
-    redis.call('HDEL', ver, unpack(gone))
+local set, gone = {LAST, ''}, {}
+for c = 1, n do
+  if marks[c] == 'w' then
+    set[#set + 1] = checked[c]
+    set[#set + 1] = ''
+  elseif marks[c] == 'e' then
+    gone[#gone + 1] = checked[c]
   end
 end
+if #set + #gone > 2 then
+  seq = next_version()
+  for i = 2, #set, 2 do set[i] = seq end
+  redis.call('HSET', ver, unpack(set))
+  if #gone > 0 then redis.call('HDEL', ver, unpack(gone)) end
+end
+local filling = ARGV[4] ~= '0' or ARGV[5] ~= '0'
 local function fill(c, k)
   return string.format('%d', bases[tonumber(c)] + tonumber(k))
 end
 local out = {}
-local i = 1
-while i <= #cmds do
-  local cmd = {cmds[i]}
-  local key = cmds[i + 1]
-  if key > 0 then cmd[2] = KEYS[key] end
-  local n = cmds[i + 2]
-  for j = 1, n do
-    local a = cmds[i + 2 + j]
-    if type(a) == 'number' then
-      a = ARGV[a]
-      if #bases > 0 and string.find(a, '\1', 1, true) then
-        a = string.gsub(a, '\1(%d+):(%d+)\1', fill)
-      end
+local i = 6 + n
+while i <= #ARGV do
+  local m = tonumber(ARGV[i + 1])
+  local cmd = {ARGV[i], KEYS[tonumber(ARGV[i + 2])]}
+  for j = 1, m do
+    local a = ARGV[i + 2 + j]
+    if filling and string.find(a, '\1', 1, true) then
+      a = string.gsub(a, '\1(%d+):(%d+)\1', fill)
     end
-    cmd[#cmd + 1] = a
+    cmd[j + 2] = a
   end
   out[#out + 1] = redis.call(unpack(cmd))
-  i = i + 3 + n
+  i = i + 3 + m
 end
 return {'ok', t[1], t[2], seq, bases, out}
 """
 
 CAS_SHA = hashlib.sha1(CAS.encode()).hexdigest()
+
+
+#: How many fixed keys come first in every ``CAS`` call's KEYS.
+FIXED_KEYS = 6
+
+
+def bulk(text: str) -> str:
+    """``text`` as a RESP bulk string (the request is encoded to bytes once, as a whole)."""
+    size = len(text) if text.isascii() else len(text.encode())
+    return f"${size}\r\n{text}\r\n"
+
+
+_SMALL = [bulk(str(i)) for i in range(256)]
+
+
+def number(i: int) -> str:
+    """``bulk(str(i))`` (made once for the small numbers: key indexes, argument counts)."""
+    return _SMALL[i] if 0 <= i < 256 else bulk(str(i))
 
 
 def pack(commands: list[tuple[Any, ...]]) -> bytes:
@@ -148,10 +168,7 @@ def pack(commands: list[tuple[Any, ...]]) -> bytes:
     out: list[str] = []
     for cmd in commands:
         out.append(f"*{len(cmd)}\r\n")
-        for arg in cmd:
-            text = arg if type(arg) is str else str(arg)
-            size = len(text) if text.isascii() else len(text.encode())
-            out.append(f"${size}\r\n{text}\r\n")
+        out.extend(bulk(arg if type(arg) is str else str(arg)) for arg in cmd)
     return "".join(out).encode()
 
 

@@ -16,24 +16,41 @@ and contention on the one fencing counter never makes an operation start over.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from bs_coordination.locktable import Changes, LockRecord, Waiter, ancestors
+from bs_coordination.locktable import (
+    TICKET_COUNTER,
+    TOKEN_COUNTER,
+    Changes,
+    Event,
+    LockRecord,
+    Waiter,
+    ancestors,
+)
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import to_message
-from bs_coordination.stores.redis_script import CAS_SHA
+from bs_coordination.stores.redis_codec import (
+    event_json,
+    parse_record,
+    parse_waiter,
+    record_body,
+    record_json,
+    waiter_json,
+)
+from bs_coordination.stores.redis_script import CAS_SHA, FIXED_KEYS, bulk, number
 
 #: Entries in the cache before it is dropped (it is only a guess, never trusted).
 CACHE_LIMIT = 50_000
 
-#: Base of the values ``View.counter`` answers: counter ``c`` (0-based) answers
+#: Base of the values ``View.counter`` answers: counter ``c`` (0-based, in ``COUNTERS``) answers
 #: ``SENTINEL + c * SPAN``, so its n-th value this operation is ``SENTINEL + c * SPAN + n``.
 SENTINEL = 1 << 60
 SPAN = 1 << 32
+#: The counters, in the order of their keys in every call (``KeySpace.fixed``).
+COUNTERS = (TOKEN_COUNTER, TICKET_COUNTER)
 
 #: Shapes of what a key holds; the first letter is the script's kind (hash or set).
 RECORDS = "h:records"
@@ -50,11 +67,11 @@ def parse(shape: str, values: Iterable[str]) -> Any:
     if shape == NAMES:
         return frozenset(values)
     if shape == WAITERS:
-        waiters = (Waiter.from_dict(json.loads(v)) for v in values)
+        waiters = (parse_waiter(v) for v in values)
         return {w.ticket: w for w in sorted(waiters, key=lambda w: w.ticket)}
     # Oldest first, as the memory store keeps them (a Redis hash has no useful order), so
     # both stores name the same holder first in a refusal.
-    recs = sorted((LockRecord.from_dict(json.loads(v)) for v in values),
+    recs = sorted((parse_record(v) for v in values),
                   key=lambda r: (r.acquired_at, r.token))
     return {r.key_hash: r for r in recs}
 
@@ -89,19 +106,19 @@ class View:
         self.keys = keys
         self.cache = cache
         self.snapshot = snapshot
-        self.read: dict[str, tuple[str, Entry]] = {}  # key -> (shape, entry answered)
-        self.counters: dict[str, int] = {}  # counter name -> its number in this operation
+        # key -> (its index in the call's KEYS, shape, entry answered), in the order read.
+        self.read: dict[str, tuple[int, str, Entry]] = {}
         self.fresh = snapshot is not None  # every answer came from the snapshot
 
     def entry(self, key: str, shape: str) -> Entry:
         seen = self.read.get(key)
         if seen is not None:
-            return seen[1]
+            return seen[2]
         entry = self.snapshot.get(key) if self.snapshot is not None else None
         if entry is None:
             self.fresh = False
             entry = self.cache.get(key) or ("", _EMPTY[shape])
-        self.read[key] = (shape, entry)
+        self.read[key] = (FIXED_KEYS + 1 + len(self.read), shape, entry)
         return entry
 
     def records_at(self, name: str) -> Iterable[LockRecord]:
@@ -122,13 +139,17 @@ class View:
 
     def counter(self, name: str) -> int:
         """A sentinel base (see the module docstring); the script reserves the real values."""
-        number = self.counters.setdefault(name, len(self.counters))
-        return SENTINEL + number * SPAN
+        return SENTINEL + COUNTERS.index(name) * SPAN
 
 
 def _hole(value: int) -> str:
     number, offset = divmod(value - SENTINEL, SPAN)
     return f"\1{number + 1}:{offset}\1"
+
+
+def _text(value: int) -> str:
+    """A counter value as written: the number, or the hole the script fills."""
+    return str(value) if value < SENTINEL else _hole(value)
 
 
 def _real(value: int, bases: list[int]) -> int:
@@ -138,79 +159,62 @@ def _real(value: int, bases: list[int]) -> int:
     return bases[number] + offset
 
 
-def _with_hole(text: str, field: str, value: int) -> str:
-    """``text`` (JSON) with its top-level ``field`` (a counter value) as a hole. A quote inside
-    a JSON string is always escaped, so ``"field":`` can only be that key."""
-    if value < SENTINEL:
-        return text
-    return text.replace(f'"{field}":{value}', f'"{field}":{_hole(value)}', 1)
+#: Parts of every call (``redis_script``): fixed texts, encoded once.
+_EVALSHA = bulk("EVALSHA") + bulk(CAS_SHA)
+#: Indexes of the fixed keys in KEYS (``KeySpace.fixed``).
+_NAMES_KEY, _EXPIRY_KEY, _EVENTS_KEY = number(2), number(3), number(4)
+#: Command names with their argument counts.
+_HSET, _HDEL = bulk("HSET") + number(2), bulk("HDEL") + number(1)
+_SADD, _SREM = bulk("SADD") + number(1), bulk("SREM") + number(1)
+_ZADD, _ZREM = bulk("ZADD") + number(2), bulk("ZREM") + number(1)
+_XADD = bulk("XADD") + number(6)
+_XADD_ARGS = "".join(map(bulk, ("MAXLEN", "~", str(rk.EVENTS_MAXLEN), "*", rk.EVENT_FIELD)))
 
 
-_MAXLEN = str(rk.EVENTS_MAXLEN)
-
-
-#: Built once: ``json.dumps`` with any option builds a new encoder on every call.
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_dump = _JSON.encode
+def constants(keys: rk.KeySpace, max_ahead: float, max_delay: float) -> tuple[str, str]:
+    """What every call of a store repeats, as RESP: the fixed keys, and ARGV 2 and 3."""
+    return "".join(map(bulk, keys.fixed)), bulk(repr(max_ahead)) + bulk(repr(max_delay))
 
 
 class Commit:
-    """The one ``CAS`` call of an attempt: built from what the view read and the changes."""
+    """The one ``CAS`` call of an attempt: built from what the view read and the changes, as
+    the RESP request itself (``request``)."""
 
     def __init__(self, keys: rk.KeySpace, view: View, ch: Changes, now: float,
-                 max_ahead: float, max_delay: float) -> None:
+                 fixed: tuple[str, str]) -> None:
+        """``fixed``: the store's ``constants``."""
         self.keys = keys
         self.view = view
         self.ch = ch
-        self._key_list: list[str] = []
-        self._key_index: dict[str, int] = {}
         # Versioned keys written: key -> (shape, content after the write, sentinels unfilled).
         self.finals: dict[str, tuple[str, Any]] = {}
-        self._commands: list[Any] = []
-        self._texts: list[str] = []  # ARGV[5:]
-        self._count = 0
-        self._xadds: list[int] = []
-        self.messages: list[LockUpdateMessage] = []
+        self._commands: list[str] = []  # RESP of the commands: name + n, key index, arguments
+        self._arguments = 0  # bulk strings in ``_commands``
+        self._count = 0  # commands
+        self._xadds: list[int] = []  # the command number of each event's XADD
+        self._bodies: dict[int, str] = {}  # id(record) -> its ``record_body``
         #: After a "stale" reply: Redis at the instant the script ran (``stale``).
         self.snapshot: Snapshot | None = None
         self._patched: dict[int, LockRecord] = {}  # id(record with a sentinel) -> real
-        #: After an "ok" reply: each counter's reserved base.
+        #: After an "ok" reply: each counter's reserved base (none if no counter was used).
         self.bases: list[int] = []
         self._build_writes()
-        index = self._index
+        #: Every key read, in KEYS order: (key, (index, shape, entry)).
         self.checks = list(view.read.items())
-        checks: list[Any] = []
-        for key, (shape, (version, _)) in self.checks:
-            checks += [index(key), shape[0], version]
-        counters: list[int] = []
-        if ch.counters:
-            for name, number in view.counters.items():  # in number order
-                used = ch.counters[name] - (SENTINEL + number * SPAN)
-                counters += [index(keys.counter(name)), used]
-        written = [index(key) for key, (_, content) in self.finals.items() if content]
-        emptied = [index(key) for key, (_, content) in self.finals.items() if not content]
-        self._key_list.append(keys.versions)
-        self._args = (repr(now), repr(max_ahead), repr(max_delay),
-                      _dump([checks, counters, written, emptied, self._commands]),
-                      *self._texts)
+        self.request = self._encode(now, fixed)
 
     # -- building ------------------------------------------------------------------------
-    def _index(self, key: str) -> int:
-        index = self._key_index.get(key)
-        if index is None:
-            self._key_list.append(key)
-            index = self._key_index[key] = len(self._key_list)
-        return index
-
-    def _add(self, name: str, key: str | None, *args: Any) -> int:
-        self._commands += [name, self._index(key) if key is not None else 0, len(args), *args]
+    def _add(self, head: str, key: str, *args: str) -> int:
+        """Append a command (``head``: its name and argument count; ``key``: the index of its
+        key); returns its number."""
+        self._commands += (head, key, *map(bulk, args))
+        self._arguments += 3 + len(args)
         self._count += 1
         return self._count - 1
 
-    def _text(self, text: str) -> int:
-        """A long argument, sent as ARGV[i]; returns i."""
-        self._texts.append(text)
-        return len(self._texts) + 4
+    def _key(self, key: str) -> str:
+        """The index of ``key`` (a key this operation read) in KEYS."""
+        return number(self.view.read[key][0])
 
     def _before(self, key: str, shape: str) -> Any:
         """Content of ``key`` as this operation read it (read now, and so checked, if the lock
@@ -218,6 +222,12 @@ class Commit:
         if key in self.finals:
             return self.finals[key][1]
         return self.view.entry(key, shape)[1]
+
+    def _body(self, rec: LockRecord) -> str:
+        body = self._bodies.get(id(rec))
+        if body is None:
+            body = self._bodies[id(rec)] = record_body(rec, _text(rec.token))
+        return body
 
     def _build_writes(self) -> None:
         k, ch = self.keys, self.ch
@@ -230,49 +240,48 @@ class Commit:
             self.finals[k.records(name)] = (RECORDS, after)
             if had == bool(after):
                 continue
-            verb = "SADD" if after else "SREM"
+            head = _SADD if after else _SREM
             for a in ancestors(name):
                 key = k.under(a)
                 names = set(self._before(key, NAMES))
                 (names.add if after else names.discard)(name)
                 self.finals[key] = (NAMES, frozenset(names))
-                self._add(verb, key, name)
-            self._add(verb, k.names, name)
+                self._add(head, self._key(key), name)
+            self._add(head, _NAMES_KEY, name)
         for rid, rec in ch.deletes.items():
             name, key_hash = rid
-            self._add("HDEL", k.records(name), key_hash)
+            self._add(_HDEL, self._key(k.records(name)), key_hash)
             self._key_set(k.key_names(key_hash), name, add=False)
             if rec.expires_at is not None:
-                self._add("ZREM", k.expiry, rk.expiry_member(rid))
+                self._add(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
         for rid, rec in ch.puts.items():
             name, key_hash = rid
-            text = _with_hole(_dump(rec.to_dict()), "token", rec.token)
-            self._add("HSET", k.records(name), key_hash, self._text(text))
+            self._add(_HSET, self._key(k.records(name)), key_hash,
+                      record_json(rec, self._body(rec)))
             self._key_set(k.key_names(key_hash), name, add=True)
             if rec.expires_at is not None:
-                self._add("ZADD", k.expiry, repr(rec.expires_at), rk.expiry_member(rid))
+                self._add(_ZADD, _EXPIRY_KEY, repr(rec.expires_at), rk.expiry_member(rid))
             else:
                 old = self.view.entry(k.records(name), RECORDS)[1].get(key_hash)
                 if old is not None and old.expires_at is not None:
-                    self._add("ZREM", k.expiry, rk.expiry_member(rid))
+                    self._add(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
         if ch.waiters_put or ch.waiters_deleted:
             waiters = dict(self._before(k.waiters, WAITERS))
             for ticket in ch.waiters_deleted:
                 waiters.pop(ticket, None)
                 if ticket < SENTINEL:  # else queued and dropped within this operation
-                    self._add("HDEL", k.waiters, str(ticket))
+                    self._add(_HDEL, self._key(k.waiters), str(ticket))
             for ticket, w in ch.waiters_put.items():
                 waiters[ticket] = w
-                field = _hole(ticket) if ticket >= SENTINEL else str(ticket)
-                self._add("HSET", k.waiters, self._text(field),
-                          self._text(_with_hole(_dump(w.to_dict()), "ticket", ticket)))
+                self._add(_HSET, self._key(k.waiters), _text(ticket),
+                          waiter_json(w, _text(ticket)))
             self.finals[k.waiters] = (WAITERS, waiters)
         for event in ch.events:
-            m = to_message(event, "")
-            self.messages.append(m)
-            text = _with_hole(m.model_dump_json(exclude={"event_id"}), "token", m.lock.token)
-            self._xadds.append(self._add("XADD", k.events, "MAXLEN", "~", _MAXLEN, "*",
-                                         rk.EVENT_FIELD, self._text(text)))
+            self._commands += (_XADD, _EVENTS_KEY, _XADD_ARGS,
+                               bulk(event_json(event, self._body(event.record))))
+            self._arguments += 9
+            self._xadds.append(self._count)
+            self._count += 1
 
     def _records(self, touched: dict[str, tuple[bool, dict[str, LockRecord]]],
                  name: str) -> dict[str, LockRecord]:
@@ -289,23 +298,39 @@ class Commit:
         names = set(before)
         (names.add if add else names.discard)(name)
         self.finals[key] = (NAMES, frozenset(names))
-        self._add("SADD" if add else "SREM", key, name)
+        self._add(_SADD if add else _SREM, self._key(key), name)
 
-    def command(self) -> tuple[Any, ...]:
-        return ("EVALSHA", CAS_SHA, len(self._key_list), *self._key_list, *self._args)
+    def _encode(self, now: float, fixed: tuple[str, str]) -> bytes:
+        """The ``EVALSHA`` request (see ``redis_script`` for its KEYS and ARGV)."""
+        checks, finals = self.checks, self.finals
+        fixed_keys, limits = fixed
+        keys = FIXED_KEYS + len(checks)
+        parts = ["", _EVALSHA, number(keys), fixed_keys]
+        parts += [bulk(key) for key, _ in checks]
+        parts += (bulk(repr(now)), limits)
+        counters = self.ch.counters
+        for c, name in enumerate(COUNTERS):
+            value = counters.get(name)
+            parts.append(number(value - (SENTINEL + c * SPAN)) if value is not None else "$1\r\n0\r\n")
+        for key, (_, shape, (version, _)) in checks:
+            final = finals.get(key)
+            mark = "-" if final is None else "w" if final[1] else "e"
+            parts.append(f"${len(version) + 2}\r\n{shape[0]}{mark}{version}\r\n")
+        parts += self._commands
+        parts[0] = f"*{2 + 1 + keys + 5 + len(checks) + self._arguments}\r\n"
+        return "".join(parts).encode()
 
     # -- the reply -----------------------------------------------------------------------
     def stale(self, cache: Cache, found: list[Any]) -> Snapshot:
         """Learn the current content of the keys whose check failed; returns the snapshot of
         Redis when the script ran (every key checked)."""
-        snapshot: Snapshot = {key: entry for key, (_, entry) in self.checks}
+        snapshot: Snapshot = {key: entry for key, (_, _, entry) in self.checks}
         for i in range(0, len(found), 3):
-            key, (shape, _) = self.checks[int(found[i]) - 1]
+            key, (_, shape, _) = self.checks[int(found[i]) - 1]
             entry = (str(found[i + 1]), parse(shape, found[i + 2]))
             snapshot[key] = entry
             cache.put(key, *entry)
         return snapshot
-
     def patch(self, obj: Any, bases: list[int]) -> Any:
         """``obj`` (the operation's result, or a record it wrote) with every sentinel value
         replaced by the real one; a record is patched once (its ``public()`` made once)."""
@@ -339,14 +364,15 @@ class Commit:
             cache.put(key, version if content else "", content)
 
     def events(self, replies: list[Any], bases: list[int]) -> list[LockUpdateMessage]:
-        """The events as appended: with their stream ids and real tokens (the messages built
-        for the script, completed in place: nobody else holds them)."""
-        for m, event, i in zip(self.messages, self.ch.events, self._xadds, strict=True):
-            m.event_id = replies[i]
-            if event.record.token >= SENTINEL:
-                # The event's own record, patched once: the caller's answer patches the same
-                # object, so both share one public(). Not the record stored last under the same
-                # id: one operation may restore a lock and preempt it again (both carry the
-                # same new token), and each event must show the lock as it was at that event.
-                m.lock = self.patch(event.record, bases).public()
-        return self.messages
+        """The events as appended: with their stream ids and real tokens."""
+        messages = []
+        for event, i in zip(self.ch.events, self._xadds, strict=True):
+            # The event's own record, patched once: the caller's answer patches the same
+            # object, so both share one public(). Not the record stored last under the same
+            # id: one operation may restore a lock and preempt it again (both carry the same
+            # new token), and each event must show the lock as it was at that event.
+            rec = self.patch(event.record, bases)
+            if rec is not event.record:
+                event = Event(event.action, rec, event.timestamp, event.actor)
+            messages.append(to_message(event, replies[i]))
+        return messages
