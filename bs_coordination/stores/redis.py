@@ -79,7 +79,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis_async
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -128,10 +128,7 @@ class RedisStore(Store):
             url, socket_timeout=socket_timeout, **common,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
         # Lock operations: one pipelined connection; it bounds the wait for a reply itself.
-        self._link = OrderedConnection(
-            redis_async.ConnectionPool.from_url(url, socket_timeout=None, **common,
-                                                retry=Retry(NoBackoff(), 0)),
-            socket_timeout)
+        self._link = OrderedConnection(url, socket_timeout, connect_timeout)
         self._url = url
         self._max_delay = min(MAX_DELAY, socket_timeout / 2)
         self._constants = constants(self.keys, MAX_AHEAD, self._max_delay)
@@ -143,8 +140,8 @@ class RedisStore(Store):
         # Redis time = time.monotonic() + offset (a lower bound; see the docstring).
         self._offset = time.time() - time.monotonic()
         self._offset_at = -OFFSET_KEEP
-        self.events = RedisEventLog(self._redis, self.keys.events, url, common, self.where,
-                                    self._down)
+        self.events = RedisEventLog(self._redis, self.keys.events, url, connect_timeout,
+                                    self.where, self._down)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -196,12 +193,8 @@ class RedisStore(Store):
             self._offset, self._offset_at = estimate, mono
 
     # -- primitives --------------------------------------------------------------------
-    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None
-                        ) -> tuple[T, list[LockUpdateMessage]]:
-        return await self._run(op, actor)
-
     async def _read(self, op: Callable[[Txn], T]) -> T:
-        result, _ = await self._run(op, None)
+        result, _ = await self._transact(op, None)
         return result
 
     async def _all_records(self) -> list[LockRecord]:
@@ -222,8 +215,8 @@ class RedisStore(Store):
         return [rk.parse_expiry_member(m) for m in members]
 
     # -- transactions ------------------------------------------------------------------
-    async def _run(self, op: Callable[[Txn], T], actor: str | None
-                   ) -> tuple[T, list[LockUpdateMessage]]:
+    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None
+                        ) -> tuple[T, list[LockUpdateMessage]]:
         # Operations of this store are ordered by arrival: one waits for the earlier ones
         # still writing a key it reads, and is waited for by later ones reading a key it
         # writes (``_writers``), so a hot key sees one writer of this process at a time
@@ -272,7 +265,17 @@ class RedisStore(Store):
                     raise StoreUnavailableError(
                         f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
                 attempts += 1
-                reply = await self._call(commit)
+                try:
+                    reply = await self._link.call(commit.request,
+                                                  partial(self._on_reply, commit))
+                except (RedisError, OSError) as exc:
+                    raise self._down(exc) from None
+                if isinstance(reply, Exception):
+                    if not is_noscript(reply):
+                        raise self._down(reply)
+                    await self._load_script()
+                    snapshot = None
+                    continue
                 status = reply[0]
                 if status == "ok":
                     if error is not None:
@@ -304,19 +307,6 @@ class RedisStore(Store):
             if held is not None and held[0] < seq and not held[1].done():
                 out.append(held[1])
         return out
-
-    async def _call(self, commit: Commit) -> list[Any]:
-        """The script's reply (``["noscript"]`` after loading it again)."""
-        try:
-            reply = await self._link.call(commit.request, partial(self._on_reply, commit))
-            if is_noscript(reply):
-                await self._load_script()
-                return ["noscript"]
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
-        if isinstance(reply, Exception):
-            raise self._down(reply)
-        return reply  # type: ignore[no-any-return]
 
     async def _load_script(self) -> None:
         """Register ``CAS`` (Redis forgets scripts when it restarts); concurrent callers share

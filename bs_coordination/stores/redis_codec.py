@@ -20,25 +20,46 @@ from json.encoder import encode_basestring_ascii as _string
 from typing import Any
 
 from bs_coordination.locktable import Event, LockRecord, Waiter
-from bs_coordination.models import LockAction, LockUpdateMessage
+from bs_coordination.models import LockAction, LockState, LockType, LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import to_message
 
 _dump = json.JSONEncoder(separators=(",", ":")).encode  # ensure_ascii (the default)
 
 
+_floats: dict[float, str] = {}
+
+
+def number(x: float) -> str:
+    """``repr(x)``, remembered: an operation writes the same instants several times (its
+    ``now`` as a record's ``acquired_at`` and as its event's ``timestamp``, an ``expires_at``
+    in the record and in the expiry index), and ``repr`` of a float is not cheap."""
+    text = _floats.get(x)
+    if text is None:
+        if len(_floats) >= 4096:
+            _floats.clear()
+        text = _floats[x] = repr(x)
+    return text
+
+
 def _optional(text: str | None) -> str:
     return "null" if text is None else _string(text)
+
+
+#: Enum members as JSON (a dict lookup costs less than ``.value``).
+_TYPES = {t: _string(t.value) for t in LockType}
+_STATES = {s: _string(s.value) for s in LockState}
+_ACTIONS = {a: _string(a.value) for a in LockAction}
 
 
 def record_body(rec: LockRecord, token: str) -> str:
     """The record's public fields as JSON members, with the closing brace (no opening one)."""
     return (
-        f'"device_name":{_string(rec.device_name)},"lock_type":"{rec.lock_type.value}",'
-        f'"user_id":{_string(rec.user_id)},"token":{token},"acquired_at":{rec.acquired_at!r},'
-        f'"expires_at":{"null" if rec.expires_at is None else repr(rec.expires_at)},'
+        f'"device_name":{_string(rec.device_name)},"lock_type":{_TYPES[rec.lock_type]},'
+        f'"user_id":{_string(rec.user_id)},"token":{token},"acquired_at":{number(rec.acquired_at)},'
+        f'"expires_at":{"null" if rec.expires_at is None else number(rec.expires_at)},'
         f'"reason":{_optional(rec.reason)},"plan_uid":{_optional(rec.plan_uid)},'
-        f'"state":"{rec.state.value}",'
+        f'"state":{_STATES[rec.state]},'
         f'"preempted_by":{"null" if rec.preempted_by is None else _dump(rec.preempted_by)}}}')
 
 
@@ -54,7 +75,7 @@ def parse_record(text: str) -> LockRecord:
 def waiter_json(w: Waiter, ticket: str) -> str:
     """A waiter as stored: ``Waiter.to_dict()``'s fields."""
     return (f'{{"ticket":{ticket},"names":{_dump(list(w.names))},"priority":{w.priority},'
-            f'"deadline":{w.deadline!r}}}')
+            f'"deadline":{number(w.deadline)}}}')
 
 
 def parse_waiter(text: str) -> Waiter:
@@ -63,7 +84,7 @@ def parse_waiter(text: str) -> Waiter:
 
 def event_json(event: Event, body: str) -> str:
     """An event as appended (``body``: its record's ``record_body``)."""
-    return (f'{{"action":"{event.action.value}","timestamp":{event.timestamp!r},'
+    return (f'{{"action":{_ACTIONS[event.action]},"timestamp":{number(event.timestamp)},'
             f'"actor":{_optional(event.actor)},"lock":{{{body}}}')
 
 

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
+import redis.asyncio as redis_async
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
@@ -134,12 +135,13 @@ class _Link(asyncio.Protocol):
 
 
 class OrderedConnection:
-    """Calls on one pipelined connection (see the module docstring), opened on first use from
-    ``pool`` (a redis-py ``ConnectionPool`` for the store's URL; only its connection class and
-    settings are used)."""
+    """Calls on one pipelined connection to ``url`` (see the module docstring), opened on first
+    use; a reply is awaited at most ``timeout`` seconds, a connection ``connect_timeout``."""
 
-    def __init__(self, pool: Any, timeout: float) -> None:
-        self._pool = pool
+    def __init__(self, url: str, timeout: float, connect_timeout: float) -> None:
+        # Never connected: only its connection class and settings are used (``_connect``).
+        self._pool = redis_async.ConnectionPool.from_url(
+            url, socket_connect_timeout=connect_timeout)
         self._timeout = timeout
         self._link: _Link | None = None
         self._opening = asyncio.Lock()
@@ -198,6 +200,5 @@ class OrderedConnection:
 
     async def close(self) -> None:
         if self._link is not None:
-            self._link.die(RedisConnectionError("the store is closed"))
+            self._link.die(RedisConnectionError("the connection is closed"))
             self._link = None
-        await self._pool.disconnect()

@@ -3,7 +3,7 @@
 Events are appended by the store's commit (``XADD ... MAXLEN ~``, in the same script call as
 the change); the entry id is the event id, so every replica sees one order. This module only
 reads: ``events_after`` (``XRANGE``, with the trimmed-log check), ``last_event_id`` and
-``tail`` (``XREAD BLOCK`` on a client of its own without a read timeout).
+``tail`` (``XREAD BLOCK`` on a connection of its own, a ``redis_conn`` link).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis.asyncio as redis_async
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
 from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores.base import EventGap
 from bs_coordination.stores.redis_codec import parse_event
+from bs_coordination.stores.redis_conn import OrderedConnection
+from bs_coordination.stores.redis_script import pack
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,8 @@ log = logging.getLogger(__name__)
 TAIL_BLOCK_MS = 2000
 #: Events read per ``XREAD``.
 TAIL_BATCH = 500
-#: Events this process appended that are kept to spare the tail parsing them again.
+#: Events this process appended that are kept (at least; at most twice as many) to spare the
+#: tail parsing them again.
 OWN_EVENTS_KEPT = 2000
 _EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 
@@ -40,12 +40,12 @@ class RedisEventLog:
     """Reads the stream ``stream`` through ``client``; ``down`` turns a Redis error into the
     store's ``StoreUnavailableError``."""
 
-    def __init__(self, client: Any, stream: str, url: str, client_kwargs: dict[str, Any],
+    def __init__(self, client: Any, stream: str, url: str, connect_timeout: float,
                  where: str, down: Callable[[BaseException], StoreUnavailableError]) -> None:
         self._redis = client
         self.stream = stream
         self._url = url
-        self._kwargs = client_kwargs
+        self._connect_timeout = connect_timeout
         self._where = where
         self._down = down
         self._own: dict[str, LockUpdateMessage] = {}
@@ -59,10 +59,11 @@ class RedisEventLog:
 
     def appended(self, messages: list[LockUpdateMessage]) -> None:
         """Remember events this process appended: the tail reads them back without parsing."""
+        own = self._own
         for m in messages:
-            self._own[m.event_id or ""] = m
-        while len(self._own) > OWN_EVENTS_KEPT:
-            del self._own[next(iter(self._own))]
+            own[m.event_id or ""] = m
+        if len(own) > 2 * OWN_EVENTS_KEPT:  # keep the newest (a dict keeps insertion order)
+            self._own = dict(list(own.items())[-OWN_EVENTS_KEPT:])
 
     def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
         own = self._own.get(event_id)
@@ -105,23 +106,26 @@ class RedisEventLog:
         """Every event after ``since`` (after the newest when ``None``), forever. A lost
         connection is retried with backoff, resuming from the last id seen."""
         last = check_id(since) if since is not None else None
-        client: Any = redis_async.Redis.from_url(self._url, socket_timeout=None, **self._kwargs,
-                                              retry=Retry(ExponentialBackoff(), 0))
+        # A connection of its own (``XREAD BLOCK`` holds it), read as the store's link is: the
+        # tail reads back every event this process appended, so it must cost little per event.
+        # A reply is awaited for at most the block time and a margin, which catches a
+        # half-open connection that would block forever.
+        link = OrderedConnection(self._url, TAIL_BLOCK_MS / 1000 + 10, self._connect_timeout)
         delay = 0.1
         try:
             while True:
                 try:
                     if last is None:
                         last = await self.last_event_id() or "0-0"
-                    # The guard catches a half-open connection that would block forever.
-                    reply = await asyncio.wait_for(
-                        client.xread({self.stream: last}, count=TAIL_BATCH, block=TAIL_BLOCK_MS),
-                        TAIL_BLOCK_MS / 1000 + 10)
-                except (RedisError, OSError, asyncio.TimeoutError, StoreUnavailableError) as exc:
+                    reply = await link.call(pack([("XREAD", "COUNT", TAIL_BATCH, "BLOCK",
+                                                   TAIL_BLOCK_MS, "STREAMS", self.stream, last)]))
+                    if isinstance(reply, Exception):
+                        raise reply
+                except (RedisError, OSError, StoreUnavailableError) as exc:
                     if delay == 0.1:  # once per outage, not every retry
                         log.warning("event tail: Redis at %s unavailable (%s); retrying",
                                     self._where, type(exc).__name__)
-                    await client.connection_pool.disconnect()
+                    await link.close()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
@@ -130,11 +134,15 @@ class RedisEventLog:
                              self._where, last)
                     delay = 0.1
                 for _stream, entries in reply or []:
+                    own = self._own
                     for event_id, fields in entries:
                         last = event_id
-                        yield self._message(event_id, fields)
+                        msg = own.get(event_id)
+                        if msg is None:
+                            msg = parse_event(event_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+                        yield msg
         finally:
-            await client.aclose()
+            await link.close()
 
 
 def check_id(event_id: str) -> str:

@@ -34,8 +34,8 @@ from redis.exceptions import NoScriptError
 #:            a key whose version and content disagree: a key with content has one, an
 #:            empty key none).
 #:   "ok":    then the new version ("0" when nothing was written), the reserved bases (each
-#:            counter's value before this call; 0 for a counter not used), the replies of the
-#:            commands.
+#:            counter's value before this call; 0 for a counter not used), the ids of the
+#:            events appended (the XADDs' replies), in order.
 #: Versions are Redis time in microseconds (one more than the last if the clock has not moved
 #: on; the last is the version hash's field LAST): a Redis restored from an older state, or
 #: emptied, never hands out again a version a replica may have cached. Few ``redis.call``s
@@ -121,7 +121,7 @@ local filling = ARGV[4] ~= '0' or ARGV[5] ~= '0'
 local function fill(c, k)
   return string.format('%d', bases[tonumber(c)] + tonumber(k))
 end
-local out = {}
+local ids = {}
 local i = 6 + n
 while i <= #ARGV do
   local m = tonumber(ARGV[i + 1])
@@ -133,10 +133,14 @@ while i <= #ARGV do
     end
     cmd[j + 2] = a
   end
-  out[#out + 1] = redis.call(unpack(cmd))
+  if cmd[1] == 'XADD' then
+    ids[#ids + 1] = redis.call(unpack(cmd))
+  else
+    redis.call(unpack(cmd))
+  end
   i = i + 3 + m
 end
-return {'ok', t[1], t[2], seq, bases, out}
+return {'ok', t[1], t[2], seq, bases, ids}
 """
 
 CAS_SHA = hashlib.sha1(CAS.encode()).hexdigest()
@@ -152,11 +156,17 @@ def bulk(text: str) -> str:
     return f"${size}\r\n{text}\r\n"
 
 
+def ascii_bulk(text: str) -> str:
+    """``bulk(text)`` for a text known to be ASCII (a number, a ``redis_codec`` JSON text)."""
+    return f"${len(text)}\r\n{text}\r\n"
+
+
 _SMALL = [bulk(str(i)) for i in range(256)]
 
 
-def number(i: int) -> str:
-    """``bulk(str(i))`` (made once for the small numbers: key indexes, argument counts)."""
+def index(i: int) -> str:
+    """``bulk(str(i))`` for a whole number (made once for the small ones: key indexes,
+    argument counts)."""
     return _SMALL[i] if 0 <= i < 256 else bulk(str(i))
 
 

@@ -34,13 +34,14 @@ from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import to_message
 from bs_coordination.stores.redis_codec import (
     event_json,
+    number,
     parse_record,
     parse_waiter,
     record_body,
     record_json,
     waiter_json,
 )
-from bs_coordination.stores.redis_script import CAS_SHA, FIXED_KEYS, bulk, number
+from bs_coordination.stores.redis_script import CAS_SHA, FIXED_KEYS, ascii_bulk, bulk, index
 
 #: Entries in the cache before it is dropped (it is only a guess, never trusted).
 CACHE_LIMIT = 50_000
@@ -162,12 +163,12 @@ def _real(value: int, bases: list[int]) -> int:
 #: Parts of every call (``redis_script``): fixed texts, encoded once.
 _EVALSHA = bulk("EVALSHA") + bulk(CAS_SHA)
 #: Indexes of the fixed keys in KEYS (``KeySpace.fixed``).
-_NAMES_KEY, _EXPIRY_KEY, _EVENTS_KEY = number(2), number(3), number(4)
+_NAMES_KEY, _EXPIRY_KEY, _EVENTS_KEY = index(2), index(3), index(4)
 #: Command names with their argument counts.
-_HSET, _HDEL = bulk("HSET") + number(2), bulk("HDEL") + number(1)
-_SADD, _SREM = bulk("SADD") + number(1), bulk("SREM") + number(1)
-_ZADD, _ZREM = bulk("ZADD") + number(2), bulk("ZREM") + number(1)
-_XADD = bulk("XADD") + number(6)
+_HSET, _HDEL = bulk("HSET") + index(2), bulk("HDEL") + index(1)
+_SADD, _SREM = bulk("SADD") + index(1), bulk("SREM") + index(1)
+_ZADD, _ZREM = bulk("ZADD") + index(2), bulk("ZREM") + index(1)
+_XADD = bulk("XADD") + index(6)
 _XADD_ARGS = "".join(map(bulk, ("MAXLEN", "~", str(rk.EVENTS_MAXLEN), "*", rk.EVENT_FIELD)))
 
 
@@ -190,8 +191,6 @@ class Commit:
         self.finals: dict[str, tuple[str, Any]] = {}
         self._commands: list[str] = []  # RESP of the commands: name + n, key index, arguments
         self._arguments = 0  # bulk strings in ``_commands``
-        self._count = 0  # commands
-        self._xadds: list[int] = []  # the command number of each event's XADD
         self._bodies: dict[int, str] = {}  # id(record) -> its ``record_body``
         #: After a "stale" reply: Redis at the instant the script ran (``stale``).
         self.snapshot: Snapshot | None = None
@@ -204,17 +203,20 @@ class Commit:
         self.request = self._encode(now, fixed)
 
     # -- building ------------------------------------------------------------------------
-    def _add(self, head: str, key: str, *args: str) -> int:
-        """Append a command (``head``: its name and argument count; ``key``: the index of its
-        key); returns its number."""
-        self._commands += (head, key, *map(bulk, args))
-        self._arguments += 3 + len(args)
-        self._count += 1
-        return self._count - 1
+    def _add1(self, head: str, key: str, arg: str) -> None:
+        """Append a command of one argument (``head``: its name and argument count; ``key``:
+        the index of its key)."""
+        self._commands += (head, key, bulk(arg))
+        self._arguments += 4
+
+    def _add2(self, head: str, key: str, arg1: str, arg2: str) -> None:
+        """Append a command of two arguments (as ``_add1``)."""
+        self._commands += (head, key, bulk(arg1), bulk(arg2))
+        self._arguments += 5
 
     def _key(self, key: str) -> str:
         """The index of ``key`` (a key this operation read) in KEYS."""
-        return number(self.view.read[key][0])
+        return index(self.view.read[key][0])
 
     def _before(self, key: str, shape: str) -> Any:
         """Content of ``key`` as this operation read it (read now, and so checked, if the lock
@@ -246,42 +248,41 @@ class Commit:
                 names = set(self._before(key, NAMES))
                 (names.add if after else names.discard)(name)
                 self.finals[key] = (NAMES, frozenset(names))
-                self._add(head, self._key(key), name)
-            self._add(head, _NAMES_KEY, name)
+                self._add1(head, self._key(key), name)
+            self._add1(head, _NAMES_KEY, name)
         for rid, rec in ch.deletes.items():
             name, key_hash = rid
-            self._add(_HDEL, self._key(k.records(name)), key_hash)
+            self._add1(_HDEL, self._key(k.records(name)), key_hash)
             self._key_set(k.key_names(key_hash), name, add=False)
             if rec.expires_at is not None:
-                self._add(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
+                self._add1(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
         for rid, rec in ch.puts.items():
             name, key_hash = rid
-            self._add(_HSET, self._key(k.records(name)), key_hash,
-                      record_json(rec, self._body(rec)))
+            self._commands += (_HSET, self._key(k.records(name)), bulk(key_hash),
+                               ascii_bulk(record_json(rec, self._body(rec))))
+            self._arguments += 5
             self._key_set(k.key_names(key_hash), name, add=True)
             if rec.expires_at is not None:
-                self._add(_ZADD, _EXPIRY_KEY, repr(rec.expires_at), rk.expiry_member(rid))
+                self._add2(_ZADD, _EXPIRY_KEY, number(rec.expires_at), rk.expiry_member(rid))
             else:
                 old = self.view.entry(k.records(name), RECORDS)[1].get(key_hash)
                 if old is not None and old.expires_at is not None:
-                    self._add(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
+                    self._add1(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
         if ch.waiters_put or ch.waiters_deleted:
             waiters = dict(self._before(k.waiters, WAITERS))
             for ticket in ch.waiters_deleted:
                 waiters.pop(ticket, None)
                 if ticket < SENTINEL:  # else queued and dropped within this operation
-                    self._add(_HDEL, self._key(k.waiters), str(ticket))
+                    self._add1(_HDEL, self._key(k.waiters), str(ticket))
             for ticket, w in ch.waiters_put.items():
                 waiters[ticket] = w
-                self._add(_HSET, self._key(k.waiters), _text(ticket),
-                          waiter_json(w, _text(ticket)))
+                self._add2(_HSET, self._key(k.waiters), _text(ticket),
+                           waiter_json(w, _text(ticket)))
             self.finals[k.waiters] = (WAITERS, waiters)
         for event in ch.events:
             self._commands += (_XADD, _EVENTS_KEY, _XADD_ARGS,
-                               bulk(event_json(event, self._body(event.record))))
+                               ascii_bulk(event_json(event, self._body(event.record))))
             self._arguments += 9
-            self._xadds.append(self._count)
-            self._count += 1
 
     def _records(self, touched: dict[str, tuple[bool, dict[str, LockRecord]]],
                  name: str) -> dict[str, LockRecord]:
@@ -298,24 +299,26 @@ class Commit:
         names = set(before)
         (names.add if add else names.discard)(name)
         self.finals[key] = (NAMES, frozenset(names))
-        self._add(_SADD if add else _SREM, self._key(key), name)
+        self._add1(_SADD if add else _SREM, self._key(key), name)
 
     def _encode(self, now: float, fixed: tuple[str, str]) -> bytes:
         """The ``EVALSHA`` request (see ``redis_script`` for its KEYS and ARGV)."""
         checks, finals = self.checks, self.finals
         fixed_keys, limits = fixed
         keys = FIXED_KEYS + len(checks)
-        parts = ["", _EVALSHA, number(keys), fixed_keys]
-        parts += [bulk(key) for key, _ in checks]
-        parts += (bulk(repr(now)), limits)
+        parts = ["", _EVALSHA, index(keys), fixed_keys]
+        marks = []
+        for key, (_, shape, (version, _)) in checks:
+            parts.append(bulk(key))
+            final = finals.get(key)
+            mark = "-" if final is None else "w" if final[1] else "e"
+            marks.append(f"${len(version) + 2}\r\n{shape[0]}{mark}{version}\r\n")
+        parts += (ascii_bulk(number(now)), limits)
         counters = self.ch.counters
         for c, name in enumerate(COUNTERS):
             value = counters.get(name)
-            parts.append(number(value - (SENTINEL + c * SPAN)) if value is not None else "$1\r\n0\r\n")
-        for key, (_, shape, (version, _)) in checks:
-            final = finals.get(key)
-            mark = "-" if final is None else "w" if final[1] else "e"
-            parts.append(f"${len(version) + 2}\r\n{shape[0]}{mark}{version}\r\n")
+            parts.append(index(value - (SENTINEL + c * SPAN) if value is not None else 0))
+        parts += marks
         parts += self._commands
         parts[0] = f"*{2 + 1 + keys + 5 + len(checks) + self._arguments}\r\n"
         return "".join(parts).encode()
@@ -337,12 +340,7 @@ class Commit:
         if not bases:
             return obj
         if isinstance(obj, LockRecord):
-            if obj.token < SENTINEL:
-                return obj
-            real = self._patched.get(id(obj))
-            if real is None:
-                real = self._patched[id(obj)] = replace(obj, token=_real(obj.token, bases))
-            return real
+            return self._patch_record(obj, bases)
         if isinstance(obj, bool):
             return obj
         if isinstance(obj, int):
@@ -353,26 +351,34 @@ class Commit:
             return tuple(self.patch(x, bases) for x in obj)
         return obj
 
+    def _patch_record(self, rec: LockRecord, bases: list[int]) -> LockRecord:
+        if rec.token < SENTINEL:
+            return rec
+        real = self._patched.get(id(rec))
+        if real is None:
+            real = self._patched[id(rec)] = replace(rec, token=_real(rec.token, bases))
+        return real
+
     def done(self, cache: Cache, version: str, bases: list[int]) -> None:
         """The writes happened: remember every key written at its new version."""
         for key, (shape, content) in self.finals.items():
             if bases and shape == RECORDS:
-                content = {h: self.patch(r, bases) for h, r in content.items()}
+                content = {h: self._patch_record(r, bases) for h, r in content.items()}
             elif bases and shape == WAITERS:
                 content = {_real(t, bases): replace(w, ticket=_real(w.ticket, bases))
                            for t, w in content.items()}
             cache.put(key, version if content else "", content)
 
-    def events(self, replies: list[Any], bases: list[int]) -> list[LockUpdateMessage]:
+    def events(self, ids: list[str], bases: list[int]) -> list[LockUpdateMessage]:
         """The events as appended: with their stream ids and real tokens."""
         messages = []
-        for event, i in zip(self.ch.events, self._xadds, strict=True):
+        for event, event_id in zip(self.ch.events, ids, strict=True):
             # The event's own record, patched once: the caller's answer patches the same
             # object, so both share one public(). Not the record stored last under the same
             # id: one operation may restore a lock and preempt it again (both carry the same
             # new token), and each event must show the lock as it was at that event.
-            rec = self.patch(event.record, bases)
+            rec = self._patch_record(event.record, bases) if bases else event.record
             if rec is not event.record:
                 event = Event(event.action, rec, event.timestamp, event.actor)
-            messages.append(to_message(event, replies[i]))
+            messages.append(to_message(event, event_id))
         return messages
