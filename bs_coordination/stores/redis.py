@@ -107,6 +107,29 @@ MAX_DELAY = 1.0
 OFFSET_KEEP = 10.0
 
 
+class _Writer:
+    """An operation of this store that writes keys, while it runs (``RedisStore._writers``)."""
+
+    __slots__ = ("_waiting", "finished", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq  # its arrival
+        self.finished = False
+        self._waiting: list[asyncio.Future[None]] = []
+
+    def wait(self) -> asyncio.Future[None]:
+        """Done when this operation has finished."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        return fut
+
+    def finish(self) -> None:
+        self.finished = True
+        for fut in self._waiting:
+            if not fut.done():
+                fut.set_result(None)
+
+
 class RedisStore(Store):
     """The lock table in Redis. ``RedisStore("redis://host:6379/0")``."""
 
@@ -135,7 +158,7 @@ class RedisStore(Store):
         self._cache = Cache()
         self._arrivals = itertools.count()
         # key -> (arrival, done) of the latest operation of this store that writes it.
-        self._writers: dict[str, tuple[int, asyncio.Future[None]]] = {}
+        self._writers: dict[str, _Writer] = {}
         self._loading: asyncio.Future[Any] | None = None
         # Redis time = time.monotonic() + offset (a lower bound; see the docstring).
         self._offset = time.time() - time.monotonic()
@@ -223,7 +246,7 @@ class RedisStore(Store):
         # instead of every one of them going stale but one. Only earlier ones are waited for,
         # so waits never form a cycle. Other replicas' writes are met by the checks alone.
         seq = next(self._arrivals)
-        mine: asyncio.Future[None] | None = None
+        mine: _Writer | None = None
         claimed: list[str] = []
         snapshot: Snapshot | None = None
         attempts = 0
@@ -251,11 +274,11 @@ class RedisStore(Store):
                 earlier = self._earlier_writers(seq, commit)
                 if commit.finals:
                     if mine is None:
-                        mine = asyncio.get_running_loop().create_future()
+                        mine = _Writer(seq)
                     for key in commit.finals:
                         held = self._writers.get(key)
-                        if held is None or held[0] < seq:
-                            self._writers[key] = (seq, mine)
+                        if held is None or held.seq < seq:
+                            self._writers[key] = mine
                             claimed.append(key)
                 if earlier:
                     await asyncio.wait(earlier)
@@ -292,10 +315,9 @@ class RedisStore(Store):
                     await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempts - 3), 0.05)))
         finally:
             if mine is not None:
-                mine.set_result(None)
+                mine.finish()
                 for key in claimed:
-                    held = self._writers.get(key)
-                    if held is not None and held[1] is mine:
+                    if self._writers.get(key) is mine:
                         del self._writers[key]
 
     def _earlier_writers(self, seq: int, commit: Commit) -> list[asyncio.Future[None]]:
@@ -304,8 +326,8 @@ class RedisStore(Store):
         writers = self._writers
         for key in commit.view.read:
             held = writers.get(key)
-            if held is not None and held[0] < seq and not held[1].done():
-                out.append(held[1])
+            if held is not None and held.seq < seq and not held.finished:
+                out.append(held.wait())
         return out
 
     async def _load_script(self) -> None:

@@ -36,7 +36,7 @@ def number(x: float) -> str:
     in the record and in the expiry index), and ``repr`` of a float is not cheap."""
     text = _floats.get(x)
     if text is None:
-        if len(_floats) >= 4096:
+        if len(_floats) >= 256:  # small: the repeats are close together
             _floats.clear()
         text = _floats[x] = repr(x)
     return text

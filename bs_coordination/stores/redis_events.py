@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,8 +31,7 @@ log = logging.getLogger(__name__)
 TAIL_BLOCK_MS = 2000
 #: Events read per ``XREAD``.
 TAIL_BATCH = 500
-#: Events this process appended that are kept (at least; at most twice as many) to spare the
-#: tail parsing them again.
+#: Events this process appended that are kept to spare the tail parsing them again.
 OWN_EVENTS_KEPT = 2000
 _EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 
@@ -49,6 +49,7 @@ class RedisEventLog:
         self._where = where
         self._down = down
         self._own: dict[str, LockUpdateMessage] = {}
+        self._own_ids: deque[str] = deque()  # the keys of ``_own``, oldest first
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
@@ -59,11 +60,12 @@ class RedisEventLog:
 
     def appended(self, messages: list[LockUpdateMessage]) -> None:
         """Remember events this process appended: the tail reads them back without parsing."""
-        own = self._own
+        own, ids = self._own, self._own_ids
         for m in messages:
             own[m.event_id or ""] = m
-        if len(own) > 2 * OWN_EVENTS_KEPT:  # keep the newest (a dict keeps insertion order)
-            self._own = dict(list(own.items())[-OWN_EVENTS_KEPT:])
+            ids.append(m.event_id or "")
+        while len(ids) > OWN_EVENTS_KEPT:
+            own.pop(ids.popleft(), None)
 
     def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
         own = self._own.get(event_id)

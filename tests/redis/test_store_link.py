@@ -1,0 +1,155 @@
+"""The Redis store's own connection (``redis_conn``) and its JSON texts (``redis_codec``): every
+URL form the store accepts reaches the right server, user and database; a wrong password fails
+closed without showing it; what is written reads back as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from bs_coordination.errors import StoreUnavailableError
+from bs_coordination.locktable import Event, LockRecord, Waiter
+from bs_coordination.models import LockAction, LockRequest, LockState, LockType
+from bs_coordination.stores.base import to_message
+from bs_coordination.stores.redis import RedisStore
+from bs_coordination.stores.redis_codec import (
+    event_json,
+    parse_event,
+    parse_record,
+    parse_waiter,
+    record_body,
+    record_json,
+    waiter_json,
+)
+from bs_coordination.stores.redis_keys import EVENT_FIELD, KeySpace
+from bs_coordination.stores.redis_txn import with_token
+
+pytestmark = pytest.mark.redis
+
+
+def ask(name: str, user: str = "alice") -> LockRequest:
+    return LockRequest(device_name=name, lock_type=LockType.MANUAL_OPERATOR, user_id=user)
+
+
+async def _use(store: RedisStore) -> None:
+    """A grant, its event on the tail, a release."""
+    received = []
+
+    async def follow() -> None:
+        async for msg in store.tail("0"):
+            received.append(msg)
+
+    task = asyncio.create_task(follow())
+    try:
+        grant = await store.request(ask("det1"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not received:
+            assert loop.time() < deadline, "the tail saw nothing"
+            await asyncio.sleep(0.02)
+        assert received[0].device_name == "det1" and received[0].lock == grant.locks[0]
+        assert len(await store.release(grant.lock_key)) == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_password_a_user_and_a_database_in_the_url(redis_server) -> None:
+    admin = aioredis.Redis.from_url(redis_server.url)
+    await admin.acl_setuser("carol", enabled=True, passwords=["+pw-carol"], keys=["*"],
+                            channels=["*"], commands=["+@all"])
+    await admin.config_set("requirepass", "pw-default")
+    store = RedisStore(f"redis://carol:pw-carol@127.0.0.1:{redis_server.port}/4")
+    other = RedisStore(f"redis://:pw-default@127.0.0.1:{redis_server.port}/5")
+    wrong = RedisStore(f"redis://carol:not-the-pw@127.0.0.1:{redis_server.port}/4")
+    check = aioredis.Redis.from_url(f"redis://:pw-default@127.0.0.1:{redis_server.port}/4")
+    try:
+        await _use(store)
+        await _use(other)
+        assert await check.xlen(KeySpace().events) == 2  # acquired, released: in database 4
+        with pytest.raises(StoreUnavailableError) as refused:
+            await wrong.request(ask("det2"))
+        assert "not-the-pw" not in refused.value.message
+    finally:
+        for s in (store, other, wrong):
+            await s.close()
+        await check.aclose()
+        await admin.aclose()
+
+
+async def test_a_unix_socket_url(redis_server, tmp_path: Path) -> None:
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [redis_server.binary, "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path),
+         "--save", "", "--requirepass", "pw"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "redis-server made no socket"
+            await asyncio.sleep(0.02)
+        store = RedisStore(f"unix://:pw@{sock}?db=2")
+        check = aioredis.Redis(unix_socket_path=str(sock), password="pw", db=2)
+        try:
+            await _use(store)
+            assert await check.xlen(KeySpace().events) == 2
+        finally:
+            await store.close()
+            await check.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+RECORDS = [
+    LockRecord("det1", LockType.MANUAL_OPERATOR, "alice", "ab" * 32, 7, 1_700_000_000.123456,
+               None),
+    LockRecord("det1.cam", LockType.QUEUE_EXECUTING, 'bé "quoted" \\ \u2028 😀', "cd" * 32,
+               2**40, 1_700_000_000.5, 1_700_000_300.25, reason="scan \n tab\t",
+               plan_uid="plan-1", state=LockState.PREEMPTED,
+               preempted_by={"device_name": "det1", "lock_type": "MAINTENANCE", "priority": 0,
+                             "user_id": "staff", "reason": "fix ü", "plan_uid": None,
+                             "acquired_at": "2023-11-14T22:13:20Z", "expires_at": None}),
+]
+
+
+@pytest.mark.parametrize("rec", RECORDS)
+def test_records_and_events_read_back_as_written(rec: LockRecord) -> None:
+    body = record_body(rec, str(rec.token))
+    text = record_json(rec, body)
+    assert text.isascii()
+    assert parse_record(text) == rec
+    for action in LockAction:
+        event = Event(action, rec, 1_700_000_001.75, actor="op ü")
+        json_text = event_json(event, body)
+        assert json_text.isascii() and rec.key_hash not in json_text
+        assert parse_event("1-2", {EVENT_FIELD: json_text}) == to_message(event, "1-2")
+
+
+def test_events_appended_before_the_event_format_still_read() -> None:
+    event = Event(LockAction.ACQUIRED, RECORDS[1], 1_700_000_001.75, actor=None)
+    old = to_message(event, "").model_dump_json(exclude={"event_id"})
+    assert parse_event("5-1", {"m": old}) == to_message(event, "5-1")
+
+
+def test_waiters_read_back_as_written() -> None:
+    w = Waiter(12, ("det1", "m1.x"), 1, 1_700_000_123.5)
+    text = waiter_json(w, "12")
+    assert text.isascii() and parse_waiter(text) == w
+
+
+@pytest.mark.parametrize("rec", RECORDS)
+def test_with_token_is_replace(rec: LockRecord) -> None:
+    # ``with_token`` names every field: a new one must be added there (and here).
+    assert [f.name for f in fields(LockRecord)] == [
+        "device_name", "lock_type", "user_id", "key_hash", "token", "acquired_at", "expires_at",
+        "reason", "plan_uid", "state", "preempted_by", "_public"]
+    assert with_token(rec, 99) == replace(rec, token=99)
