@@ -48,8 +48,8 @@ class RedisEventLog:
         self._connect_timeout = connect_timeout
         self._where = where
         self._down = down
-        self._own: dict[str, LockUpdateMessage] = {}
-        self._own_ids: deque[str] = deque()  # the keys of ``_own``, oldest first
+        # Events this process appended, oldest first (so in the log's order).
+        self._own: deque[LockUpdateMessage] = deque(maxlen=OWN_EVENTS_KEPT)
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
@@ -60,18 +60,20 @@ class RedisEventLog:
 
     def appended(self, messages: list[LockUpdateMessage]) -> None:
         """Remember events this process appended: the tail reads them back without parsing."""
-        own, ids = self._own, self._own_ids
-        for m in messages:
-            own[m.event_id or ""] = m
-            ids.append(m.event_id or "")
-        while len(ids) > OWN_EVENTS_KEPT:
-            own.pop(ids.popleft(), None)
+        self._own.extend(messages)
 
-    def _message(self, event_id: str, fields: dict[str, str]) -> LockUpdateMessage:
-        own = self._own.get(event_id)
-        if own is not None:
-            return own
-        return parse_event(event_id, fields)
+    def _own_message(self, event_id: str) -> LockUpdateMessage | None:
+        """The event ``event_id`` if this process appended it and it is the oldest of those
+        kept (the tail reads the log in order, so it usually is); forgets older ones (the
+        tail started after them, or they were trimmed)."""
+        own = self._own
+        if own and own[0].event_id != event_id:
+            after = _order(event_id)
+            while own and _order(own[0].event_id or "0") < after:
+                own.popleft()
+        if own and own[0].event_id == event_id:
+            return own.popleft()
+        return None
 
     async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
         with self._unavailable():
@@ -97,7 +99,7 @@ class RedisEventLog:
                         raise EventGap(f"event {since} is older than the retained log")
                 else:
                     entries = []  # no stream yet
-        return [self._message(i, f) for i, f in entries]
+        return [parse_event(i, f) for i, f in entries]
 
     async def last_event_id(self) -> str | None:
         with self._unavailable():
@@ -136,10 +138,9 @@ class RedisEventLog:
                              self._where, last)
                     delay = 0.1
                 for _stream, entries in reply or []:
-                    own = self._own
                     for event_id, fields in entries:
                         last = event_id
-                        msg = own.get(event_id)
+                        msg = self._own_message(event_id)
                         if msg is None:
                             msg = parse_event(event_id, dict(zip(fields[::2], fields[1::2], strict=True)))
                         yield msg

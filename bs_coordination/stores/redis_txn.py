@@ -84,6 +84,20 @@ class Cache:
 
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
+        #: id(record) -> (the record, its ``record_body``) for records this process wrote:
+        #: the event of their release (or expiry...) shows them without encoding them again.
+        self.bodies: dict[int, tuple[LockRecord, str]] = {}
+
+    def remember_body(self, rec: LockRecord, body: str) -> None:
+        if len(self.bodies) >= CACHE_LIMIT:
+            self.bodies.clear()
+        self.bodies[id(rec)] = (rec, body)
+
+    def body(self, rec: LockRecord) -> str | None:
+        """``rec``'s body if remembered (forgotten then: a record is written once, and
+        leaves when the lock does)."""
+        known = self.bodies.pop(id(rec), None)
+        return known[1] if known is not None and known[0] is rec else None
 
     def get(self, key: str) -> Entry | None:
         return self.entries.get(key)
@@ -236,7 +250,8 @@ class Commit:
     def _body(self, rec: LockRecord) -> str:
         body = self._bodies.get(id(rec))
         if body is None:
-            body = self._bodies[id(rec)] = record_body(rec, _text(rec.token))
+            body = self.view.cache.body(rec) or record_body(rec, _text(rec.token))
+            self._bodies[id(rec)] = body
         return body
 
     def _build_writes(self) -> None:
@@ -376,6 +391,13 @@ class Commit:
                 content = {_real(t, bases): replace(w, ticket=_real(w.ticket, bases))
                            for t, w in content.items()}
             cache.put(key, version if content else "", content)
+        for rec in self.ch.puts.values():
+            body = self._bodies[id(rec)]
+            if rec.token >= SENTINEL:
+                real = self._patch_record(rec, bases)
+                cache.remember_body(real, body.replace(_hole(rec.token), str(real.token), 1))
+            else:
+                cache.remember_body(rec, body)
 
     def events(self, ids: list[str], bases: list[int]) -> list[LockUpdateMessage]:
         """The events as appended: with their stream ids and real tokens."""
