@@ -186,6 +186,7 @@ def with_token(rec: LockRecord, token: int) -> LockRecord:
 _EVALSHA = bulk("EVALSHA") + bulk(CAS_SHA)
 #: Indexes of the fixed keys in KEYS (``KeySpace.fixed``).
 _NAMES_KEY, _EXPIRY_KEY, _EVENTS_KEY = index(2), index(3), index(4)
+_ZERO = index(0)
 #: Command names with their argument counts.
 _HSET, _HDEL = bulk("HSET") + index(2), bulk("HDEL") + index(1)
 _SADD, _SREM = bulk("SADD") + index(1), bulk("SREM") + index(1)
@@ -220,8 +221,6 @@ class Commit:
         #: After an "ok" reply: each counter's reserved base (none if no counter was used).
         self.bases: list[int] = []
         self._build_writes()
-        #: Every key read, in KEYS order: (key, (index, shape, entry)).
-        self.checks = list(view.read.items())
         self.request = self._encode(now, fixed)
 
     # -- building ------------------------------------------------------------------------
@@ -256,39 +255,40 @@ class Commit:
 
     def _build_writes(self) -> None:
         k, ch = self.keys, self.ch
-        touched: dict[str, tuple[bool, dict[str, LockRecord]]] = {}
+        # name -> (its records key, whether it had records, its records after the changes)
+        touched: dict[str, tuple[str, bool, dict[str, LockRecord]]] = {}
         for (name, key_hash) in ch.deletes:
             self._records(touched, name).pop(key_hash, None)
         for (name, key_hash), rec in ch.puts.items():
             self._records(touched, name)[key_hash] = rec
-        for name, (had, after) in touched.items():
-            self.finals[k.records(name)] = (RECORDS, after)
+        for name, (key, had, after) in touched.items():
+            self.finals[key] = (RECORDS, after)
             if had == bool(after):
                 continue
             head = _SADD if after else _SREM
             for a in ancestors(name):
-                key = k.under(a)
-                names = set(self._before(key, NAMES))
+                under = k.under(a)
+                names = set(self._before(under, NAMES))
                 (names.add if after else names.discard)(name)
-                self.finals[key] = (NAMES, frozenset(names))
-                self._add1(head, self._key(key), name)
+                self.finals[under] = (NAMES, frozenset(names))
+                self._add1(head, self._key(under), name)
             self._add1(head, _NAMES_KEY, name)
         for rid, rec in ch.deletes.items():
             name, key_hash = rid
-            self._add1(_HDEL, self._key(k.records(name)), key_hash)
+            self._add1(_HDEL, self._key(touched[name][0]), key_hash)
             self._key_set(k.key_names(key_hash), name, add=False)
             if rec.expires_at is not None:
                 self._add1(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
         for rid, rec in ch.puts.items():
             name, key_hash = rid
-            self._commands += (_HSET, self._key(k.records(name)), bulk(key_hash),
+            self._commands += (_HSET, self._key(touched[name][0]), bulk(key_hash),
                                ascii_bulk(record_json(rec, self._body(rec))))
             self._arguments += 5
             self._key_set(k.key_names(key_hash), name, add=True)
             if rec.expires_at is not None:
                 self._add2(_ZADD, _EXPIRY_KEY, number(rec.expires_at), rk.expiry_member(rid))
             else:
-                old = self.view.entry(k.records(name), RECORDS)[1].get(key_hash)
+                old = self.view.entry(touched[name][0], RECORDS)[1].get(key_hash)
                 if old is not None and old.expires_at is not None:
                     self._add1(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
         if ch.waiters_put or ch.waiters_deleted:
@@ -307,13 +307,14 @@ class Commit:
                                ascii_bulk(event_json(event, self._body(event.record))))
             self._arguments += 9
 
-    def _records(self, touched: dict[str, tuple[bool, dict[str, LockRecord]]],
+    def _records(self, touched: dict[str, tuple[str, bool, dict[str, LockRecord]]],
                  name: str) -> dict[str, LockRecord]:
         slot = touched.get(name)
         if slot is None:
-            before = self._before(self.keys.records(name), RECORDS)
-            slot = touched[name] = (bool(before), dict(before))
-        return slot[1]
+            key = self.keys.records(name)
+            before = self._before(key, RECORDS)
+            slot = touched[name] = (key, bool(before), dict(before))
+        return slot[2]
 
     def _key_set(self, key: str, name: str, *, add: bool) -> None:
         before = self._before(key, NAMES)
@@ -326,21 +327,21 @@ class Commit:
 
     def _encode(self, now: float, fixed: tuple[str, str]) -> bytes:
         """The ``EVALSHA`` request (see ``redis_script`` for its KEYS and ARGV)."""
-        checks, finals = self.checks, self.finals
+        checks, finals = self.view.read, self.finals
         fixed_keys, limits = fixed
         keys = FIXED_KEYS + len(checks)
         parts = ["", _EVALSHA, index(keys), fixed_keys]
         marks = []
-        for key, (_, shape, (version, _)) in checks:
+        for key, (_, shape, (version, _)) in checks.items():
             parts.append(bulk(key))
             final = finals.get(key)
             mark = "-" if final is None else "w" if final[1] else "e"
             marks.append(f"${len(version) + 2}\r\n{shape[0]}{mark}{version}\r\n")
         parts += (ascii_bulk(number(now)), limits)
-        counters = self.ch.counters
-        for c, name in enumerate(COUNTERS):
-            value = counters.get(name)
-            parts.append(index(value - (SENTINEL + c * SPAN) if value is not None else 0))
+        counters = self.ch.counters  # how many values of each were used (ARGV 4 and 5)
+        token, ticket = counters.get(TOKEN_COUNTER), counters.get(TICKET_COUNTER)
+        parts.append(index(token - SENTINEL) if token is not None else _ZERO)
+        parts.append(index(ticket - (SENTINEL + SPAN)) if ticket is not None else _ZERO)
         parts += marks
         parts += self._commands
         parts[0] = f"*{2 + 1 + keys + 5 + len(checks) + self._arguments}\r\n"
@@ -350,9 +351,10 @@ class Commit:
     def stale(self, cache: Cache, found: list[Any]) -> Snapshot:
         """Learn the current content of the keys whose check failed; returns the snapshot of
         Redis when the script ran (every key checked)."""
-        snapshot: Snapshot = {key: entry for key, (_, _, entry) in self.checks}
+        checks = list(self.view.read.items())
+        snapshot: Snapshot = {key: entry for key, (_, _, entry) in checks}
         for i in range(0, len(found), 3):
-            key, (_, shape, _) = self.checks[int(found[i]) - 1]
+            key, (_, shape, _) = checks[int(found[i]) - 1]
             entry = (str(found[i + 1]), parse(shape, found[i + 2]))
             snapshot[key] = entry
             cache.put(key, *entry)
