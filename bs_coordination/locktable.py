@@ -287,9 +287,13 @@ class Txn:
 
     def overlapping(self, name: str, *, include_expired: bool = False) -> list[LockRecord]:
         """Records on ``name``, its ancestors and its descendants (live ones unless asked)."""
-        out: list[LockRecord] = []
-        for n in (*ancestors(name), name, *sorted(self._under_names(name))):
-            out.extend(self._at(n).values())
+        under = self._under_names(name)
+        if under or "." in name:
+            out: list[LockRecord] = []
+            for n in (*ancestors(name), name, *sorted(under)):
+                out.extend(self._at(n).values())
+        else:  # the common case, a top-level name with nothing locked below it
+            out = list(self._at(name).values())
         if include_expired:
             return out
         return [r for r in out if r.live(self.now)]
