@@ -109,6 +109,7 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self._changed = asyncio.Event()
+        self._waiting = 0  # requests inside their wait loop (see ``notify_changed``)
 
     # -- primitives --------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,9 +159,12 @@ class Store(ABC):
 
     # -- operations --------------------------------------------------------------------
     def notify_changed(self) -> None:
-        """Wake requests waiting for a device (called after every stored change)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """Wake requests waiting for a device (called after every stored change). Nothing to
+        do while none waits: a waiting request counts itself in ``_waiting`` before it first
+        takes ``_changed``, so no change after that can go unnoticed."""
+        if self._waiting:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def request(self, req: LockRequest, actor: str | None = None,
                       owner: str | None = None) -> Grant:
@@ -182,6 +186,7 @@ class Store(ABC):
         ticket, _ = await self._transact(
             lambda txn: locktable.enqueue(txn, req.names, req.lock_type.priority, req.wait))
         deadline = time.monotonic() + req.wait
+        self._waiting += 1
         try:
             while True:
                 changed = self._changed
@@ -201,6 +206,7 @@ class Store(ABC):
                 except asyncio.TimeoutError:
                     pass
         finally:
+            self._waiting -= 1
             try:
                 await self._transact(lambda txn: locktable.dequeue(txn, ticket))
             except Exception:  # the waiter expires on its own; never mask the real outcome
