@@ -132,7 +132,7 @@ class View:
         entry = self.snapshot.get(key) if self.snapshot is not None else None
         if entry is None:
             self.fresh = False
-            entry = self.cache.get(key) or ("", _EMPTY[shape])
+            entry = self.cache.entries.get(key) or ("", _EMPTY[shape])
         self.read[key] = (FIXED_KEYS + 1 + len(self.read), shape, entry)
         return entry
 
@@ -182,6 +182,19 @@ def with_token(rec: LockRecord, token: int) -> LockRecord:
                       rec.preempted_by)
 
 
+_key_bulks: dict[str, str] = {}
+
+
+def _key_bulk(key: str) -> str:
+    """``bulk(key)``, remembered (the same keys come back: a device's records, its names)."""
+    text = _key_bulks.get(key)
+    if text is None:
+        if len(_key_bulks) >= 4096:
+            _key_bulks.clear()
+        text = _key_bulks[key] = bulk(key)
+    return text
+
+
 #: Parts of every call (``redis_script``): fixed texts, encoded once.
 _EVALSHA = bulk("EVALSHA") + bulk(CAS_SHA)
 #: Indexes of the fixed keys in KEYS (``KeySpace.fixed``).
@@ -204,6 +217,11 @@ class Commit:
     """The one ``CAS`` call of an attempt: built from what the view read and the changes, as
     the RESP request itself (``request``)."""
 
+    #: After a "stale" reply: Redis at the instant the script ran (``stale``).
+    snapshot: Snapshot | None = None
+    #: After an "ok" reply: each counter's reserved base (none if no counter was used).
+    bases: list[int] = []
+
     def __init__(self, keys: rk.KeySpace, view: View, ch: Changes, now: float,
                  fixed: tuple[str, str]) -> None:
         """``fixed``: the store's ``constants``."""
@@ -215,11 +233,7 @@ class Commit:
         self._commands: list[str] = []  # RESP of the commands: name + n, key index, arguments
         self._arguments = 0  # bulk strings in ``_commands``
         self._bodies: dict[int, str] = {}  # id(record) -> its ``record_body``
-        #: After a "stale" reply: Redis at the instant the script ran (``stale``).
-        self.snapshot: Snapshot | None = None
         self._patched: dict[int, LockRecord] = {}  # id(record with a sentinel) -> real
-        #: After an "ok" reply: each counter's reserved base (none if no counter was used).
-        self.bases: list[int] = []
         self._build_writes()
         self.request = self._encode(now, fixed)
 
@@ -333,7 +347,7 @@ class Commit:
         parts = ["", _EVALSHA, index(keys), fixed_keys]
         marks = []
         for key, (_, shape, (version, _)) in checks.items():
-            parts.append(bulk(key))
+            parts.append(_key_bulk(key))
             final = finals.get(key)
             mark = "-" if final is None else "w" if final[1] else "e"
             marks.append(f"${len(version) + 2}\r\n{shape[0]}{mark}{version}\r\n")
