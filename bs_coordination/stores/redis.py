@@ -50,9 +50,12 @@ more than ``MAX_AHEAD`` ahead or more than ``max_delay`` behind, so every replic
 expiry on Redis time within those bounds. ``max_delay`` is below the reply timeout, so a call
 that reaches Redis only after its caller gave up (a paused Redis) is refused, never applied.
 
-Calls go through ``redis_conn.OrderedConnection``: one pipelined connection, every call made
-in one event-loop iteration written at once, replies applied to the cache in the order Redis
-ran them. With 50 concurrent clients that is one ``send`` for many operations.
+Calls go through ``redis_conn.OrderedConnection``: one pipelined connection of the store's own
+(an ``asyncio.Protocol`` parsing with ``hiredis``), every call made in one event-loop iteration
+written at once, replies applied to the cache in the order Redis ran them. With 50 concurrent
+clients that is one ``send`` for many operations. A call is built as its RESP text directly
+(``redis_txn.Commit``), its records and events as JSON written field by field
+(``redis_codec``): every lock operation pays for this, so it is kept lean.
 
 Failing closed: any connection error, timeout or Redis error becomes ``StoreUnavailableError``
 ("lock store unavailable: ...", HTTP 503, never the URL's password), and no grant is returned
@@ -60,8 +63,8 @@ unless the script's reply said it was written. A lost reply fails the calls wait
 connection (outcome unknown: 503) and the next call opens a new connection, so the store heals
 by itself when Redis returns; a reply is awaited at most ``socket_timeout`` (2 s) and a refused
 connection fails at once. The event log (a Stream) is read by ``redis_events``, whose tail uses
-a client of its own without a read timeout (redis-py 8's 5 s default plus retries breaks
-``XREAD BLOCK``).
+a connection of its own (``XREAD BLOCK``, a reply awaited for the block time and a margin) and
+does not parse the events this process appended: it is handed them.
 """
 
 from __future__ import annotations
