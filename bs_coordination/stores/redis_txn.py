@@ -45,6 +45,8 @@ from bs_coordination.stores.redis_script import CAS_SHA, FIXED_KEYS, ascii_bulk,
 
 #: Entries in the cache before it is dropped (it is only a guess, never trusted).
 CACHE_LIMIT = 50_000
+#: Record texts remembered before they are dropped (``Cache.bodies``).
+BODIES_LIMIT = 10_000
 
 #: Base of the values ``View.counter`` answers: counter ``c`` (0-based, in ``COUNTERS``) answers
 #: ``SENTINEL + c * SPAN``, so its n-th value this operation is ``SENTINEL + c * SPAN + n``.
@@ -89,7 +91,7 @@ class Cache:
         self.bodies: dict[int, tuple[LockRecord, str]] = {}
 
     def remember_body(self, rec: LockRecord, body: str) -> None:
-        if len(self.bodies) >= CACHE_LIMIT:
+        if len(self.bodies) >= BODIES_LIMIT:  # those of records replaced meanwhile stay
             self.bodies.clear()
         self.bodies[id(rec)] = (rec, body)
 
