@@ -24,7 +24,7 @@ key                                 type         holds
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bs_coordination.locktable import TICKET_COUNTER, TOKEN_COUNTER, RecordId
 
@@ -54,15 +54,24 @@ class KeySpace:
     """Builds the key names under one prefix."""
 
     prefix: str = DEFAULT_PREFIX
+    # The per-name keys' beginnings, made once: they are built on every lock operation.
+    _records: str = field(init=False, repr=False, compare=False)
+    _under: str = field(init=False, repr=False, compare=False)
+    _key_names: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_records", f"{self.prefix}:{RECORDS}:")
+        object.__setattr__(self, "_under", f"{self.prefix}:{UNDER}:")
+        object.__setattr__(self, "_key_names", f"{self.prefix}:{KEY_NAMES}:")
 
     def records(self, name: str) -> str:
-        return f"{self.prefix}:{RECORDS}:{name}"
+        return self._records + name  # f"{prefix}:rec:{name}"
 
     def under(self, name: str) -> str:
-        return f"{self.prefix}:{UNDER}:{name}"
+        return self._under + name  # f"{prefix}:under:{name}"
 
     def key_names(self, key_hash: str) -> str:
-        return f"{self.prefix}:{KEY_NAMES}:{key_hash}"
+        return self._key_names + key_hash  # f"{prefix}:key:{key_hash}"
 
     def counter(self, name: str) -> str:
         return f"{self.prefix}:{COUNTER}:{name}"

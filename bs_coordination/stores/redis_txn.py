@@ -63,6 +63,7 @@ NAMES = "s:names"
 #: (version, parsed content); version "" means the key is absent (content empty).
 Entry = tuple[str, Any]
 _EMPTY: dict[str, Any] = {RECORDS: {}, WAITERS: {}, NAMES: frozenset()}
+_ABSENT: dict[str, Entry] = {shape: ("", empty) for shape, empty in _EMPTY.items()}
 
 
 def parse(shape: str, values: Iterable[str]) -> Any:
@@ -128,14 +129,15 @@ class View:
         self.fresh = snapshot is not None  # every answer came from the snapshot
 
     def entry(self, key: str, shape: str) -> Entry:
-        seen = self.read.get(key)
+        read = self.read
+        seen = read.get(key)
         if seen is not None:
             return seen[2]
         entry = self.snapshot.get(key) if self.snapshot is not None else None
         if entry is None:
             self.fresh = False
-            entry = self.cache.entries.get(key) or ("", _EMPTY[shape])
-        self.read[key] = (FIXED_KEYS + 1 + len(self.read), shape, entry)
+            entry = self.cache.entries.get(key) or _ABSENT[shape]
+        read[key] = (FIXED_KEYS + 1 + len(read), shape, entry)
         return entry
 
     def records_at(self, name: str) -> Iterable[LockRecord]:
@@ -284,9 +286,8 @@ class Commit:
             head = _SADD if after else _SREM
             for a in ancestors(name):
                 under = k.under(a)
-                names = set(self._before(under, NAMES))
-                (names.add if after else names.discard)(name)
-                self.finals[under] = (NAMES, frozenset(names))
+                names = self._before(under, NAMES)  # a frozenset
+                self.finals[under] = (NAMES, names | {name} if after else names - {name})
                 self._add1(head, self._key(under), name)
             self._add1(head, _NAMES_KEY, name)
         for rid, rec in ch.deletes.items():
@@ -333,12 +334,10 @@ class Commit:
         return slot[2]
 
     def _key_set(self, key: str, name: str, *, add: bool) -> None:
-        before = self._before(key, NAMES)
+        before = self._before(key, NAMES)  # a frozenset
         if (name in before) == add:
             return  # unchanged: no write, no new version
-        names = set(before)
-        (names.add if add else names.discard)(name)
-        self.finals[key] = (NAMES, frozenset(names))
+        self.finals[key] = (NAMES, before | {name} if add else before - {name})
         self._add1(_SADD if add else _SREM, self._key(key), name)
 
     def _encode(self, now: float, fixed: tuple[str, str]) -> bytes:
