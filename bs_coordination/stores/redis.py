@@ -160,7 +160,7 @@ class RedisStore(Store):
         self._constants = constants(self.keys, MAX_AHEAD, self._max_delay)
         self._cache = Cache()
         self._arrivals = itertools.count()
-        # key -> (arrival, done) of the latest operation of this store that writes it.
+        # key -> the latest operation of this store that writes it, while it runs.
         self._writers: dict[str, _Writer] = {}
         self._loading: asyncio.Future[Any] | None = None
         # Redis time = time.monotonic() + offset (a lower bound; see the docstring).

@@ -1,4 +1,5 @@
-"""One Redis connection shared by every lock operation of a Redis store, used as a pipeline.
+"""One Redis connection used as a pipeline: every lock operation of a Redis store shares one
+(the event tail has one of its own).
 
 Calls are written in the order they are made; every call made during one event-loop iteration
 goes out in one write (one ``send`` for many concurrent requests instead of one each), and
