@@ -20,6 +20,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Return once something accepts connections on loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
 def wait_for_http(url: str, timeout: float = 20.0) -> None:
     import urllib.request
 
@@ -115,5 +127,5 @@ def row(what: str, figure: str, anchor: str, ratio: float, target: str) -> str:
 
 HEADER = "| what | figure | anchor (same run) | ratio | target |\n|---|---|---|---|---|"
 
-__all__ = ["HEADER", "cpu_seconds", "percentile", "process", "row", "service", "service_under_uvicorn",
-           "statistics", "trivial_app", "trivial_process"]
+__all__ = ["HEADER", "cpu_seconds", "free_port", "percentile", "process", "row", "service",
+           "service_under_uvicorn", "statistics", "trivial_app", "trivial_process", "wait_port"]

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,25 +44,8 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import UVICORN
+from _common import UVICORN, free_port, wait_port
 from _load import Connection
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 def pct(values: list[float], q: float) -> float:
