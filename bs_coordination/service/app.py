@@ -46,8 +46,8 @@ _frozen = False
 def _freeze_startup_objects() -> None:
     """Once per process, after the first start: move every object alive now (modules, pydantic
     schemas, the app) out of the garbage collector's reach, so its full collections only walk
-    what requests allocate. They are long-lived anyway; this saves about 5% of a lock request's
-    CPU (``benchmarks/bench_inprocess.py``). Collected first, so no garbage is kept forever."""
+    what requests allocate. They are long-lived anyway; this saves 2-5% of a request's CPU
+    (``benchmarks/bench_inprocess.py``). Collected first, so no garbage is kept forever."""
     global _frozen
     if not _frozen:
         _frozen = True
