@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,6 +33,26 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port}")
+
+
+@contextmanager
+def private_redis(appendfsync: str = "everysec") -> Iterator[str]:
+    """A private ``redis-server`` (append-only, ``appendfsync``) on a free loopback port, in a
+    temporary directory; yields its URL and stops it afterwards."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d:
+        port = free_port()
+        redis = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "",
+             "--appendonly", "yes", "--appendfsync", appendfsync,
+             "--logfile", str(Path(d) / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(port)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            redis.terminate()
+            redis.wait(10)
 
 
 def wait_for_http(url: str, timeout: float = 20.0) -> None:
@@ -127,5 +150,5 @@ def row(what: str, figure: str, anchor: str, ratio: float, target: str) -> str:
 
 HEADER = "| what | figure | anchor (same run) | ratio | target |\n|---|---|---|---|---|"
 
-__all__ = ["HEADER", "cpu_seconds", "free_port", "percentile", "process", "row", "service",
+__all__ = ["HEADER", "cpu_seconds", "free_port", "percentile", "private_redis", "process", "row", "service",
            "service_under_uvicorn", "statistics", "trivial_app", "trivial_process", "wait_port"]

@@ -32,19 +32,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import UVICORN, free_port, wait_port
+from _common import UVICORN, free_port, private_redis, wait_port
 from _load import Connection
 
 
@@ -297,20 +294,8 @@ def main() -> None:
                    help="interleaved rounds (the machine is shared: one round can be unlucky)")
     p.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
     args = p.parse_args()
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d:
-        port = free_port()
-        redis = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "",
-             "--appendonly", "yes", "--appendfsync", args.appendfsync,
-             "--logfile", str(Path(d) / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(port)
-            asyncio.run(main_async(args, f"redis://127.0.0.1:{port}/0"))
-        finally:
-            redis.terminate()
-            redis.wait(10)
+    with private_redis(args.appendfsync) as url:
+        asyncio.run(main_async(args, url))
 
 
 if __name__ == "__main__":

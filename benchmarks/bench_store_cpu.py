@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import HEADER, free_port, row, wait_port
+from _common import HEADER, private_redis, row
 
 from bs_coordination.models import LockRequest, LockType
 from bs_coordination.stores import MemoryStore, Store
@@ -57,25 +53,12 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=20000)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with tempfile.TemporaryDirectory(prefix="bench-store-cpu-") as d:
-        port = free_port()
-        redis = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec",
-             "--logfile", str(Path(d) / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(port)
-            url = f"redis://127.0.0.1:{port}/0"
-            memory, redis_cpu = [], []
-            for i in range(args.rounds):
-                memory.append(asyncio.run(cpu_per_pair(MemoryStore(), args.clients, args.pairs)))
-                redis_cpu.append(asyncio.run(cpu_per_pair(
-                    RedisStore(url, prefix=f"bench-cpu{i}"), args.clients, args.pairs)))
-        finally:
-            redis.terminate()
-            redis.wait(10)
+    memory, redis_cpu = [], []
+    with private_redis() as url:
+        for i in range(args.rounds):
+            memory.append(asyncio.run(cpu_per_pair(MemoryStore(), args.clients, args.pairs)))
+            redis_cpu.append(asyncio.run(cpu_per_pair(
+                RedisStore(url, prefix=f"bench-cpu{i}"), args.clients, args.pairs)))
     m, r = statistics.median(memory), statistics.median(redis_cpu)
     print(HEADER)
     print(row(f"CPU per request+release, Redis store API in process, {args.clients} tasks "
