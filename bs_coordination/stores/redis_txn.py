@@ -102,9 +102,6 @@ class Cache:
         known = self.bodies.pop(id(rec), None)
         return known[1] if known is not None and known[0] is rec else None
 
-    def get(self, key: str) -> Entry | None:
-        return self.entries.get(key)
-
     def put(self, key: str, version: str, content: Any) -> None:
         if not version or not content:
             self.entries.pop(key, None)
@@ -374,6 +371,7 @@ class Commit:
             snapshot[key] = entry
             cache.put(key, *entry)
         return snapshot
+
     def patch(self, obj: Any, bases: list[int]) -> Any:
         """``obj`` (the operation's result, or a record it wrote) with every sentinel value
         replaced by the real one; a record is patched once (its ``public()`` made once)."""
