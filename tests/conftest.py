@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -51,6 +52,9 @@ class ThreadedServer(uvicorn.Server):
     @contextlib.contextmanager
     def run_in_thread(self) -> Iterator[ThreadedServer]:
         errors: list[BaseException] = []
+        # What the service logs while it starts (uvicorn prints a failed lifespan's traceback
+        # to its log, not to the exception it ends with), shown if it does not start.
+        startup_log = _StartupLog()
 
         def target() -> None:
             try:
@@ -59,14 +63,22 @@ class ThreadedServer(uvicorn.Server):
                 errors.append(exc)
 
         thread = threading.Thread(target=target, name="bs-coordination-test-server", daemon=True)
-        thread.start()
+        with startup_log.attached():
+            thread.start()
+            try:
+                deadline = time.monotonic() + SERVER_START_SECONDS
+                while not self.started:
+                    if not thread.is_alive() or time.monotonic() > deadline:
+                        detail = f": {errors[0]!r}" if errors else ""
+                        raise RuntimeError(f"the test service did not start{detail}\n"
+                                           f"--- the service's log while it started ---\n"
+                                           f"{startup_log.text() or '(nothing logged)'}")
+                    time.sleep(0.005)
+            except BaseException:
+                self.should_exit = True
+                thread.join(SERVER_START_SECONDS)
+                raise
         try:
-            deadline = time.monotonic() + SERVER_START_SECONDS
-            while not self.started:
-                if not thread.is_alive() or time.monotonic() > deadline:
-                    detail = f": {errors[0]!r}" if errors else ""
-                    raise RuntimeError(f"the test service did not start{detail}")
-                time.sleep(0.005)
             yield self
         finally:
             self.should_exit = True
@@ -79,6 +91,35 @@ class ThreadedServer(uvicorn.Server):
     def port(self) -> int:
         sock = self.servers[0].sockets[0]
         return int(sock.getsockname()[1])
+
+
+class _StartupLog(logging.Handler):
+    """Collects the service's and uvicorn's log records (warnings and worse, tracebacks
+    included) while a test service starts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        # uvicorn's own loggers do not propagate to the root logger.
+        loggers = [logging.getLogger(), logging.getLogger("uvicorn"),
+                   logging.getLogger("uvicorn.error")]
+        for lg in loggers:
+            lg.addHandler(self)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeHandler(self)
 
 
 @dataclass

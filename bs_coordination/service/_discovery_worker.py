@@ -231,10 +231,21 @@ class _no_lazy_wait:
             self.cm.__exit__(*exc)
 
 
+class LoaderMissing(RuntimeError):
+    """bluesky-queueserver (the 'discovery' extra) is not installed in the child's Python."""
+
+
 def discover_live(args: argparse.Namespace) -> dict[str, Any]:
     """Run the startup code with the queue server's loader and describe every device."""
+    try:
+        from bluesky_queueserver.manager import profile_ops
+    except ModuleNotFoundError as ex:
+        raise LoaderMissing(
+            f"running the startup code needs bluesky-queueserver's loader, which is not "
+            f"installed ({ex}): install the service's 'discovery' extra, "
+            f"pip install 'bs-coordination[discovery]', or give the collection an "
+            f"existing_plans_and_devices.yaml and use --discovery yaml") from None
     import yaml
-    from bluesky_queueserver.manager import profile_ops
 
     nspace = profile_ops.load_worker_startup_code(
         startup_dir=args.startup_dir,
@@ -372,6 +383,8 @@ def _error_text(ex: BaseException) -> str:
     drops the type of the startup code's exception: put it back)."""
     cause = ex.__cause__
     text = str(ex)
+    if isinstance(ex, LoaderMissing):
+        return text
     if type(ex).__name__ == "ScriptLoadingError" and cause is not None:
         if str(cause) and text.endswith(str(cause)):
             return f"{text[: -len(str(cause))]}{type(cause).__name__}: {cause}"

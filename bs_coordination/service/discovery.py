@@ -501,6 +501,9 @@ class DeviceRegistry:
 
     def start(self) -> None:
         """Start the first discovery in the background (no-op without a collection)."""
+        if self.config.strict and not self.configured:
+            log.warning("--strict-devices has no effect without --profile-collection: "
+                        "every device name is accepted")
         if self.configured and self._background is None:
             self._background = asyncio.create_task(self._first(), name="device-discovery")
 
@@ -642,24 +645,32 @@ class DeviceRegistry:
         """With strict devices, refuse unknown names (``UnknownDeviceError``, 404, with close
         names) before anything changes.
 
-        Without a collection, or when discovery failed and no list was ever loaded, every name
-        is accepted (the service stays usable for locking, and says why in the status). While
-        the first discovery still runs, a strict service answers 503 (readiness is 503 too).
+        Strict checking fails closed: while no device list is loaded (the first discovery
+        still runs, or every discovery so far failed) a strict service refuses every lock
+        request with 503 naming the reason, and readiness is 503 too, until a discovery
+        succeeds. Without a collection there is nothing to check against: every name is
+        accepted (the service warns about that at start).
         """
         if not (self.config.strict and self.configured):
             return
         cat = self._catalog
         if cat is None:
-            if self._finished_once:
-                return
-            raise DiscoveryError(
-                "strict device checking: the device list is still being loaded; retry shortly",
-                status_code=503)
+            raise DiscoveryError(self.strict_unavailable_reason(), status_code=503)
         unknown = [n for n in names if not cat.knows(n)]
         if unknown:
             if len(unknown) == 1:
                 raise UnknownDeviceError.for_name(unknown[0], cat.suggestions(unknown[0]))
             raise UnknownDeviceError.for_names({n: cat.suggestions(n) for n in unknown})
+
+    def strict_unavailable_reason(self) -> str | None:
+        """Why a strict service cannot check device names now (``None`` when it can)."""
+        if not (self.config.strict and self.configured) or self._catalog is not None:
+            return None
+        if not self._finished_once:
+            return "strict device checking: the device list is still being loaded; retry shortly"
+        return (f"strict device checking: no device list is loaded, so no lock is granted "
+                f"(device discovery failed: {self._last_error}); fix the profile collection "
+                f"and reload (POST /api/device-config/reload)")
 
     def queueserver_yaml(self) -> str:
         """The device list as ``existing_plans_and_devices.yaml`` text."""

@@ -82,9 +82,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis_async
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from bs_coordination.errors import CoordinationError, StoreUnavailableError
 from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn

@@ -441,3 +441,22 @@ def test_worker_keeps_stdout_clean(tmp_path):
     result = head
     assert set(yaml.load(result["qs_yaml"], Loader=yaml.FullLoader)) == {
         "existing_plans", "existing_devices"}
+
+
+async def test_a_missing_loader_names_the_extra_to_install(tmp_path, sim_collection):
+    """A Python without bluesky-queueserver (the 'discovery' extra not installed): the status
+    says which extra to install."""
+    import subprocess
+    import sys
+
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True,
+                   timeout=120)
+    reg = DeviceRegistry(DiscoveryConfig(path=str(sim_collection), mode=DiscoveryMode.LOAD,
+                                         python=str(bare / "bin" / "python")))
+    with pytest.raises(DiscoveryError):
+        await reg.reload()
+    status = reg.status()
+    assert status.state is DiscoveryState.FAILED
+    assert "pip install 'bs-coordination[discovery]'" in (status.last_error or ""), status
+    assert "bluesky_queueserver" in (status.last_error or "")

@@ -30,6 +30,15 @@ async def wait_ready(client: httpx.AsyncClient, timeout: float = READY_WAIT) -> 
     raise AssertionError(f"not ready after {timeout} s: {(await client.get('/api/health/ready')).text}")
 
 
+async def wait_failed(client: httpx.AsyncClient, timeout: float = READY_WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (await client.get("/api/device-config/status")).json()["state"] == "failed":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"discovery did not fail within {timeout} s")
+
+
 def lock_body(device: str | list[str], lock_type: str = "MANUAL_OPERATOR") -> dict[str, Any]:
     body: dict[str, Any] = {"lock_type": lock_type, "user_id": "alice"}
     body["device_names" if isinstance(device, list) else "device_name"] = device
@@ -211,11 +220,35 @@ async def test_strict_devices_while_discovery_runs_and_after_it_failed(client_of
     r = await api.post("/api/lock/request", json=lock_body("motor1"))
     assert r.status_code == 503 and "still being loaded" in r.json()["message"]
     go.touch()
-    await wait_ready(api)
-    # No list could be loaded: locking stays possible, the status says why.
-    r = await api.post("/api/lock/request", json=lock_body("motor1"))
-    assert r.status_code == 200
+    await wait_failed(api)
+    # No list could be loaded: strict checking fails closed. Lock requests and readiness are
+    # 503 naming the discovery error, until a discovery succeeds; nothing was granted.
+    for name in ("motor1", "motr1"):
+        r = await api.post("/api/lock/request", json=lock_body(name))
+        assert r.status_code == 503, r.text
+        assert "broken on purpose" in r.json()["message"]
+    ready = await api.get("/api/health/ready")
+    assert ready.status_code == 503 and "broken on purpose" in ready.json()["reason"]
+    assert (await api.get("/api/locks/status")).json()["total_count"] == 0
     assert "broken on purpose" in (await api.get("/api/device-config/status")).json()["last_error"]
+
+    write_collection(root, {"00-devices.py": SIM_STARTUP})
+    r = await api.post("/api/device-config/reload")
+    assert r.status_code == 200, r.text
+    assert (await api.get("/api/health/ready")).status_code == 200
+    r = await api.post("/api/lock/request", json=lock_body("motr1"))
+    assert r.status_code == 404
+    r = await api.post("/api/lock/request", json=lock_body("motor1"))
+    assert r.status_code == 200, r.text
+
+
+async def test_a_failed_discovery_changes_nothing_without_strict_devices(client_of, tmp_path):
+    root = write_collection(tmp_path / "pc", {"01-boom.py": "raise RuntimeError('broken')\n"})
+    api = client_of(root)
+    await wait_failed(api)
+    assert (await api.get("/api/health/ready")).status_code == 200
+    r = await api.post("/api/lock/request", json=lock_body("motr1"))
+    assert r.status_code == 200, r.text
 
 
 async def test_without_a_collection(client_of):

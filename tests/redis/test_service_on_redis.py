@@ -202,3 +202,17 @@ async def test_a_redis_crash_under_load_loses_no_granted_lock(redis_server, spaw
 
 async def _at_least(items: list, n: int) -> bool:  # type: ignore[type-arg]
     return len(items) >= n
+
+
+async def test_the_service_starts_on_redis_without_a_warning(redis_server, spawn_service) -> None:
+    """Operators read the start-up log: on a Redis store it holds no warning (redis-py 8.2
+    warned about a synchronous Retry given to its asyncio client at every start)."""
+    svc = spawn_service(redis_server.url)
+    async with httpx.AsyncClient(base_url=svc.url, timeout=10) as http:
+        assert (await http.get("/api/health/ready")).status_code == 200
+        r = await http.post("/api/lock/request", json={
+            "device_name": "m1", "lock_type": "MANUAL_OPERATOR", "user_id": "alice"})
+        assert r.status_code == 200, r.text
+    svc.stop()
+    log = svc.log.read_text()
+    assert "Warning" not in log and "WARNING" not in log, log

@@ -36,7 +36,8 @@ async def live() -> Live:
     response_model=Ready,
     response_model_exclude_none=True,
     responses={503: {"model": Ready, "description": "Not ready; `reason` says why."}},
-    summary="Readiness: the lock store answers and the first device discovery has finished",
+    summary="Readiness: the lock store answers and the first device discovery has finished "
+    "(with --strict-devices: a device list is loaded)",
 )
 async def ready(store: StoreDep, devices: RegistryDep) -> Ready | JSONResponse:
     try:
@@ -50,5 +51,8 @@ async def ready(store: StoreDep, devices: RegistryDep) -> Ready | JSONResponse:
     if not devices.ready:
         body = Ready(status="not ready", store=store.kind,
                      reason="device discovery of the profile collection is still running")
+        return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
+    if (why := devices.strict_unavailable_reason()) is not None:
+        body = Ready(status="not ready", store=store.kind, reason=why)
         return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     return Ready(status="ready", store=store.kind)
