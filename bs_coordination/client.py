@@ -19,13 +19,14 @@ from __future__ import annotations
 from bs_coordination._client._client import DeviceCoordinationClient, default_ws_url
 from bs_coordination._client._context import DeviceCoordinationContext
 from bs_coordination._client._lease import LeaseKeeper
-from bs_coordination._client._monitor import LockCallback, StatusCallback
+from bs_coordination._client._monitor import LockCallback, MessageCallback, StatusCallback
 
 __all__ = [
     "DeviceCoordinationClient",
     "DeviceCoordinationContext",
     "LeaseKeeper",
     "LockCallback",
+    "MessageCallback",
     "StatusCallback",
     "default_ws_url",
 ]

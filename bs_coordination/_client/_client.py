@@ -12,7 +12,12 @@ from urllib.parse import quote
 from bs_coordination._client import _cache
 from bs_coordination._client._http import NO_ANSWER, HttpTransport, error_for, message_of
 from bs_coordination._client._lease import LeaseKeeper
-from bs_coordination._client._monitor import LockCallback, LockMonitor, StatusCallback
+from bs_coordination._client._monitor import (
+    LockCallback,
+    LockMonitor,
+    MessageCallback,
+    StatusCallback,
+)
 from bs_coordination.errors import LockNotFoundError, ServiceError
 from bs_coordination.models import (
     DeviceLock,
@@ -283,6 +288,26 @@ class DeviceCoordinationClient:
             return EventsResponse.model_validate(answer)
         raise error_for(status, answer, "events")
 
+    async def get_devices(self, device_type: str | None = None) -> dict[str, Any]:
+        """The devices the service discovered in its profile collection (``devices``,
+        ``total_count``, ``source``), only those of ``device_type`` when given.
+
+        Raises ``LockNotFoundError`` when the service has no device discovery (HTTP 404)."""
+        params = {"device_type": device_type} if device_type else None
+        status, answer = await self._http.request("GET", "/api/device-config/devices",
+                                                  params=params)
+        if status == 200 and isinstance(answer, dict):
+            return answer
+        raise error_for(status, answer, "devices")
+
+    async def get_device_config_status(self) -> dict[str, Any]:
+        """Where the device list came from and how the last discovery went (``configured``,
+        ``ready``, ``path``, ``last_error``...)."""
+        status, answer = await self._http.request("GET", "/api/device-config/status")
+        if status == 200 and isinstance(answer, dict):
+            return answer
+        raise error_for(status, answer, "device discovery status")
+
     async def is_device_locked(self, device_name: str) -> bool:
         """True if an active lock holds the device (or one of its ancestors)."""
         return (await self.get_lock_status(device_name)).locked
@@ -316,6 +341,18 @@ class DeviceCoordinationClient:
     def remove_status_callback(self, callback: StatusCallback) -> None:
         if callback in self._monitor.status_callbacks:
             self._monitor.status_callbacks.remove(callback)
+
+    def add_message_callback(self, callback: MessageCallback) -> None:
+        """Call ``callback(message)`` (sync or async) with each ``initial_status`` and
+        ``lock_update`` message as the service sent it (a dict), in order, after the cache
+        applied it; events replayed after a reconnect are delivered once. For tools that show
+        or record the service's own messages (``bs-coordination watch``)."""
+        if callback not in self._monitor.message_callbacks:
+            self._monitor.message_callbacks.append(callback)
+
+    def remove_message_callback(self, callback: MessageCallback) -> None:
+        if callback in self._monitor.message_callbacks:
+            self._monitor.message_callbacks.remove(callback)
 
     async def start_websocket_monitoring(self, timeout: float | None = None) -> None:
         """Connect to ``ws_url`` and return once the initial status is in the cache (and the

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 LockCallback = Callable[[str, DeviceLock, str], Any]
 #: ``cb(locks)`` with every lock (active and preempted) of an ``initial_status``.
 StatusCallback = Callable[[list[DeviceLock]], Any]
+#: ``cb(message)`` with each ``initial_status`` and ``lock_update`` message, as the service sent it.
+MessageCallback = Callable[[dict[str, Any]], Any]
 
 
 async def call_safely(cb: Callable[..., Any], *args: Any) -> None:
@@ -66,6 +68,7 @@ class LockMonitor:
         self.heartbeat = heartbeat
         self.lock_callbacks: list[LockCallback] = []
         self.status_callbacks: list[StatusCallback] = []
+        self.message_callbacks: list[MessageCallback] = []
         #: Active locks by device name.
         self.cache: dict[str, DeviceLock] = {}
         #: Id of the newest event handed to the callbacks (resume point).
@@ -150,8 +153,10 @@ class LockMonitor:
                 if not seen_status:
                     # A refused handshake (e.g. 401/403 with authentication on) keeps its status.
                     status = getattr(exc, "status", NO_ANSWER)
+                    why = (f"the service refused it (HTTP {status})"
+                           if isinstance(exc, aiohttp.WSServerHandshakeError) else str(exc))
                     ready.set_exception(ServiceError(
-                        f"cannot open WebSocket {self.ws_url}: {exc}", status_code=status))
+                        f"cannot open WebSocket {self.ws_url}: {why}", status_code=status))
                     return
                 log.warning("WebSocket %s: reconnect failed (%s); retrying in %.1f s",
                             self.ws_url, exc, delay)
@@ -217,7 +222,7 @@ class LockMonitor:
         if kind == "lock_update":
             self._on_event(data)
         elif kind == "initial_status":
-            self._on_initial_status(data.get("data") or {}, ready)
+            self._on_initial_status(data.get("data") or {}, ready, data)
             self._got_status = True
         elif kind in ("pong", "ping"):
             pass
@@ -234,7 +239,8 @@ class LockMonitor:
         else:
             log.debug("WebSocket %s: ignoring message type %r", self.ws_url, kind)
 
-    def _on_initial_status(self, status: dict[str, Any], ready: asyncio.Future[None]) -> None:
+    def _on_initial_status(self, status: dict[str, Any], ready: asyncio.Future[None],
+                           message: dict[str, Any]) -> None:
         locks = [DeviceLock.model_validate(item) for item in status.get("locks", [])]
         snapshot_id = status.get("last_event_id")
         snapshot_id = str(snapshot_id) if snapshot_id is not None else None
@@ -255,7 +261,7 @@ class LockMonitor:
             # events are replayed after it, so the resume point must not jump ahead.) An empty
             # log resumes from its start, so events during a first outage are not lost either.
             self.last_event_id = str(snapshot_id) if snapshot_id is not None else "0"
-        self._queue.put_nowait(("status", locks, ready if not ready.done() else None))
+        self._queue.put_nowait(("status", locks, ready if not ready.done() else None, message))
 
     def _on_event(self, data: dict[str, Any]) -> None:
         lock = DeviceLock.model_validate(data["lock"])
@@ -269,21 +275,25 @@ class LockMonitor:
             self.last_event_id = event_id
         if _cache.is_after(event_id, self._snapshot_event_id):
             _cache.apply_event(self.cache, action, lock)
-        self._queue.put_nowait(("event", device_name, lock, action))
+        self._queue.put_nowait(("event", device_name, lock, action, data))
 
     async def _dispatch(self, queue: asyncio.Queue[tuple[Any, ...]]) -> None:
         while queue is self._queue:
             item = await queue.get()
             if item[0] == "event":
-                _, device_name, lock, action = item
+                _, device_name, lock, action, message = item
                 for lock_cb in list(self.lock_callbacks):
                     await call_safely(lock_cb, device_name, lock, action)
+                for message_cb in list(self.message_callbacks):
+                    await call_safely(message_cb, message)
             else:
-                _, locks, ready = item
+                _, locks, ready, message = item
                 for status_cb in list(self.status_callbacks):
                     await call_safely(status_cb, list(locks))
+                for message_cb in list(self.message_callbacks):
+                    await call_safely(message_cb, message)
                 if ready is not None and not ready.done():
                     ready.set_result(None)
 
 
-__all__ = ["LockCallback", "LockMonitor", "StatusCallback", "call_safely"]
+__all__ = ["LockCallback", "LockMonitor", "MessageCallback", "StatusCallback", "call_safely"]
