@@ -54,6 +54,7 @@ from bs_coordination._cli._errors import (
 )
 from bs_coordination._cli._watch import cmd_watch
 from bs_coordination.client import DeviceCoordinationClient
+from bs_coordination.epics.cli import register as register_epics
 from bs_coordination.models import LockType
 
 DEFAULT_URL = "http://localhost:60620"
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", parents=[common], help="devices the service discovered in its profile collection")
     p.add_argument("--device-type", help="only this type: motor, detector, signal, flyer, device")
     p.set_defaults(func=cmd_devices)
+
+    register_epics(sub, common)  # epics-bridge, epics-acf (bs_coordination/epics/cli.py)
     return parser
 
 

@@ -1,0 +1,201 @@
+"""Wait until the IOCs let the queue account write again (the RunEngine's resume gate).
+
+After maintenance releases a device and the queue's lock is restored, the IOC's access rules
+follow through the bridge a few milliseconds later; a plan resumed at once writes into a
+refusal. ``ResumeGate.wait(devices)`` returns once, for every device,
+
+- the bridge's ``<prefix><device>:LOCK`` is connected, not INVALID, and reads a value under
+  which the IOC rules let a queue account write: -1 (free), 3 (QUEUE_QUEUED), or
+  1 (QUEUE_EXECUTING), held by ``user_id`` when one is given (``<prefix><device>:HOLDER``);
+- and, for the records named in ``records`` (optional), the IOC itself grants this process's
+  Channel Access user write access (the access rights the IOC pushes to the client). This
+  closes the short window between the bridge's PV and the IOC's rules.
+
+It raises ``TimeoutError`` naming what it still waits for. Channel Access goes through
+caproto's threading client (``client_name`` is the CA user; by default the login name, as
+ophyd's clients use). ::
+
+    gate = ResumeGate("BL:LOCKS:", user_id="queue_server", records={"m1": ["XF:31ID{Mtr:1}"]})
+    gate.wait(["m1"], timeout=30)          # from any thread
+    await gate.wait_async(["m1"], timeout=30)  # from an event loop (never blocks it)
+    gate.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from caproto import AccessRights, AlarmSeverity
+from caproto.threading.client import PV, Context
+
+from bs_coordination.epics.pvnames import FREE, check_epics_device_name, holder_pv, lock_pv
+from bs_coordination.models import LockType
+
+log = logging.getLogger(__name__)
+
+#: ``:LOCK`` values under which the IOC rules let queue accounts write.
+QUEUE_WRITABLE = frozenset({FREE, LockType.QUEUE_EXECUTING.priority, LockType.QUEUE_QUEUED.priority})
+
+_NAMES = {t.priority: t.value for t in LockType}
+
+
+@dataclass
+class _Reading:
+    """The latest monitor update of one PV (``None`` before the first one / when disconnected)."""
+
+    value: Any = None
+    severity: int | None = None
+
+
+def lock_permits_queue(value: int | None, severity: int | None, holder: str | None,
+                       user_id: str | None) -> bool:
+    """True if a ``:LOCK`` reading lets a queue account (``user_id``, if given) write."""
+    if value is None or severity is None or severity >= AlarmSeverity.INVALID_ALARM:
+        return False
+    if value not in QUEUE_WRITABLE:
+        return False
+    if value == LockType.QUEUE_EXECUTING.priority and user_id is not None:
+        return holder == user_id
+    return True
+
+
+class ResumeGate:
+    """See the module docstring. ``prefix`` is the bridge's ``--prefix``; ``records`` maps a
+    device to PV or record names on the IOC whose write access to check as well."""
+
+    def __init__(self, prefix: str, *, user_id: str | None = None,
+                 records: Mapping[str, Sequence[str]] | None = None,
+                 client_name: str | None = None, timeout: float = 60.0) -> None:
+        self.prefix = prefix
+        self.user_id = user_id
+        self.records = {device: list(names) for device, names in (records or {}).items()}
+        self.client_name = client_name or getpass.getuser()
+        self.timeout = timeout
+        self._context: Context | None = None
+        self._pvs: dict[str, PV] = {}
+        self._readings: dict[str, _Reading] = {}
+        self._changed = threading.Condition()
+        self._subscriptions: list[Any] = []
+
+    def __repr__(self) -> str:
+        return f"<ResumeGate prefix={self.prefix!r} user={self.client_name!r}>"
+
+    # -- waiting -----------------------------------------------------------------------------
+    def wait(self, devices: Sequence[str], timeout: float | None = None) -> None:
+        """Block until the queue account may write every device (see the module docstring).
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (default: the gate's), naming what
+        still blocks; ``ValueError`` for a device name the bridge cannot serve."""
+        for device in devices:
+            check_epics_device_name(device)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        self._watch(devices)
+        with self._changed:
+            while True:
+                blocked = self.blocked(devices)
+                if not blocked:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the IOCs still refuse the queue's writes after "
+                                       f"{limit:g} s: {'; '.join(blocked)}")
+                self._changed.wait(min(left, 0.5))
+
+    async def wait_async(self, devices: Sequence[str], timeout: float | None = None) -> None:
+        """``wait`` from an event loop, in a worker thread (the loop keeps running)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.wait, list(devices), timeout)
+
+    def __call__(self, devices: Sequence[str]) -> Any:
+        """A resume gate for ``install(RE, resume_gate=...)``: ``wait_async(devices)``."""
+        return self.wait_async(devices)
+
+    def blocked(self, devices: Sequence[str]) -> list[str]:
+        """What keeps the queue from writing each device now ([] when nothing does)."""
+        reasons = []
+        for device in devices:
+            lock = self._readings.get(lock_pv(self.prefix, device), _Reading())
+            holder = self._readings.get(holder_pv(self.prefix, device), _Reading())
+            holder_text = holder.value if isinstance(holder.value, str) else None
+            if not lock_permits_queue(lock.value, lock.severity, holder_text, self.user_id):
+                reasons.append(f"{device}: {self._describe(device, lock, holder_text)}")
+                continue
+            for record in self.records.get(device, []):
+                pv = self._pvs.get(record)
+                rights = pv.access_rights if pv is not None and pv.connected else None
+                if rights is None or not rights & AccessRights.WRITE:
+                    reasons.append(f"{device}: the IOC does not let {self.client_name!r} write "
+                                   f"{record}" + (" (not connected)" if rights is None else ""))
+        return reasons
+
+    def _describe(self, device: str, lock: _Reading, holder: str | None) -> str:
+        if lock.value is None:
+            return f"no connection to the bridge's {lock_pv(self.prefix, device)}"
+        if lock.severity is not None and lock.severity >= AlarmSeverity.INVALID_ALARM:
+            return "LOCK is INVALID (the bridge lost the coordination service)"
+        what = _NAMES.get(lock.value, str(lock.value))
+        return f"LOCK {lock.value} ({what}) held by {holder!r}"
+
+    # -- Channel Access ----------------------------------------------------------------------
+    def _watch(self, devices: Sequence[str]) -> None:
+        """Connect (once) to the PVs of ``devices`` and follow them."""
+        names = []
+        for device in devices:
+            names += [lock_pv(self.prefix, device), holder_pv(self.prefix, device)]
+            names += [r for r in self.records.get(device, [])]
+        new = [name for name in dict.fromkeys(names) if name not in self._pvs]
+        if not new:
+            return
+        if self._context is None:
+            self._context = Context(client_name=self.client_name)
+        pvs = self._context.get_pvs(*new, timeout=2.0, connection_state_callback=self._on_state,
+                                    access_rights_callback=self._on_rights)
+        for name, pv in zip(new, pvs):
+            self._pvs[name] = pv
+            if name.endswith((":LOCK", ":HOLDER")):
+                self._readings.setdefault(name, _Reading())
+                sub = pv.subscribe(data_type="time")
+                sub.add_callback(self._on_value)
+                self._subscriptions.append(sub)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _on_value(self, sub: Any, response: Any) -> None:
+        value = response.data[0] if len(response.data) else None
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        elif value is not None and not isinstance(value, str):
+            value = int(value)
+        self._readings[sub.pv.name] = _Reading(value, int(response.metadata.severity))
+        self._notify()
+
+    def _on_state(self, pv: PV, state: str) -> None:
+        if state != "connected" and pv.name in self._readings:
+            self._readings[pv.name] = _Reading()
+        self._notify()
+
+    def _on_rights(self, pv: PV, rights: AccessRights) -> None:
+        self._notify()
+
+    def close(self) -> None:
+        """Drop the subscriptions and disconnect."""
+        for sub in self._subscriptions:
+            sub.clear()
+        self._subscriptions.clear()
+        if self._context is not None:
+            self._context.disconnect()
+            self._context = None
+        self._pvs.clear()
+        self._readings.clear()
+
+
+__all__ = ["QUEUE_WRITABLE", "ResumeGate", "lock_permits_queue"]
