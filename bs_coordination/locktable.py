@@ -470,6 +470,7 @@ def request(
     if presented and not own:
         raise LockNotFoundError("No lock is held under the presented lock_key")
     _check_owner(own.values(), owner, "extend or upgrade")
+    _check_same_holder(own.values(), req.user_id)
 
     expires = None if req.timeout is None else now + req.timeout
     grants: list[tuple[str, LockRecord | None]] = []  # new locks and upgrades
@@ -545,6 +546,17 @@ def request(
 
 def _overlaps_any(name: str, others: Iterable[str]) -> bool:
     return any(names_overlap(name, o) for o in others)
+
+
+def _check_same_holder(records: Iterable[LockRecord], user_id: str) -> None:
+    """A presented key extends or upgrades its own holder's locks only: another ``user_id``
+    (with authentication off, or an admin) is refused, so one key never holds two people's
+    locks."""
+    for r in records:
+        if r.user_id != user_id:
+            raise InvalidRequestError(
+                f"user_id: the presented lock_key is held by {r.user_id!r}, not {user_id!r}; "
+                "a key extends or upgrades only its own holder's locks", field="user_id")
 
 
 def _check_owner(records: Iterable[LockRecord], owner: str | None, what: str) -> None:

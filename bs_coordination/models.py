@@ -22,6 +22,9 @@ MAX_DEVICES_PER_REQUEST = 200
 MAX_REASON_LENGTH = 1000
 #: Longest lease (ten years): anything longer is a mistake, not a lease.
 MAX_LEASE_SECONDS = 10 * 365 * 24 * 3600.0
+#: Shortest lease: a shorter one could end before its grant reaches the holder (the service
+#: answers in milliseconds; 100 ms still lets tests of expiry run quickly).
+MIN_LEASE_SECONDS = 0.1
 #: Longest a request may wait in the queue for a device.
 MAX_WAIT_SECONDS = 3600.0
 #: Default lease of a lock, in seconds.
@@ -150,7 +153,11 @@ UserId = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 Reason = Annotated[str, Field(max_length=MAX_REASON_LENGTH)]
 PlanUid = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 LockKey = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
-Lease = Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS)]
+# Strict: a number, never a text ("30") or a boolean (true would be a 1 s lease).
+Lease = Annotated[float, Field(strict=True, ge=MIN_LEASE_SECONDS, le=MAX_LEASE_SECONDS,
+                               description=f"Lease in seconds, {MIN_LEASE_SECONDS:g} to "
+                               f"{MAX_LEASE_SECONDS:g}; the lock ends this long after it is "
+                               "granted (or renewed).")]
 
 
 class LockRequest(ConfinedModel):
@@ -175,7 +182,7 @@ class LockRequest(ConfinedModel):
     timeout: Lease | None = DEFAULT_LEASE_SECONDS
     reason: Reason | None = None
     plan_uid: PlanUid | None = None
-    wait: float = Field(default=0.0, ge=0, le=MAX_WAIT_SECONDS)
+    wait: float = Field(default=0.0, strict=True, ge=0, le=MAX_WAIT_SECONDS)
     lock_key: LockKey | None = None
 
     @field_validator("device_name")
@@ -331,6 +338,7 @@ class ErrorResponse(PublicModel):
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
+    "MIN_LEASE_SECONDS",
     "DeviceLock",
     "ErrorResponse",
     "EventsResponse",

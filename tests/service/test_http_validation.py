@@ -26,6 +26,11 @@ BAD_LOCK_REQUESTS = {
     "zero timeout": (with_(timeout=0), "timeout"),
     "negative timeout": (with_(timeout=-5), "timeout"),
     "text timeout": (with_(timeout="soon"), "timeout"),
+    "number as text timeout": (with_(timeout="30"), "timeout"),
+    "boolean timeout": (with_(timeout=True), "timeout"),
+    "timeout below the minimum lease": (with_(timeout=1e-9), "timeout"),
+    "number as text wait": (with_(wait="5"), "wait"),
+    "boolean wait": (with_(wait=True), "wait"),
     "queue lock without a lease": (with_(lock_type="QUEUE_EXECUTING", timeout=None), "timeout"),
     "queued lock without a lease": (with_(lock_type="QUEUE_QUEUED", timeout=None), "timeout"),
     "negative wait": (with_(wait=-1), "wait"),
@@ -88,10 +93,39 @@ async def test_bad_release_renew_and_force_release(api, baseline) -> None:
               "device_name")
     check_422(await c.post("/api/lock/release", json={"lock_key": ""}), "lock_key")
     check_422(await c.post("/api/lock/renew", json={"lock_key": "k", "timeout": 0}), "timeout")
+    for timeout in ("30", True, 1e-9):
+        check_422(await c.post("/api/lock/renew", json={"lock_key": "k", "timeout": timeout}),
+                  "timeout")
     check_422(await c.post("/api/lock/renew", json={"timeout": 5}), "lock_key")
     check_422(await c.post("/api/lock/force-release", json={}), "device_name")
     check_422(await c.post("/api/lock/force-release", json={"device_name": "x y"}), "device_name")
     await baseline()
+
+
+async def test_a_key_serves_only_its_own_holder(api) -> None:
+    alice = (await api.grant("det1", "MANUAL_OPERATOR", "alice"))["lock_key"]
+    before = await api.status()
+    # bob presents alice's key: refused, and nothing is added under it.
+    for device in ("det2", "det1"):
+        r = await api.lock(device, "MANUAL_OPERATOR", "bob", lock_key=alice)
+        check_422(r, "user_id")
+        assert "alice" in r.json()["message"]
+    r = await api.lock(["det2", "det3"], "MAINTENANCE", "bob", lock_key=alice)
+    check_422(r, "user_id")
+    after = await api.status()
+    assert after["locks"] == before["locks"]
+    assert after["last_event_id"] == before["last_event_id"]
+    # alice herself may add devices under her key.
+    r = await api.lock("det2", "MANUAL_OPERATOR", "alice", lock_key=alice)
+    assert r.status_code == 200, r.text
+    assert r.json()["lock_key"] == alice
+
+
+async def test_the_minimum_lease_is_accepted(api) -> None:
+    from bs_coordination.models import MIN_LEASE_SECONDS
+
+    body = await api.grant("det1", "MANUAL_OPERATOR", "alice", timeout=MIN_LEASE_SECONDS)
+    assert body["expires_at"] is not None
 
 
 async def test_bad_device_name_in_path_is_422(api) -> None:
