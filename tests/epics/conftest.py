@@ -249,3 +249,19 @@ def ca_users(ca: CaPorts) -> Iterator[Any]:
     yield get
     for user in users.values():
         user.close()
+
+
+@pytest.fixture
+def service_process(procs: list[Proc]) -> Any:
+    """``service_process() -> (Proc, url)``: the lock service (memory store) as a subprocess on
+    a fixed free port, so a test can stop it and start it again on the same URL."""
+    def start() -> tuple[Proc, str]:
+        port = free_ca_port()
+        args = [sys.executable, "-m", "bs_coordination.service", "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "INFO"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATION_")}
+        proc = Proc(args, env, "Application startup complete")
+        procs.append(proc)
+        return proc.start(), f"http://127.0.0.1:{port}"
+
+    return start

@@ -84,3 +84,36 @@ def test_queue_operator_maintenance_and_a_lost_bridge(live_service, ioc_factory,
     took = wait_until(lambda: alice.can_write(M1), 30, "alice writes again after the bridge restarted")
     print(f"IOC followed the restarted bridge after {took:.1f} s ({time.monotonic() - t0:.1f} s after it stopped)")
     assert alice.write(M1, 13.0) == 13.0
+
+
+def test_service_lost_and_back(service_process, ioc_factory, bridge_factory, ca_users):
+    service, url = service_process()
+    ioc_factory(acf(), {M1: "m1", "TST:m2": "m2"})
+    bridge_factory(url, PREFIX, ["m1", "m2"])
+    alice, queue, bob = ca_users("alice"), ca_users("queue_server"), ca_users("bob")
+    lock(url, "m1", LockType.MANUAL_OPERATOR, "alice")
+    wait_until(lambda: alice.can_write(M1) and not queue.can_write(M1), 15,
+               "alice's MANUAL_OPERATOR lock: alice writes, the queue does not")
+    assert alice.write(M1, 1.0) == 1.0
+    assert queue.write(M1, 2.0) == 1.0
+    assert alice.read(f"{PREFIX}m1:HOLDER") == "alice"
+    assert alice.severity(f"{PREFIX}m1:LOCK") == AlarmSeverity.NO_ALARM
+    # The service stops: every :LOCK PV goes INVALID within 2 s, only staff write.
+    service.stop()
+    wait_until(lambda: all(alice.severity(f"{PREFIX}{d}:LOCK") == AlarmSeverity.INVALID_ALARM
+                           for d in ("m1", "m2")), 2, "the bridge's :LOCK PVs INVALID")
+    wait_until(lambda: not alice.can_write(M1) and not alice.can_write("TST:m2"), 2,
+               "the IOC refuses alice once the bridge lost the service")
+    assert alice.write(M1, 3.0) == 1.0
+    assert queue.write("TST:m2", 4.0) == 0.0
+    assert bob.write(M1, 5.0) == 5.0
+    # The service is back (a fresh memory store: nothing is locked): the bridge follows.
+    service.start()
+    wait_until(lambda: alice.severity(f"{PREFIX}m1:LOCK") == AlarmSeverity.NO_ALARM, 10,
+               "the bridge follows the restarted service")
+    assert alice.read(f"{PREFIX}m1:LOCK") == -1
+    assert alice.read(f"{PREFIX}m1:HOLDER") == ""
+    wait_until(lambda: alice.can_write(M1) and queue.can_write(M1), 2,
+               "the IOC's rules follow the bridge again")
+    assert queue.write(M1, 6.0) == 6.0
+    assert alice.write("TST:m2", 7.0) == 7.0
