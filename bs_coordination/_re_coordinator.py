@@ -92,6 +92,9 @@ class PlanCoordinator:
         self._watchdog_task: asyncio.Task[None] | None = None
         self._online = False
         self._offline_reason: str | None = None  # as last told to the listeners
+        # The service said its store lost its data (every lock gone): the running plan is
+        # suspended until the table is read again, then asks for its locks anew.
+        self._lost_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<PlanCoordinator {self.url} user={self.user_id!r}>"
@@ -110,6 +113,8 @@ class PlanCoordinator:
         self.client = DeviceCoordinationClient(**self._client_args)  # type: ignore[arg-type]
         self.client.add_lock_update_callback(self.tracker.on_event)
         self.client.add_status_callback(self.tracker.on_status)
+        self.client.add_message_callback(self._on_message)
+        self.client.add_status_callback(self._on_resync)
         loop = asyncio.get_running_loop()
         self._monitor_task = loop.create_task(self._keep_monitoring())
         self._watchdog_task = loop.create_task(self._watch_connection())
@@ -131,7 +136,12 @@ class PlanCoordinator:
             await asyncio.sleep(_WATCHDOG_SECONDS)
 
     def _offline(self) -> str | None:
-        if self._online or not self.tracker.sessions:
+        if not self.tracker.sessions:
+            return None
+        if self._lost_reason is not None:
+            return (f"{self._lost_reason} The plan's locks are gone: it is suspended, and asks "
+                    "for them again (new fencing tokens) before it touches a device.")
+        if self._online:
             return None
         return (f"lost contact with the lock service at {self.url}: a preemption would go "
                 "unnoticed; waiting for the event stream to reconnect")
@@ -152,6 +162,19 @@ class PlanCoordinator:
                             self.url, exc.message, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        """Client thread: a raw WebSocket message; ``store_data_lost`` suspends the plan."""
+        if message.get("type") == "store_data_lost":
+            self._lost_reason = str(message.get("message") or "the lock store lost its data.")
+            log.error("coordination: %s", self._lost_reason)
+            self._notify()
+
+    def _on_resync(self, locks: list[DeviceLock]) -> None:
+        """Client thread: a full status arrived (the tracker has dropped the lost locks)."""
+        if self._lost_reason is not None:
+            self._lost_reason = None
+            self._notify()
 
     async def _ensure_monitoring(self) -> None:
         assert self.client is not None
@@ -303,7 +326,12 @@ class PlanCoordinator:
     async def _request(self, session: PlanLocks, want: list[str]) -> None:
         assert self.client is not None
         wait = 0.0 if session.failed else session.wait
-        key = session._key
+        # A key that holds nothing any more (every lock of the plan expired, was
+        # force-released, or the store lost its data) cannot be added to: start a new one.
+        key = session._key if session.held else None
+        if key is None and session._keeper is not None:
+            keeper, session._keeper = session._keeper, None
+            await keeper.stop()
         response = await self.client.request_locks(
             want, LockType.QUEUE_EXECUTING, self.user_id, timeout=self.lease,
             reason=session.reason, plan_uid=session.plan_uid, wait=wait, lock_key=key)

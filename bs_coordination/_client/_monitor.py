@@ -226,6 +226,12 @@ class LockMonitor:
             self._got_status = True
         elif kind in ("pong", "ping"):
             pass
+        elif kind == "store_data_lost":
+            # Every lock is gone: no cached lock can be trusted. The service disconnects us
+            # next; the reconnect's initial_status gives the current table.
+            log.error("WebSocket %s: %s", self.ws_url, data.get("message"))
+            self.cache.clear()
+            self._queue.put_nowait(("message", data))
         elif kind in ("error", "warning", "disconnect", "dropped", "lagging"):
             log.warning("WebSocket %s: service says: %s", self.ws_url,
                         data.get("message") or data.get("detail") or data)
@@ -280,7 +286,10 @@ class LockMonitor:
     async def _dispatch(self, queue: asyncio.Queue[tuple[Any, ...]]) -> None:
         while queue is self._queue:
             item = await queue.get()
-            if item[0] == "event":
+            if item[0] == "message":
+                for message_cb in list(self.message_callbacks):
+                    await call_safely(message_cb, item[1])
+            elif item[0] == "event":
                 _, device_name, lock, action, message = item
                 for lock_cb in list(self.lock_callbacks):
                     await call_safely(lock_cb, device_name, lock, action)

@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         hub = EventHub(settings.ws_queue_size)
         app.state.store = st
         app.state.hub = hub
+        st.add_data_loss_listener(hub.store_lost)
         hub.start(st)
         sweeper = asyncio.create_task(sweep_forever(st), name="bs-coordination-sweeper")
         app.state.devices.start()  # in the background: locking works while it runs

@@ -9,9 +9,11 @@ instead of slowing the hub or anyone else.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import EventGap, Store
@@ -47,10 +49,13 @@ class Subscriber:
     queue: asyncio.Queue[Frame]
     dropped: asyncio.Event = field(default_factory=asyncio.Event)
     drop_reason: str = ""
+    #: A frame to send before the drop's error (``EventHub.store_lost``).
+    notice: str | None = None
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, notice: str | None = None) -> None:
         if not self.dropped.is_set():
             self.drop_reason = reason
+            self.notice = notice
             self.dropped.set()
 
 
@@ -89,6 +94,15 @@ class EventHub:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subs.discard(sub)
+
+    def store_lost(self, message: str) -> None:
+        """The store lost its data: tell every subscriber with a ``store_data_lost`` frame,
+        then disconnect it, so it reconnects and resynchronises from the (now empty) table.
+        A store listener (``Store.add_data_loss_listener``)."""
+        notice = json.dumps({"type": "store_data_lost", "message": message,
+                             "timestamp": datetime.now(timezone.utc).isoformat()})
+        for sub in list(self._subs):
+            sub.drop("the lock store lost its data", notice)
 
     def add_listener(self, listener: Callable[[LockUpdateMessage], None]) -> None:
         """Call ``listener(event)`` for every event, in the hub's task (it must not block).

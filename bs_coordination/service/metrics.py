@@ -64,6 +64,7 @@ class Tally:
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(("granted", "conflict", "invalid", "unavailable", "error"), 0)
         self.conflicts = self.store_errors = self.grants = self.preemptions = self.expiries = 0
+        self.data_losses = 0
         self.events: dict[str, int] = {}
         self.answers: dict[tuple[str, str, str], int] = {}
         #: (method, route) -> count per bucket (the last one is +Inf), then the sum of seconds.
@@ -116,6 +117,9 @@ class Tally:
         yield answers
         yield counter("bs_coordination_store_errors",
                       "Requests refused because the store was unavailable (503)", self.store_errors)
+        yield counter("bs_coordination_store_data_losses",
+                      "Times the store was found to have lost its data (every lock gone)",
+                      self.data_losses)
 
 
 class Metrics:
@@ -145,11 +149,18 @@ class Metrics:
         elif action == "expired":
             tally.expiries += 1
 
+    def count_data_loss(self, message: str) -> None:
+        """Count one loss of the store's data (a listener of the store)."""
+        self.tally.data_losses += 1
+
     def start(self, app: Any) -> None:
         """Count the events of the app's event hub (called once its lifespan has started it)."""
         hub = getattr(app.state, "hub", None)
         if hub is not None:
             hub.add_listener(self.count_event)
+        store = getattr(app.state, "store", None)
+        if store is not None:
+            store.add_data_loss_listener(self.count_data_loss)
 
     def stop(self, app: Any) -> None:
         hub = getattr(app.state, "hub", None)

@@ -7,6 +7,9 @@ Protocol (JSON text frames):
   after ``ID`` follow, then live ones, with no gap and no duplicate;
 - each change: ``{"type": "lock_update", "action": ..., "device_name": ..., "lock": {...},
   "timestamp": ..., "event_id": ...}``;
+- when the store lost its data (every lock gone, see ``Store.data_lost``):
+  ``{"type": "store_data_lost", "message": ..., "timestamp": ...}``, then an ``error`` and the
+  connection closes; reconnecting gives the current (emptied) table;
 - client -> server: ``{"type": "ping"}`` -> ``{"type": "pong", "timestamp": ...}``;
   ``{"type": "get_status"}`` -> ``{"type": "status", "data": {...}}``; anything else ->
   ``{"type": "error", "message": ...}`` (the connection stays open).
@@ -213,6 +216,8 @@ class Connection:
         log.warning("dropping a WebSocket subscriber: %s (last event sent %s)", reason, since)
         # The client may not read at all: never wait on it for long.
         with contextlib.suppress(Exception):
+            if self.sub.notice is not None:
+                await asyncio.wait_for(self.ws.send_text(self.sub.notice), CLOSE_SECONDS)
             await asyncio.wait_for(
                 self.ws.send_text(_error(f"{reason}; reconnect with ?since={since}")),
                 CLOSE_SECONDS)

@@ -108,6 +108,10 @@ class Store(ABC):
     kind: str = "abstract"
 
     def __init__(self) -> None:
+        #: Called with a message when the store finds it lost its data (``data_lost``).
+        self._loss_listeners: list[Callable[[str], None]] = []
+        #: How many times this store found that it had lost its data.
+        self.data_losses = 0
         self._changed = asyncio.Event()
         self._waiting = 0  # requests inside their wait loop (see ``notify_changed``)
 
@@ -153,6 +157,22 @@ class Store(ABC):
     @abstractmethod
     def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
         """Every event after ``since`` (or after now when ``None``), forever, in order."""
+
+    def add_data_loss_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(message)`` whenever the store finds that it lost its data (every
+        lock and the event log gone: a Redis emptied or restarted without persistence)."""
+        self._loss_listeners.append(listener)
+
+    def data_lost(self, message: str) -> None:
+        """Report a loss of the store's data: logged at ERROR, counted, told to listeners.
+        The store has already raised its fencing counter above every token it handed out."""
+        self.data_losses += 1
+        log.error("%s", message)
+        for listener in self._loss_listeners:
+            try:
+                listener(message)
+            except Exception:
+                log.exception("data-loss listener %r failed", listener)
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailableError`` if the store cannot be used."""

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from bs_coordination import locktable
 from bs_coordination.errors import InvalidRequestError
-from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn, Waiter
+from bs_coordination.locktable import TOKEN_COUNTER, Changes, LockRecord, RecordId, Txn, Waiter
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores.base import Clock, EventGap, Store, SystemClock, to_message
 
@@ -37,7 +37,9 @@ class MemoryStore(Store):
         self._under: dict[str, set[str]] = {}
         self._key_names: dict[str, set[str]] = {}
         self._waiters: dict[int, Waiter] = {}
-        self._counters: dict[str, int] = {}
+        # Fencing tokens start above the clock in microseconds: a service restarted on the
+        # memory store (every lock lost) still hands out tokens larger than the last run's.
+        self._counters: dict[str, int] = {TOKEN_COUNTER: int(self.clock.now() * 1_000_000)}
         self._expiry: list[tuple[float, str, str]] = []
         self._events: deque[LockUpdateMessage] = deque(maxlen=event_log_size)
         # Ids are "<start ms>-<n>" (the shape of a Redis Stream id): ids of an earlier run of

@@ -87,14 +87,21 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from bs_coordination.errors import CoordinationError, StoreUnavailableError
-from bs_coordination.locktable import Changes, LockRecord, RecordId, Txn
+from bs_coordination.locktable import TOKEN_COUNTER, Changes, LockRecord, RecordId, Txn
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
-from bs_coordination.stores.base import Store
+from bs_coordination.stores.base import Store, new_lock_key
 from bs_coordination.stores.redis_conn import OrderedConnection
 from bs_coordination.stores.redis_events import RedisEventLog
-from bs_coordination.stores.redis_script import CAS, is_noscript
-from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View, constants
+from bs_coordination.stores.redis_script import ATTACH, CAS, is_noscript
+from bs_coordination.stores.redis_txn import (
+    Cache,
+    Commit,
+    Snapshot,
+    View,
+    constants,
+    generation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +175,14 @@ class RedisStore(Store):
         self._offset_at = -OFFSET_KEEP
         self.events = RedisEventLog(self._redis, self.keys.events, url, connect_timeout,
                                     self.where, self._down)
+        # The data generation this store works on (``redis_script.ATTACH``): ``None`` until
+        # attached. Every call names it, so a Redis that lost its data is noticed.
+        self._epoch: str | None = None
+        self._attach_script = self._redis.register_script(ATTACH)
+        self._attaching = asyncio.Lock()
+        #: The highest fencing token this process has seen (granted here, or by another
+        #: replica in the event log): the token counter never goes below it.
+        self.token_floor = 0
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -176,6 +191,7 @@ class RedisStore(Store):
         try:
             await self.ping()
             await self._load_script()
+            await self._attach(None)
         except StoreUnavailableError as exc:
             log.warning("%s", exc.message)
 
@@ -273,7 +289,12 @@ class RedisStore(Store):
                     if error is not None:
                         raise error
                     return result, []
-                commit = Commit(self.keys, view, changes, now, self._constants)
+                epoch = self._epoch
+                if epoch is None:
+                    await self._attach(None)
+                    continue
+                commit = Commit(self.keys, view, changes, now, self._constants,
+                                generation(epoch, self.token_floor))
                 earlier = self._earlier_writers(seq, commit)
                 if commit.finals:
                     if mine is None:
@@ -310,9 +331,14 @@ class RedisStore(Store):
                         return result, []
                     bases = commit.bases
                     messages = commit.events(reply[5], bases)
+                    self._saw_tokens(messages)
                     self.events.appended(messages)
                     self.notify_changed()
                     return commit.patch(result, bases), messages
+                if status == "lost":
+                    await self._attach(epoch)
+                    snapshot = None
+                    continue
                 snapshot = commit.snapshot
                 if status == "stale" and attempts >= 3:
                     await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempts - 3), 0.05)))
@@ -322,6 +348,50 @@ class RedisStore(Store):
                 for key in claimed:
                     if self._writers.get(key) is mine:
                         del self._writers[key]
+
+    # -- the data generation --------------------------------------------------------------
+    async def _attach(self, stale: str | None) -> None:
+        """Attach to the data's generation (``ATTACH``): on the first call, and after a call
+        found that the generation ``stale`` it named is gone. Finding the data lost (an
+        epoch this process knew replaced) is reported once (``Store.data_lost``); the fencing
+        counter was raised above every token handed out before."""
+        async with self._attaching:
+            if self._epoch != stale:
+                return  # another operation attached meanwhile
+            with self._unavailable():
+                found, created = await self._attach_script(
+                    keys=[self.keys.versions, self.keys.counter(TOKEN_COUNTER)],
+                    args=[new_lock_key(), self.token_floor])
+            self._epoch = str(found)
+            self._cache.entries.clear()
+            if stale is None:
+                if int(created):
+                    log.info("Redis at %s holds no lock data yet: starting a new lock table "
+                             "(fencing tokens continue above Redis time in microseconds)",
+                             self.where)
+                return
+            self.data_lost(
+                f"lock store lost its data: Redis at {self.where} no longer holds the lock "
+                f"table this service was using (emptied, restarted without persistence, or "
+                f"failed over to a replica without it); every lock and queued request it held "
+                f"is gone, holders must lock again. Fencing tokens continue above every token "
+                f"issued before (highest seen here: {self.token_floor}).")
+
+    async def sweep(self, limit: int = 1000) -> int:
+        """Expire leases that ran out; first check that Redis still holds this store's data,
+        so a replica that makes no change notices a loss within a sweep interval too."""
+        epoch = self._epoch
+        if epoch is not None:
+            with self._unavailable():
+                found = await self._redis.hget(self.keys.versions, rk.EPOCH_FIELD)
+            if found != epoch:
+                await self._attach(epoch)
+        return await super().sweep(limit)
+
+    def _saw_tokens(self, messages: list[LockUpdateMessage]) -> None:
+        for msg in messages:
+            if msg.lock.token > self.token_floor:
+                self.token_floor = msg.lock.token
 
     def _earlier_writers(self, seq: int, commit: Commit) -> list[asyncio.Future[None]]:
         """Unfinished earlier operations of this store that write a key ``commit`` reads."""
@@ -367,8 +437,12 @@ class RedisStore(Store):
     async def last_event_id(self) -> str | None:
         return await self.events.last_event_id()
 
-    def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
-        return self.events.tail(since)
+    async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
+        # Tokens granted by other replicas raise this process's floor too.
+        async for msg in self.events.tail(since):
+            if msg.lock.token > self.token_floor:
+                self.token_floor = msg.lock.token
+            yield msg
 
 
 __all__ = ["RedisStore"]

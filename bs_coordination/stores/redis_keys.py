@@ -18,7 +18,9 @@ key                                 type         holds
 ``<p>:events``                      stream       field ``e``: the event's JSON (``redis_codec``)
 ``<p>:versions``                    hash         key -> version of its content (records, under,
                                                  key sets and waiters; none while empty);
-                                                 ``~last``: the last version handed out
+                                                 ``~last``: the last version handed out;
+                                                 ``~epoch``: the data's generation (a store
+                                                 that finds another one lost its data)
 ==================================  ===========  ============================================
 """
 
@@ -40,6 +42,9 @@ WAITERS = "waiters"
 COUNTER = "counter"
 EVENTS = "events"
 VERSIONS = "versions"
+
+#: Field of the version hash naming the data's generation (``redis_script.ATTACH``).
+EPOCH_FIELD = "~epoch"
 
 #: Stream field holding an event's JSON (``redis_codec.event_json``).
 EVENT_FIELD = "e"

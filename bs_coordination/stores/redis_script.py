@@ -18,7 +18,9 @@ from redis.exceptions import NoScriptError
 #:       3 the expiry index, 4 the event stream, 5 the token counter, 6 the ticket counter; then
 #:       every key the operation read (each checked), in the order ``View`` read them.
 #: ARGV: 1 now (the operation's clock, s), 2 max ahead (s), 3 max delay (s), 4 and 5 how many
-#:       token and ticket values to reserve ("0": none); then one per key checked
+#:       token and ticket values to reserve ("0": none), 6 the store's epoch as the caller
+#:       knows it (``ATTACH``), 7 the token floor (the highest token the caller has seen: the
+#:       token counter is raised to it before reserving); then one per key checked
 #:       (``KEYS[FIXED_KEYS + c]``): its kind ("h": a hash, read with HVALS; "s": a set,
 #:       SMEMBERS), a mark ("w": the commands write it and it holds something after them;
 #:       "e": they empty it; "-": read only), then the version read ("" = the key was
@@ -27,6 +29,10 @@ from redis.exceptions import NoScriptError
 #:       token, 2: ticket): that counter's reserved base plus offset (JSON text never holds a
 #:       raw control character, so only holes do).
 #: Returns {status, TIME seconds, TIME microseconds, ...}:
+#:   "lost":  the version hash's field ``~epoch`` is not the caller's epoch: Redis lost its
+#:            data (emptied, restarted without persistence) since the caller attached, or
+#:            another store generation replaced it; then the epoch found ("" if none).
+#:            Nothing is checked or written.
 #:   "clock": ``now`` is more than max ahead of TIME, or more than max delay behind it;
 #:            nothing is checked or written.
 #:   "stale": then a flat list: check number (1-based), current version, contents (HVALS or
@@ -48,11 +54,13 @@ local used = tonumber(ARGV[1])
 if used - now > tonumber(ARGV[2]) or now - used > tonumber(ARGV[3]) then
   return {'clock', t[1], t[2]}
 end
-local FIXED, ver, LAST = 6, KEYS[1], '~last'
+local FIXED, ver, LAST, EPOCH = 6, KEYS[1], '~last', '~epoch'
 local n = #KEYS - FIXED
+local epoch = redis.call('HGET', ver, EPOCH)
+if epoch ~= ARGV[6] then return {'lost', t[1], t[2], epoch or ''} end
 local checked, kinds, marks, want = {}, {}, {}, {}
 for c = 1, n do
-  local a = ARGV[5 + c]
+  local a = ARGV[7 + c]
   checked[c] = KEYS[FIXED + c]
   kinds[c] = string.sub(a, 1, 1)
   marks[c] = string.sub(a, 2, 2)
@@ -97,7 +105,15 @@ if #stale > 0 then return {'stale', t[1], t[2], stale} end
 local bases = {0, 0}
 for c = 1, 2 do
   local k = tonumber(ARGV[3 + c])
-  if k > 0 then bases[c] = redis.call('INCRBY', KEYS[4 + c], k) - k end
+  if k > 0 then
+    if c == 1 then
+      local floor = tonumber(ARGV[7])
+      if tonumber(redis.call('GET', KEYS[5]) or '0') < floor then
+        redis.call('SET', KEYS[5], ARGV[7])
+      end
+    end
+    bases[c] = redis.call('INCRBY', KEYS[4 + c], k) - k
+  end
 end
 -- New versions first: should a command fail (the script stops there, keeping what it
 -- wrote), no changed key keeps the version a replica may have cached.
@@ -122,7 +138,7 @@ local function fill(c, k)
   return string.format('%d', bases[tonumber(c)] + tonumber(k))
 end
 local ids = {}
-local i = 6 + n
+local i = 8 + n
 while i <= #ARGV do
   local m = tonumber(ARGV[i + 1])
   local cmd = {ARGV[i], KEYS[tonumber(ARGV[i + 2])]}
@@ -144,6 +160,24 @@ return {'ok', t[1], t[2], seq, bases, ids}
 """
 
 CAS_SHA = hashlib.sha1(CAS.encode()).hexdigest()
+
+#: Attach a store to its Redis data: the generation marker ``~epoch`` of the version hash.
+#: KEYS: 1 the version hash, 2 the token counter. ARGV: 1 a new epoch, 2 the token floor.
+#: Returns {epoch, created (1/0)}. When there is no epoch (a new store, or one that lost its
+#: data) it writes ARGV 1 and raises the token counter to Redis time in microseconds (and at
+#: least to the floor), so fencing tokens stay above every token handed out before, without
+#: remembering any: one grant a microsecond, sustained, would be needed to catch up.
+ATTACH = r"""
+local e = redis.call('HGET', KEYS[1], '~epoch')
+if e then return {e, 0} end
+redis.call('HSET', KEYS[1], '~epoch', ARGV[1])
+local t = redis.call('TIME')
+local base = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), tonumber(ARGV[2]))
+if tonumber(redis.call('GET', KEYS[2]) or '0') < base then
+  redis.call('SET', KEYS[2], string.format('%d', base))
+end
+return {ARGV[1], 1}
+"""
 
 
 #: How many fixed keys come first in every ``CAS`` call's KEYS.

@@ -214,6 +214,11 @@ def constants(keys: rk.KeySpace, max_ahead: float, max_delay: float) -> tuple[st
     return "".join(map(bulk, keys.fixed)), bulk(repr(max_ahead)) + bulk(repr(max_delay))
 
 
+def generation(epoch: str, token_floor: int) -> str:
+    """ARGV 6 and 7 of every ``CAS`` call, as RESP."""
+    return bulk(epoch) + bulk(str(token_floor))
+
+
 class Commit:
     """The one ``CAS`` call of an attempt: built from what the view read and the changes, as
     the RESP request itself (``request``)."""
@@ -224,8 +229,9 @@ class Commit:
     bases: list[int] = []
 
     def __init__(self, keys: rk.KeySpace, view: View, ch: Changes, now: float,
-                 fixed: tuple[str, str]) -> None:
-        """``fixed``: the store's ``constants``."""
+                 fixed: tuple[str, str], generation: str) -> None:
+        """``fixed``: the store's ``constants``; ``generation``: ARGV 6 and 7 as RESP (the
+        epoch the store attached to and its token floor: ``generation``)."""
         self.keys = keys
         self.view = view
         self.ch = ch
@@ -236,7 +242,7 @@ class Commit:
         self._bodies: dict[int, str] = {}  # id(record) -> its ``record_body``
         self._patched: dict[int, LockRecord] = {}  # id(record with a sentinel) -> real
         self._build_writes()
-        self.request = self._encode(now, fixed)
+        self.request = self._encode(now, fixed, generation)
 
     # -- building ------------------------------------------------------------------------
     def _add1(self, head: str, key: str, arg: str) -> None:
@@ -337,7 +343,7 @@ class Commit:
         self.finals[key] = (NAMES, before | {name} if add else before - {name})
         self._add1(_SADD if add else _SREM, self._key(key), name)
 
-    def _encode(self, now: float, fixed: tuple[str, str]) -> bytes:
+    def _encode(self, now: float, fixed: tuple[str, str], generation: str) -> bytes:
         """The ``EVALSHA`` request (see ``redis_script`` for its KEYS and ARGV)."""
         checks, finals = self.view.read, self.finals
         fixed_keys, limits = fixed
@@ -354,9 +360,10 @@ class Commit:
         token, ticket = counters.get(TOKEN_COUNTER), counters.get(TICKET_COUNTER)
         parts.append(index(token - SENTINEL) if token is not None else _ZERO)
         parts.append(index(ticket - (SENTINEL + SPAN)) if ticket is not None else _ZERO)
+        parts.append(generation)
         parts += marks
         parts += self._commands
-        parts[0] = f"*{2 + 1 + keys + 5 + len(checks) + self._arguments}\r\n"
+        parts[0] = f"*{2 + 1 + keys + 7 + len(checks) + self._arguments}\r\n"
         return "".join(parts).encode()
 
     # -- the reply -----------------------------------------------------------------------
