@@ -55,7 +55,7 @@ from bs_coordination._cli._errors import (
 from bs_coordination._cli._watch import cmd_watch
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.epics.cli import register as register_epics
-from bs_coordination.models import LockType
+from bs_coordination.models import MIN_LEASE_SECONDS, LockType
 
 DEFAULT_URL = "http://localhost:60620"
 
@@ -76,6 +76,8 @@ def lease(value: str) -> float | None:
         raise argparse.ArgumentTypeError(f"seconds > 0 or 'none', got {value!r}") from None
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"seconds > 0 or 'none', got {value!r}")
+    if seconds < MIN_LEASE_SECONDS:
+        raise argparse.ArgumentTypeError(f"a lease is at least {MIN_LEASE_SECONDS:g} s, got {value!r}")
     return seconds
 
 

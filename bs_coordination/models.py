@@ -255,7 +255,8 @@ class ReleaseResponse(PublicModel):
 
 
 class RenewRequest(ConfinedModel):
-    """Extend every lock of ``lock_key`` to ``timeout`` seconds from now."""
+    """Set every lock of ``lock_key`` to end ``timeout`` seconds from now (this replaces the
+    lease: a shorter ``timeout`` than the time left shortens it)."""
 
     lock_key: LockKey
     timeout: Lease | None = DEFAULT_LEASE_SECONDS

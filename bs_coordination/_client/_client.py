@@ -228,7 +228,8 @@ class DeviceCoordinationClient:
         raise error_for(status, answer, "release")
 
     async def renew_lock(self, lock_key: str, timeout: float | None = 300) -> RenewResponse:
-        """Extend every lock of ``lock_key`` to ``timeout`` seconds from now.
+        """Set every lock of ``lock_key`` to end ``timeout`` seconds from now (this replaces
+        the lease: a shorter ``timeout`` than the time left shortens it).
 
         Raises ``LockNotFoundError`` when the key holds nothing (released or expired)."""
         status, answer = await self._http.request(

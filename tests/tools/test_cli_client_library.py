@@ -4,6 +4,7 @@ and error texts that are the client's own."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 
 import pytest
@@ -65,3 +66,24 @@ def test_errors_say_what_the_client_library_says(capsys, unused_port):
     assert code == cli.EXIT_ERROR and out == ""
     assert "cannot reach the coordination service" in info.value.message
     assert err == f"bs-coordination: {info.value.message}\n"
+
+
+def test_renew_sets_the_lease_from_now_also_when_that_is_sooner(live_service, capsys):
+    code, out, err = run(capsys, live_service.url, "lock", "m1", "--timeout", "900")
+    assert code == 0, err
+    key = out.strip()
+    code, out, err = run(capsys, live_service.url, "--json", "status", "m1")
+    before = json.loads(out)["lock"]["expires_at"]
+    code, out, err = run(capsys, live_service.url, "--json", "renew", "--key", key, "--timeout", "600")
+    assert code == 0, err
+    after = json.loads(out)["expires_at"]
+    assert after < before  # 600 s from now is sooner than the 900 s lease's end
+    help_text = subprocess.run(script("renew", "--help"), capture_output=True, text=True, timeout=60).stdout
+    assert "from now" in help_text and "shortens" in help_text
+
+
+def test_a_lease_under_the_minimum_is_a_usage_error(live_service, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--url", live_service.url, "lock", "m1", "--timeout", "0.01"])
+    assert info.value.code == cli.EXIT_USAGE
+    assert "at least 0.1 s" in capsys.readouterr().err

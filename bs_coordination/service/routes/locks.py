@@ -131,11 +131,12 @@ async def release_lock(
     "/lock/renew",
     response_model=RenewResponse,
     responses=error_responses(403, 404, 422, 503),
-    summary="Extend every lock of a key",
+    summary="Set every lock of a key to end `timeout` seconds from now",
 )
 async def renew_lock(req: RenewRequest, caller: CallerDep) -> RenewResponse:
     """Set every lock of ``lock_key`` to expire ``timeout`` seconds from now (``null``: no
-    expiry, people's locks only). With authentication on, only the principal holding the locks
+    expiry, people's locks only). This replaces the lease, whatever was left of it: a
+    ``timeout`` shorter than the time left shortens it. With authentication on, only the principal holding the locks
     (or an admin) may renew them."""
     store, principal = caller.store, caller.principal
     require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
