@@ -21,7 +21,17 @@ The rules (numbers as in DESIGN.md):
 7. presenting a key with a higher-priority type upgrades in place; a ``QUEUE_EXECUTING`` grant
    with a ``plan_uid`` consumes the ``QUEUE_QUEUED`` reservations of that plan;
 8. names are dotted: a name overlaps itself, its ancestors and its descendants;
-9. every grant (and restore) takes the next value of one service-wide fencing counter.
+9. every grant (and restore) takes the next value of one service-wide fencing counter;
+10. preemption handshake: a holder that asked for it (``acknowledge_preemption``) and is
+    displaced gets ``preemption_ack = pending`` with a deadline; ``acknowledge`` (its key)
+    makes it ``acknowledged`` (with the time), ``time_out_acks`` (the preemptor's request, at
+    the deadline) ``timed_out``; a restore, an upgrade or a new preemption starts afresh.
+    ``handshake_outcome`` tells a waiting preemptor where its displaced holders stand.
+
+The states a lock passes through: ``active`` -> (displaced by a higher priority) ``preempted``
+[handshake: ``pending`` -> ``acknowledged`` | ``timed_out``] -> (nothing higher overlaps any
+more) ``active`` again with a fresh token; from any state it may end: ``released``,
+``expired``, ``force_released`` or ``consumed``.
 """
 
 from __future__ import annotations
@@ -46,11 +56,14 @@ from bs_coordination.models import (
     LockRequest,
     LockState,
     LockType,
+    PreemptionAck,
     names_overlap,
 )
 
 TOKEN_COUNTER = "token"
 TICKET_COUNTER = "ticket"
+#: Seconds a preemptor waits for the displaced holders' acknowledgement, unless configured.
+DEFAULT_PREEMPT_ACK_TIMEOUT = 2.0
 
 RecordId = tuple[str, str]  # (device_name, key_hash)
 
@@ -87,6 +100,12 @@ class LockRecord:
     plan_uid: str | None = None
     state: LockState = LockState.ACTIVE
     preempted_by: dict[str, Any] | None = None
+    #: The holder acknowledges preemption (rule 10).
+    ack_requested: bool = False
+    #: Handshake state while preempted (``None``: active, or no handshake asked for).
+    ack: PreemptionAck | None = None
+    ack_deadline: float | None = None
+    acknowledged_at: float | None = None
     #: ``public()``'s answer, made once: a record is never changed in place (a change is a new
     #: record, made with ``replace``, which starts without it).
     _public: DeviceLock | None = field(default=None, init=False, repr=False, compare=False)
@@ -138,6 +157,10 @@ class LockRecord:
             token=self.token,
             state=self.state,
             preempted_by=LockHolder.model_validate(self.preempted_by) if self.preempted_by else None,
+            acknowledge_preemption=self.ack_requested,
+            preemption_ack=self.ack,
+            ack_deadline=to_datetime(self.ack_deadline),
+            acknowledged_at=to_datetime(self.acknowledged_at),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +177,10 @@ class LockRecord:
             "plan_uid": self.plan_uid,
             "state": self.state.value,
             "preempted_by": self.preempted_by,
+            "ack_requested": self.ack_requested,
+            "ack": None if self.ack is None else self.ack.value,
+            "ack_deadline": self.ack_deadline,
+            "acknowledged_at": self.acknowledged_at,
         }
 
     @classmethod
@@ -170,6 +197,11 @@ class LockRecord:
             plan_uid=d.get("plan_uid"),
             state=LockState(d.get("state", "active")),
             preempted_by=d.get("preempted_by"),
+            ack_requested=bool(d.get("ack_requested", False)),
+            ack=None if d.get("ack") is None else PreemptionAck(d["ack"]),
+            ack_deadline=None if d.get("ack_deadline") is None else float(d["ack_deadline"]),
+            acknowledged_at=(None if d.get("acknowledged_at") is None
+                             else float(d["acknowledged_at"])),
         )
 
 
@@ -420,7 +452,8 @@ def settle(txn: Txn, names: Iterable[str]) -> None:
         )
         if not outranked:
             restored = replace(cur, state=LockState.ACTIVE, preempted_by=None,
-                               token=txn.next(TOKEN_COUNTER))
+                               token=txn.next(TOKEN_COUNTER), ack=None, ack_deadline=None,
+                               acknowledged_at=None)
             txn.put(restored)
             txn.emit(LockAction.RESTORED, restored)
 
@@ -456,12 +489,16 @@ def request(
     presented: bool,
     ticket: int | None = None,
     owner: str | None = None,
+    ack_timeout: float = DEFAULT_PREEMPT_ACK_TIMEOUT,
+    displaced: list[LockRecord] | None = None,
 ) -> list[LockRecord]:
     """Grant ``req`` under ``key_hash`` (all its devices, or none) or raise.
 
     ``presented``: the key came with the request (upgrade / add devices under it); otherwise
     it is a fresh key. ``ticket``: the request's place in the wait queue, if it has one.
     ``owner``: who must hold the presented key's locks (see ``_check_owner``).
+    ``ack_timeout``: how long a displaced holder that asked for the handshake has to
+    acknowledge (rule 10); such holders are appended to ``displaced`` when given.
     Returns the key's records on the requested names.
     """
     now, p, names = txn.now, req.lock_type.priority, req.names
@@ -506,13 +543,15 @@ def request(
             rec = LockRecord(
                 device_name=n, lock_type=req.lock_type, user_id=req.user_id, key_hash=key_hash,
                 token=token, acquired_at=now, expires_at=expires, reason=req.reason,
-                plan_uid=req.plan_uid,
+                plan_uid=req.plan_uid, ack_requested=req.acknowledge_preemption,
             )
             action = LockAction.ACQUIRED
         else:
             rec = replace(mine, lock_type=req.lock_type, token=token, expires_at=expires,
                           state=LockState.ACTIVE, preempted_by=None,
-                          reason=req.reason or mine.reason, plan_uid=req.plan_uid or mine.plan_uid)
+                          reason=req.reason or mine.reason, plan_uid=req.plan_uid or mine.plan_uid,
+                          ack_requested=req.acknowledge_preemption or mine.ack_requested,
+                          ack=None, ack_deadline=None, acknowledged_at=None)
             action = LockAction.UPGRADED
         for o in txn.overlapping(n):
             if o.key_hash == key_hash:
@@ -521,10 +560,16 @@ def request(
                 txn.delete(o)
                 txn.emit(LockAction.CONSUMED, o)
             elif o.active:
-                displaced = replace(o, state=LockState.PREEMPTED,
-                                    preempted_by=rec.holder().model_dump(mode="json"))
-                txn.put(displaced)
-                txn.emit(LockAction.PREEMPTED, displaced)
+                handshake = o.ack_requested
+                moved = replace(o, state=LockState.PREEMPTED,
+                                preempted_by=rec.holder().model_dump(mode="json"),
+                                ack=PreemptionAck.PENDING if handshake else None,
+                                ack_deadline=now + ack_timeout if handshake else None,
+                                acknowledged_at=None)
+                txn.put(moved)
+                txn.emit(LockAction.PREEMPTED, moved)
+                if handshake and displaced is not None:
+                    displaced.append(moved)
         txn.put(rec)
         txn.emit(action, rec)
     if req.timeout is not None:
@@ -659,6 +704,92 @@ def enqueue(txn: Txn, names: list[str], priority: int, wait: float) -> int:
 
 def dequeue(txn: Txn, ticket: int) -> None:
     txn.delete_waiter(ticket)
+
+
+# -- the preemption handshake (rule 10) --------------------------------------------------
+
+def acknowledge(txn: Txn, key_hash: str, device_name: str | None = None,
+                owner: str | None = None) -> list[LockRecord]:
+    """The holder of ``key_hash`` says it stopped using its preempted devices (``device_name``,
+    or all of them): a pending handshake becomes ``acknowledged`` now; one that timed out
+    keeps ``timed_out`` but records the late acknowledgement's time. Each gives an
+    ``acknowledged`` event. Returns the records acknowledged (none: nothing was waiting).
+    ``owner``: see ``_check_owner``."""
+    own = txn.of_key(key_hash)
+    if device_name is not None:
+        mine = own.get(device_name)
+        if mine is None:
+            others = txn.at(device_name)
+            if others:
+                raise LockNotOwnedError(
+                    f"Device {device_name!r} is locked under another key: {describe(others[0])}")
+            raise LockNotFoundError(f"No lock on device {device_name!r} under this lock_key")
+        own = {device_name: mine}
+    elif not own:
+        raise LockNotFoundError("No lock is held under this lock_key (it may have expired)")
+    _check_owner(own.values(), owner, "acknowledge a preemption of")
+    out = []
+    for r in own.values():
+        if r.ack is PreemptionAck.PENDING:
+            done = replace(r, ack=PreemptionAck.ACKNOWLEDGED, acknowledged_at=txn.now)
+        elif r.ack is PreemptionAck.TIMED_OUT and r.acknowledged_at is None:
+            done = replace(r, acknowledged_at=txn.now)
+        else:
+            continue
+        txn.put(done)
+        txn.emit(LockAction.ACKNOWLEDGED, done)
+        out.append(done)
+    return out
+
+
+def _current(txn: Txn, rec: LockRecord) -> LockRecord | None:
+    """``rec`` as stored now, if it is still the same grant (same token) and live."""
+    cur = txn.get(rec.device_name, rec.key_hash)
+    if cur is None or cur.token != rec.token or not cur.live(txn.now):
+        return None
+    return cur
+
+
+def time_out_acks(txn: Txn, displaced: Iterable[LockRecord]) -> list[LockRecord]:
+    """The deadline came (the waiting preemptor decides when): every handshake of
+    ``displaced`` still pending becomes ``timed_out``, with an ``ack_timeout`` event."""
+    out = []
+    for d in displaced:
+        cur = _current(txn, d)
+        if cur is not None and cur.ack is PreemptionAck.PENDING:
+            late = replace(cur, ack=PreemptionAck.TIMED_OUT)
+            txn.put(late)
+            txn.emit(LockAction.ACK_TIMEOUT, late)
+            out.append(late)
+    return out
+
+
+@dataclass(slots=True)
+class Handshake:
+    """Where a preemptor's handshake stands (``handshake_outcome``)."""
+
+    #: Displaced holders still to acknowledge.
+    pending: list[LockRecord]
+    #: Displaced locks as they stand now (``None``: gone, or restored under a new token).
+    current: list[LockRecord | None]
+    #: Every displaced holder still there acknowledged in time.
+    acknowledged: bool
+    #: One of the preemptor's own grants is gone (expired or force-released meanwhile).
+    lost: LockRecord | None
+
+
+def handshake_outcome(txn: Txn, granted: Iterable[LockRecord],
+                      displaced: list[LockRecord]) -> Handshake:
+    """Where the handshake of a grant (its records ``granted``; the holders it displaced
+    that asked for the handshake, ``displaced``) stands now. A displaced lock that is gone
+    (released, expired, force-released) or restored no longer holds anyone's answer back;
+    whether it counts as acknowledged is for the caller to say (``acknowledged`` covers the
+    others only)."""
+    current = [_current(txn, d) for d in displaced]
+    pending = [c for c in current if c is not None and c.ack is PreemptionAck.PENDING]
+    acknowledged = all(c is None or c.ack is PreemptionAck.ACKNOWLEDGED for c in current)
+    lost = next((g for g in granted if _current(txn, g) is None), None)
+    return Handshake(pending, current, acknowledged, lost)
 
 
 def device_status(txn: Txn, name: str) -> tuple[LockRecord | None, list[LockRecord], list[LockRecord]]:

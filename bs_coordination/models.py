@@ -74,6 +74,19 @@ class LockState(str, Enum):
     PREEMPTED = "preempted"
 
 
+class PreemptionAck(str, Enum):
+    """Where the preemption handshake of a displaced lock stands (its holder asked for it).
+
+    ``pending``: the holder was told and the preemptor waits for its acknowledgement;
+    ``acknowledged``: the holder confirmed in time that it stopped using the device;
+    ``timed_out``: the deadline came first (a late acknowledgement still records its time).
+    """
+
+    PENDING = "pending"
+    ACKNOWLEDGED = "acknowledged"
+    TIMED_OUT = "timed_out"
+
+
 class LockAction(str, Enum):
     """What happened to a lock (the ``action`` of a ``lock_update`` event)."""
 
@@ -86,6 +99,10 @@ class LockAction(str, Enum):
     RENEWED = "renewed"
     UPGRADED = "upgraded"
     CONSUMED = "consumed"
+    #: The holder of a preempted lock acknowledged that it stopped using the device.
+    ACKNOWLEDGED = "acknowledged"
+    #: The acknowledgement deadline of a preempted lock passed first.
+    ACK_TIMEOUT = "ack_timeout"
 
 
 def check_device_name(name: str) -> str:
@@ -138,6 +155,15 @@ class DeviceLock(LockHolder):
     preempted_by: LockHolder | None = Field(
         default=None, description="For a preempted lock: the holder that displaced it."
     )
+    acknowledge_preemption: bool = Field(
+        default=False, description="The holder acknowledges preemption (preemption handshake).")
+    preemption_ack: PreemptionAck | None = Field(
+        default=None, description="For a preempted lock whose holder asked for the handshake: "
+        "pending, acknowledged or timed_out.")
+    ack_deadline: datetime | None = Field(
+        default=None, description="Until when the preemptor waits for the acknowledgement.")
+    acknowledged_at: datetime | None = Field(
+        default=None, description="When the holder acknowledged the preemption.")
 
     @property
     def is_active(self) -> bool:
@@ -184,6 +210,10 @@ class LockRequest(ConfinedModel):
     plan_uid: PlanUid | None = None
     wait: float = Field(default=0.0, strict=True, ge=0, le=MAX_WAIT_SECONDS)
     lock_key: LockKey | None = None
+    acknowledge_preemption: bool = Field(
+        default=False, description="When a higher priority displaces this lock, the service "
+        "tells the holder at once and answers the preemptor only after the holder called "
+        "`POST /api/lock/ack` (or at the service's acknowledgement deadline).")
 
     @field_validator("device_name")
     @classmethod
@@ -233,6 +263,32 @@ class LockResponse(PublicModel):
     token: int | None = None
     locks: list[DeviceLock] = Field(default_factory=list)
     conflicts: list[DeviceLock] = Field(default_factory=list)
+    acknowledged: bool | None = Field(
+        default=None, description="True when every holder this grant displaced that asked for "
+        "the preemption handshake acknowledged in time (or none had to), false when the "
+        "acknowledgement deadline came first.")
+    preempted: list[DeviceLock] = Field(
+        default_factory=list, description="The locks this grant displaced, as they stand when "
+        "it is answered (their handshake state included).")
+
+
+class AckRequest(ConfinedModel):
+    """The holder of a preempted lock says it stopped using the device (``device_name``, or
+    every preempted device of the key when absent)."""
+
+    lock_key: LockKey
+    device_name: DeviceName | None = None
+
+    @field_validator("device_name")
+    @classmethod
+    def _valid_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_device_name(v)
+
+
+class AckResponse(PublicModel):
+    success: bool
+    message: str
+    acknowledged: list[DeviceLock] = Field(default_factory=list)
 
 
 class ReleaseRequest(ConfinedModel):
@@ -340,6 +396,8 @@ class ErrorResponse(PublicModel):
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
     "MIN_LEASE_SECONDS",
+    "AckRequest",
+    "AckResponse",
     "DeviceLock",
     "ErrorResponse",
     "EventsResponse",
@@ -355,6 +413,7 @@ __all__ = [
     "LockType",
     "LockUpdateMessage",
     "LocksStatusResponse",
+    "PreemptionAck",
     "ReleaseRequest",
     "ReleaseResponse",
     "RenewRequest",

@@ -20,6 +20,7 @@ from bs_coordination._client._monitor import (
 )
 from bs_coordination.errors import LockNotFoundError, ServiceError
 from bs_coordination.models import (
+    AckResponse,
     DeviceLock,
     EventsResponse,
     ForceReleaseResponse,
@@ -160,17 +161,21 @@ class DeviceCoordinationClient:
         plan_uid: str | None = None,
         wait: float = 0,
         lock_key: str | None = None,
+        acknowledge_preemption: bool = False,
     ) -> LockResponse:
         """Lock one device. ``timeout`` is the lease in seconds (``None``: no expiry, allowed
         for MAINTENANCE and MANUAL_OPERATOR only); ``wait`` queues the request up to that many
         seconds; ``lock_key`` upgrades or extends an existing lock.
+        ``acknowledge_preemption``: this holder will call ``acknowledge_preemption()`` once it
+        has stopped using a device a higher priority took (the preemption handshake).
 
         Returns ``LockResponse``: ``success`` with ``lock_key`` and ``token``, or
-        ``success=False`` with the holders in ``conflicts``.
+        ``success=False`` with the holders in ``conflicts``. A grant that preempted holders
+        says in ``acknowledged`` whether they all acknowledged in time.
         """
         body: dict[str, Any] = {"device_name": device_name}
         return await self._request(body, lock_type, user_id, timeout, reason, plan_uid, wait,
-                                   lock_key)
+                                   lock_key, acknowledge_preemption)
 
     async def request_locks(
         self,
@@ -182,15 +187,17 @@ class DeviceCoordinationClient:
         plan_uid: str | None = None,
         wait: float = 0,
         lock_key: str | None = None,
+        acknowledge_preemption: bool = False,
     ) -> LockResponse:
         """Lock several devices at once under one key: all of them, or none (one request)."""
         body: dict[str, Any] = {"device_names": list(device_names)}
         return await self._request(body, lock_type, user_id, timeout, reason, plan_uid, wait,
-                                   lock_key)
+                                   lock_key, acknowledge_preemption)
 
     async def _request(self, body: dict[str, Any], lock_type: LockType | str, user_id: str,
                        timeout: float | None, reason: str | None, plan_uid: str | None,
-                       wait: float, lock_key: str | None) -> LockResponse:
+                       wait: float, lock_key: str | None,
+                       acknowledge_preemption: bool = False) -> LockResponse:
         body.update(lock_type=_type_value(lock_type), user_id=user_id, timeout=timeout)
         # Optional fields only when set, so the original service (which knows none of
         # ``wait``/``lock_key``) keeps understanding the request.
@@ -199,6 +206,8 @@ class DeviceCoordinationClient:
                 body[name] = value
         if wait:
             body["wait"] = wait
+        if acknowledge_preemption:
+            body["acknowledge_preemption"] = True
         status, answer = await self._http.request("POST", "/api/lock/request", json_body=body,
                                                   extra_time=float(wait or 0))
         if status == 200 and isinstance(answer, dict):
@@ -226,6 +235,22 @@ class DeviceCoordinationClient:
         if status == 200:
             return answer if isinstance(answer, dict) else {"success": True, "detail": answer}
         raise error_for(status, answer, "release")
+
+    async def acknowledge_preemption(self, lock_key: str, device_name: str | None = None,
+                                     ) -> AckResponse:
+        """Say that this holder stopped using its preempted ``device_name`` (every preempted
+        device of ``lock_key`` when ``None``): the preemptor, whose answer waits for this, is
+        answered. Only for locks taken with ``acknowledge_preemption=True``.
+
+        Raises ``LockNotFoundError`` when the key holds nothing (there), ``LockNotOwnedError``
+        when the device is locked under another key."""
+        body: dict[str, Any] = {"lock_key": lock_key}
+        if device_name is not None:
+            body["device_name"] = device_name
+        status, answer = await self._http.request("POST", "/api/lock/ack", json_body=body)
+        if status == 200 and isinstance(answer, dict):
+            return AckResponse.model_validate(answer)
+        raise error_for(status, answer, "acknowledge preemption")
 
     async def renew_lock(self, lock_key: str, timeout: float | None = 300) -> RenewResponse:
         """Set every lock of ``lock_key`` to end ``timeout`` seconds from now (this replaces

@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_query_filter()  # again: a server may have reconfigured logging meanwhile
         st = store if store is not None else open_store(settings.store)
+        st.preempt_ack_timeout = settings.preempt_ack_timeout
         await st.start()
         hub = EventHub(settings.ws_queue_size)
         app.state.store = st

@@ -28,6 +28,10 @@ _FALSE = ("0", "false", "no", "off", "")
 DEFAULT_WS_QUEUE_SIZE = 1000
 #: Largest request body accepted (bytes); larger ones get 413.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+#: Seconds a preemptor waits for displaced holders to acknowledge (the preemption handshake).
+DEFAULT_PREEMPT_ACK_TIMEOUT = 2.0
+#: Longest acknowledgement deadline accepted: a dead holder must never hold maintenance long.
+MAX_PREEMPT_ACK_TIMEOUT = 60.0
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     ws_queue_size: int = DEFAULT_WS_QUEUE_SIZE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Seconds a preemptor's answer waits for the displaced holders' acknowledgement.
+    preempt_ack_timeout: float = DEFAULT_PREEMPT_ACK_TIMEOUT
 
 
 class SettingsError(ValueError):
@@ -84,6 +90,10 @@ _OPTIONS: list[tuple[str, str, str]] = [
      f"(default {DEFAULT_WS_QUEUE_SIZE})"),
     ("--max-body-bytes", "COORDINATION_MAX_BODY_BYTES",
      f"largest request body in bytes; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES})"),
+    ("--preempt-ack-timeout", "COORDINATION_PREEMPT_ACK_TIMEOUT",
+     "seconds a preempting request waits for the displaced holders to acknowledge that they "
+     f"stopped using the device, 0 < s <= {MAX_PREEMPT_ACK_TIMEOUT:g} "
+     f"(default {DEFAULT_PREEMPT_ACK_TIMEOUT:g})"),
 ]
 
 
@@ -164,6 +174,17 @@ def _seconds(where: str, raw: str) -> float:
     return value
 
 
+def _ack_timeout(where: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_PREEMPT_ACK_TIMEOUT:
+        raise SettingsError(f"{where}: must be a number of seconds > 0 and <= "
+                            f"{MAX_PREEMPT_ACK_TIMEOUT:g}, got {raw!r}")
+    return value
+
+
 def _flag(where: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -235,6 +256,8 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
         s.ws_queue_size = _queue_size(*v)
     if (v := pick("--max-body-bytes", "COORDINATION_MAX_BODY_BYTES")) is not None:
         s.max_body_bytes = _queue_size(*v)  # any positive integer
+    if (v := pick("--preempt-ack-timeout", "COORDINATION_PREEMPT_ACK_TIMEOUT")) is not None:
+        s.preempt_ack_timeout = _ack_timeout(*v)
     return s
 
 

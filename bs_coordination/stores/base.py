@@ -13,15 +13,16 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol, TypeVar
 
 from bs_coordination import locktable
-from bs_coordination.errors import LockConflictError
+from bs_coordination.errors import LockConflictError, LockNotFoundError
 from bs_coordination.locktable import Event, LockRecord, RecordId, Txn
 from bs_coordination.models import (
     DeviceLock,
+    LockAction,
     LockRequest,
     LockStatus,
     LockUpdateMessage,
@@ -87,10 +88,16 @@ def to_message(event: Event, event_id: str) -> LockUpdateMessage:
 
 @dataclass
 class Grant:
-    """A successful lock request: the key (only for the acquirer) and its records."""
+    """A successful lock request: the key (only for the acquirer) and its records.
+
+    ``acknowledged``: every holder it displaced that asked for the preemption handshake
+    acknowledged in time (or none had to); ``preempted``: the locks it displaced, as they
+    stood when the handshake ended."""
 
     lock_key: str
     records: list[LockRecord]
+    acknowledged: bool = True
+    preempted: list[DeviceLock] = field(default_factory=list)
 
     @property
     def locks(self) -> list[DeviceLock]:
@@ -114,6 +121,9 @@ class Store(ABC):
         self.data_losses = 0
         self._changed = asyncio.Event()
         self._waiting = 0  # requests inside their wait loop (see ``notify_changed``)
+        #: Seconds a preemptor waits for displaced holders to acknowledge (the service's
+        #: ``--preempt-ack-timeout``).
+        self.preempt_ack_timeout = locktable.DEFAULT_PREEMPT_ACK_TIMEOUT
 
     # -- primitives --------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,14 +205,23 @@ class Store(ABC):
         presented = req.lock_key is not None
         lock_key = req.lock_key or new_lock_key()
         key_hash = locktable.hash_key(lock_key)
+        ack_timeout = self.preempt_ack_timeout
+
+        def grant(txn: Txn, ticket: int | None = None
+                  ) -> tuple[list[LockRecord], list[LockRecord]]:
+            displaced: list[LockRecord] = []
+            records = locktable.request(txn, req, key_hash, presented=presented, ticket=ticket,
+                                        owner=owner, ack_timeout=ack_timeout,
+                                        displaced=displaced)
+            return records, displaced
+
         try:
-            records, _ = await self._transact(
-                lambda txn: locktable.request(txn, req, key_hash, presented=presented,
-                                              owner=owner), actor)
-            return Grant(lock_key, records)
+            (records, displaced), messages = await self._transact(grant, actor)
         except LockConflictError:
             if req.wait <= 0:
                 raise
+        else:
+            return await self._handshake(Grant(lock_key, records), displaced, messages, actor)
         ticket, _ = await self._transact(
             lambda txn: locktable.enqueue(txn, req.names, req.lock_type.priority, req.wait))
         deadline = time.monotonic() + req.wait
@@ -211,10 +230,9 @@ class Store(ABC):
             while True:
                 changed = self._changed
                 try:
-                    records, _ = await self._transact(
-                        lambda txn: locktable.request(txn, req, key_hash, presented=presented,
-                                                      ticket=ticket, owner=owner), actor)
-                    return Grant(lock_key, records)
+                    (records, displaced), messages = await self._transact(
+                        lambda txn: grant(txn, ticket), actor)
+                    break
                 except LockConflictError as exc:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -231,6 +249,78 @@ class Store(ABC):
                 await self._transact(lambda txn: locktable.dequeue(txn, ticket))
             except Exception:  # the waiter expires on its own; never mask the real outcome
                 log.debug("could not remove wait ticket %s", ticket, exc_info=True)
+        return await self._handshake(Grant(lock_key, records), displaced, messages, actor)
+
+    async def _handshake(self, grant: Grant, displaced: list[LockRecord],
+                         messages: list[LockUpdateMessage], actor: str | None) -> Grant:
+        """Hold the answer to ``grant`` until every holder it displaced that asked for the
+        handshake acknowledged, or until the deadline (then their handshakes time out, and
+        ``grant.acknowledged`` is False). The holders were told by the grant's ``preempted``
+        events. Waits on change notifications, so an acknowledgement made through another
+        replica (an event every replica tails) ends the wait as well."""
+        if not displaced:
+            return grant
+        deadline = time.monotonic() + self.preempt_ack_timeout
+        timed_out = False
+        self._waiting += 1
+        try:
+            while True:
+                changed = self._changed
+                state = await self._read(
+                    lambda txn: locktable.handshake_outcome(txn, grant.records, displaced))
+                if state.lost is not None:
+                    raise LockNotFoundError(
+                        f"The lock on {state.lost.device_name!r} ended (lease or force release) "
+                        "while its preemption handshake ran")
+                if not state.pending or timed_out:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    late = [r.device_name for r in state.pending]
+                    await self._transact(lambda txn: locktable.time_out_acks(txn, displaced),
+                                         actor)
+                    log.warning("preemption handshake: no acknowledgement from the holder(s) of "
+                                "%s within %g s; granting anyway", ", ".join(map(repr, late)),
+                                self.preempt_ack_timeout)
+                    timed_out = True
+                    continue
+                try:
+                    await asyncio.wait_for(changed.wait(), min(remaining, WAIT_POLL_SECONDS))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._waiting -= 1
+        acknowledged = state.acknowledged
+        gone = [d for d, c in zip(displaced, state.current, strict=True) if c is None]
+        if gone and acknowledged:
+            acknowledged = await self._released_by_holder(gone, messages)
+        grant.acknowledged = acknowledged
+        grant.preempted = [(c or d).public() for d, c in zip(displaced, state.current, strict=True)]
+        return grant
+
+    async def _released_by_holder(self, gone: list[LockRecord],
+                                  messages: list[LockUpdateMessage]) -> bool:
+        """Whether every displaced lock that disappeared during a handshake was released (or
+        acknowledged) by its holder, rather than expired or force-released: read from the
+        event log after the grant (a rare path)."""
+        since = next((m.event_id for m in messages if m.event_id), None)
+        try:
+            events = await self.events_after(since, limit=10_000)
+        except EventGap:
+            return False
+        fine = {LockAction.RELEASED, LockAction.ACKNOWLEDGED}
+        confirmed = {(e.device_name, e.lock.token) for e in events if e.action in fine}
+        return all((d.device_name, d.token) in confirmed for d in gone)
+
+    async def acknowledge(self, lock_key: str, device_name: str | None = None,
+                          actor: str | None = None, owner: str | None = None
+                          ) -> list[DeviceLock]:
+        """The holder of ``lock_key`` acknowledges the preemption of ``device_name`` (or of
+        all its preempted devices): it stopped using them. Returns the locks acknowledged."""
+        key_hash = locktable.hash_key(lock_key)
+        records, _ = await self._transact(
+            lambda txn: locktable.acknowledge(txn, key_hash, device_name, owner), actor)
+        return [r.public() for r in records]
 
     async def release(self, lock_key: str, device_name: str | None = None,
                       actor: str | None = None, owner: str | None = None) -> list[DeviceLock]:

@@ -60,7 +60,20 @@ def record_body(rec: LockRecord, token: str) -> str:
         f'"expires_at":{"null" if rec.expires_at is None else number(rec.expires_at)},'
         f'"reason":{_optional(rec.reason)},"plan_uid":{_optional(rec.plan_uid)},'
         f'"state":{_STATES[rec.state]},'
-        f'"preempted_by":{"null" if rec.preempted_by is None else _dump(rec.preempted_by)}}}')
+        f'"preempted_by":{"null" if rec.preempted_by is None else _dump(rec.preempted_by)}'
+        f'{_handshake(rec)}}}')
+
+
+def _handshake(rec: LockRecord) -> str:
+    """The preemption handshake's fields, only when the holder asked for it (``from_dict``
+    reads their absence as the defaults)."""
+    if not rec.ack_requested and rec.ack is None:
+        return ""
+    return (f',"ack_requested":{"true" if rec.ack_requested else "false"},'
+            f'"ack":{"null" if rec.ack is None else _string(rec.ack.value)},'
+            f'"ack_deadline":{"null" if rec.ack_deadline is None else number(rec.ack_deadline)},'
+            f'"acknowledged_at":'
+            f'{"null" if rec.acknowledged_at is None else number(rec.acknowledged_at)}')
 
 
 def record_json(rec: LockRecord, body: str) -> str:

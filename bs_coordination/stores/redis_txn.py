@@ -180,7 +180,8 @@ def with_token(rec: LockRecord, token: int) -> LockRecord:
     more, and every grant is patched (a test checks that both agree)."""
     return LockRecord(rec.device_name, rec.lock_type, rec.user_id, rec.key_hash, token,
                       rec.acquired_at, rec.expires_at, rec.reason, rec.plan_uid, rec.state,
-                      rec.preempted_by)
+                      rec.preempted_by, rec.ack_requested, rec.ack, rec.ack_deadline,
+                      rec.acknowledged_at)
 
 
 _key_bulks: dict[str, str] = {}

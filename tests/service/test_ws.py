@@ -14,7 +14,9 @@ from websockets.exceptions import ConnectionClosed
 from bs_coordination.stores.base import event_order
 
 LOCK_FIELDS = {"device_name", "lock_type", "priority", "user_id", "reason", "plan_uid",
-               "acquired_at", "expires_at", "token", "state", "preempted_by"}
+               "acquired_at", "expires_at", "token", "state", "preempted_by",
+               # the preemption handshake
+               "acknowledge_preemption", "preemption_ack", "ack_deadline", "acknowledged_at"}
 
 
 async def test_initial_status_lists_every_lock(api, ws) -> None:

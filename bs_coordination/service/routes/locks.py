@@ -1,4 +1,5 @@
-"""Lock operations: request, release, renew, force-release, and status."""
+"""Lock operations: request, acknowledge a preemption, release, renew, force-release, and
+status."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from bs_coordination.errors import InvalidRequestError
 from bs_coordination.models import (
     DEVICE_NAME_PATTERN,
     MAX_NAME_LENGTH,
+    AckRequest,
+    AckResponse,
     ForceReleaseRequest,
     ForceReleaseResponse,
     LockRequest,
@@ -55,7 +58,12 @@ async def request_lock(req: LockRequest, caller: CallerDep) -> LockResponse:
     the holders in the way. With ``wait`` the request queues for up to that many seconds.
     Presenting ``lock_key`` upgrades that key's locks or adds devices under it (404 if the key
     holds nothing). With authentication on, ``user_id`` is the API key's principal whatever
-    the body says, and the lock type needs its role (403)."""
+    the body says, and the lock type needs its role (403).
+
+    Preemption handshake: when the grant displaces holders that asked for it
+    (``acknowledge_preemption``), they are told at once (their ``preempted`` event) and this
+    answer waits until each acknowledged (``POST /api/lock/ack``) or the service's deadline
+    (``--preempt-ack-timeout``) passed: ``acknowledged`` says which came first."""
     store, devices, principal = caller.store, caller.devices, caller.principal
     if principal is not None:
         require_lock_type(principal, req.lock_type)
@@ -67,14 +75,47 @@ async def request_lock(req: LockRequest, caller: CallerDep) -> LockResponse:
     expiries = [lk.expires_at for lk in locks if lk.expires_at is not None]
     if log.isEnabledFor(logging.INFO):  # the hot path: no formatting for a disabled line
         log.info("granted %s to %r (%s)", _names(req.names), req.user_id, req.lock_type.value)
+    message = f"Lock granted on {_names(req.names)} ({req.lock_type.value})"
+    if grant.preempted:
+        displaced = _names(sorted({lk.device_name for lk in grant.preempted}))
+        message += (f"; the holders of {displaced} acknowledged the preemption"
+                    if grant.acknowledged else
+                    f"; not every holder of {displaced} acknowledged the preemption in time")
     return LockResponse(
         success=True,
         lock_key=grant.lock_key,
-        message=f"Lock granted on {_names(req.names)} ({req.lock_type.value})",
+        message=message,
         expires_at=min(expiries) if expiries and len(expiries) == len(locks) else None,
         token=max(tokens) if tokens else None,
         locks=locks,
+        acknowledged=grant.acknowledged,
+        preempted=grant.preempted,
     )
+
+
+@router.post(
+    "/lock/ack",
+    response_model=AckResponse,
+    responses=error_responses(403, 404, 422, 503),
+    summary="Acknowledge a preemption: the holder stopped using the device",
+)
+async def acknowledge_preemption(req: AckRequest, caller: CallerDep) -> AckResponse:
+    """The holder of a preempted lock (taken with ``acknowledge_preemption``) says it stopped
+    using ``device_name`` (or every preempted device of ``lock_key`` when absent): the
+    preemptor's request, which waits for this, is answered with ``acknowledged: true``. An
+    acknowledgement after the deadline is recorded (``acknowledged_at``) but changes no answer.
+    ``acknowledged`` lists the locks acknowledged (empty: nothing was waiting for one).
+    403 if the device is locked under another key, 404 if the key holds nothing there."""
+    store, principal = caller.store, caller.principal
+    require(principal, *LOCK_HOLDER_ROLES, what="acknowledging a preemption")
+    actor = None if principal is None else principal.name
+    done = await store.acknowledge(req.lock_key, req.device_name, actor=actor,
+                                   owner=_owner(principal))
+    if done:
+        message = f"Acknowledged the preemption of {_names([lk.device_name for lk in done])}"
+    else:
+        message = "Nothing waits for an acknowledgement under this key"
+    return AckResponse(success=True, message=message, acknowledged=done)
 
 
 DeprecatedKey = Annotated[
@@ -207,6 +248,7 @@ async def device_status(
 #: calling the same endpoints (the routes above still serve every other request).
 DIRECT = (
     Direct("/api/lock/request", LockRequest, request_lock, body_arg="req"),
+    Direct("/api/lock/ack", AckRequest, acknowledge_preemption, body_arg="req"),
     Direct("/api/lock/release", ReleaseRequest, release_lock, body_arg="body"),
     Direct("/api/lock/renew", RenewRequest, renew_lock, body_arg="req"),
 )
