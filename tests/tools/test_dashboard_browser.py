@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 from headless import browser_or_skip, headless_chromium
@@ -12,6 +15,10 @@ from tcpproxy import CuttableProxy
 ROWS = """[...document.querySelectorAll('#locks tbody tr')].map(tr => ({
     device: tr.dataset.device, state: tr.dataset.state,
     cells: [...tr.children].map(td => td.innerText.trim())}))"""
+
+
+#: Whether the lock table is on screen.
+VISIBLE_TABLE = "document.querySelector('#locks').getClientRects().length > 0"
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -56,9 +63,11 @@ async def test_lock_appears_and_disappears_live(live_service):
         key = lock(url, "m1", lock_type="MANUAL_OPERATOR", user_id="alice", reason="align optics",
                    timeout=600)
         rows = await page.wait_for(f"(r => r.length === 1 && r)({ROWS})")
-        device, kind, holder, reason, _since, until, token = rows[0]["cells"]
-        assert token.isdigit()
+        # The fencing token is not a column an operator needs.
+        device, kind, holder, reason, _since, until = rows[0]["cells"]
         assert (device, kind, holder, reason) == ("m1", "MANUAL_OPERATOR", "alice", "align optics")
+        headers = await page.evaluate("[...document.querySelectorAll('#locks th')].map(th => th.innerText)")
+        assert headers == ["Device", "Type", "Holder", "Reason", "Since", "Until"]
         assert rows[0]["state"] == "active"
         assert "(9m" in until or "(10m" in until  # the countdown of a 600 s lease
         colour = await page.evaluate(
@@ -110,8 +119,10 @@ async def test_dashboard_is_correct_after_a_reconnect(live_service):
             lock(url, "m2", lock_type="QUEUE_EXECUTING", user_id="queue", reason="count", timeout=300)
             key3 = lock(url, "m3", lock_type="MANUAL_OPERATOR", user_id="carl")
             assert post(url + "/api/lock/release", {"lock_key": key3})[0] == 200
-            # Still the old picture while cut off (what the operator saw last).
-            assert [r["device"] for r in await page.evaluate(ROWS)] == ["m1"]
+            # Cut off, the page cannot vouch for any lock: it shows no table, and says so.
+            assert await page.evaluate(VISIBLE_TABLE) is False
+            text = await page.evaluate("document.body.innerText")
+            assert "reconnecting" in text and "not shown" in text and "No device is locked" not in text
 
             proxy.restore()
             await page.wait_for("document.querySelector('#conn').innerText === 'live'")
@@ -164,3 +175,94 @@ async def test_dashboard_after_the_service_restarts_with_an_empty_table(service_
             assert page.errors == []
     finally:
         await proxy.close()
+
+
+async def test_no_lock_table_before_the_first_status(live_service):
+    """The page opens while the service's WebSocket has said nothing yet (held back here by a
+    gate in front of it): it says it is connecting and shows no table, and certainly not
+    "No device is locked." while a device is locked. Once the status arrives, the lock shows."""
+    browser = browser_or_skip()
+    url = live_service.url
+    lock(url, "m1", lock_type="MANUAL_OPERATOR", user_id="alice", reason="align optics")
+    gate = asyncio.Event()
+    async with gated_service(url, gate) as gated_url, headless_chromium(browser) as page:
+        await page.goto(gated_url + "/")
+        await page.wait_for("document.querySelector('#conn').innerText.startsWith('connecting')")
+        await page.wait_for("window.bsDashboard.reconnects === 0 && document.readyState === 'complete'")
+        text = await page.evaluate("document.body.innerText")
+        assert "Connecting to the lock service" in text
+        assert "No device is locked" not in text
+        assert await page.evaluate(VISIBLE_TABLE) is False
+
+        gate.set()
+        await page.wait_for("document.querySelector('#conn').innerText === 'live'")
+        rows = await page.wait_for(f"(r => r.length === 1 && r)({ROWS})")
+        assert rows[0]["cells"][:4] == ["m1", "MANUAL_OPERATOR", "alice", "align optics"]
+        assert await page.evaluate(VISIBLE_TABLE) is True
+        assert "Connecting" not in await page.evaluate("document.body.innerText")
+        assert page.errors == []
+
+
+async def test_leases_about_to_end_stand_out(live_service):
+    browser = browser_or_skip()
+    url = live_service.url
+    lock(url, "m1", lock_type="MANUAL_OPERATOR", user_id="alice", timeout=600)
+    lock(url, "m2", lock_type="QUEUE_EXECUTING", user_id="queue", timeout=45)
+    async with headless_chromium(browser) as page:
+        await page.goto(url + "/")
+        await page.wait_for(f"{ROWS}.length === 2")
+        rows = await page.evaluate("""[...document.querySelectorAll('#locks tbody tr')].map(tr => ({
+            device: tr.dataset.device, ending: tr.classList.contains('ending'),
+            background: getComputedStyle(tr.children[0]).backgroundColor,
+            note: getComputedStyle(tr.querySelector('td.countdown'), '::after').content}))""")
+        by_device = {r["device"]: r for r in rows}
+        assert by_device["m2"]["ending"] is True and by_device["m1"]["ending"] is False
+        assert by_device["m2"]["background"] != by_device["m1"]["background"]
+        assert "ending soon" in by_device["m2"]["note"]
+        assert "ending soon" not in by_device["m1"]["note"]
+        assert page.errors == []
+
+
+@contextlib.asynccontextmanager
+async def gated_service(url: str, gate: asyncio.Event) -> AsyncIterator[str]:
+    """A front for the service at ``url`` whose WebSocket says nothing until ``gate`` is set,
+    then relays the service's; pages and HTTP calls go straight through."""
+    from aiohttp import ClientSession, WSMsgType, web
+
+    async def relay_http(request: web.Request) -> web.Response:
+        async with ClientSession() as session, session.get(url + request.path_qs) as resp:
+            return web.Response(body=await resp.read(), status=resp.status,
+                                content_type=resp.content_type)
+
+    async def relay_ws(request: web.Request) -> web.WebSocketResponse:
+        client = web.WebSocketResponse()
+        await client.prepare(request)
+        await gate.wait()
+        async with ClientSession() as session, session.ws_connect(
+                url.replace("http", "ws", 1) + request.path_qs) as upstream:
+            async def down() -> None:
+                async for frame in upstream:
+                    if frame.type == WSMsgType.TEXT:
+                        await client.send_str(frame.data)
+            task = asyncio.create_task(down())
+            async for frame in client:
+                if frame.type == WSMsgType.TEXT:
+                    await upstream.send_str(frame.data)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return client
+
+    app = web.Application()
+    app.router.add_get("/ws", relay_ws)
+    app.router.add_get("/{tail:.*}", relay_http)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        gate.set()
+        await runner.cleanup()
