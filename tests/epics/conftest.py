@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,13 +194,14 @@ def bridge_factory(ca: CaPorts, procs: list[Proc]) -> Any:
 
 
 class CaUser:
-    """A Channel Access client whose user name is ``name`` (caproto's threading client)."""
+    """A Channel Access client whose user name is ``name`` (caproto's threading client), on
+    the host it says it is on (``host``; default this machine's name)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, host: str | None = None) -> None:
         from caproto.threading.client import Context
 
         self.name = name
-        self.context = Context(client_name=name)
+        self.context = Context(client_name=name, host_name=host)
         self._pvs: dict[str, Any] = {}
 
     def pv(self, name: str) -> Any:
@@ -238,13 +238,13 @@ class CaUser:
 
 @pytest.fixture
 def ca_users(ca: CaPorts) -> Iterator[Any]:
-    """``ca_users("alice") -> CaUser``; all disconnected after the test."""
-    users: dict[str, CaUser] = {}
+    """``ca_users("alice", host=None) -> CaUser``; all disconnected after the test."""
+    users: dict[tuple[str, str | None], CaUser] = {}
 
-    def get(name: str) -> CaUser:
-        if name not in users:
-            users[name] = CaUser(name)
-        return users[name]
+    def get(name: str, host: str | None = None) -> CaUser:
+        if (name, host) not in users:
+            users[name, host] = CaUser(name, host)
+        return users[name, host]
 
     yield get
     for user in users.values():

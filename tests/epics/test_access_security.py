@@ -7,12 +7,12 @@ import asyncio
 import time
 
 import pytest
+from ca_parts import wait_until
 from caproto import AlarmSeverity
 
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.epics.acf import Accounts, render_acf
 from bs_coordination.models import LockType
-from ca_parts import wait_until
 
 PREFIX = "TEST:COORD:"
 ACCOUNTS = Accounts(queue=["queue_server"], operators=["alice"], maintenance=["bob"])
