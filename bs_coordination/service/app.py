@@ -25,6 +25,7 @@ from .auth import install_auth
 from .config import Settings, SettingsError, parse_settings
 from .dashboard import router as dashboard_router
 from .direct import DirectRoutes
+from .docs import install_docs
 from .discovery import DeviceRegistry, DiscoveryConfig
 from .handlers import install_handlers
 from .hub import EventHub
@@ -127,6 +128,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         summary="Device locks for Bluesky beamlines: priorities, leases, live events.",
         version=_version(),
         lifespan=lifespan,
+        # /docs and /redoc are served from the package (docs.py), not FastAPI's CDN pages.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.devices = DeviceRegistry(DiscoveryConfig.from_settings(settings))
@@ -147,6 +151,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     app.include_router(device_config.router)
     app.include_router(ws_router)
     app.include_router(dashboard_router)
+    install_docs(app)
     install_metrics(app)  # the outermost middleware: it times every answer, 401 and 413 too
     return app
 
