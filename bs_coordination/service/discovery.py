@@ -655,7 +655,8 @@ class DeviceRegistry:
             return
         cat = self._catalog
         if cat is None:
-            raise DiscoveryError(self.strict_unavailable_reason(), status_code=503)
+            raise DiscoveryError(self.strict_unavailable_reason() or "no device list is loaded",
+                                 status_code=503)
         unknown = [n for n in names if not cat.knows(n)]
         if unknown:
             if len(unknown) == 1:
