@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -40,21 +39,6 @@ log = logging.getLogger(__name__)
 
 #: How often expired leases are swept; ``expired`` events follow expiry within about this.
 SWEEP_SECONDS = 0.2
-
-_frozen = False
-
-
-def _freeze_startup_objects() -> None:
-    """Once per process, after the first start: move every object alive now (modules, pydantic
-    schemas, the app) out of the garbage collector's reach, so its full collections only walk
-    what requests allocate. They are long-lived anyway; this saves 2-5% of a request's CPU
-    (``benchmarks/bench_inprocess.py``). Collected first, so no garbage is kept forever."""
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.collect()
-        gc.freeze()
-
 
 async def sweep_forever(store: Store, interval: float = SWEEP_SECONDS) -> None:
     """Expire leases that ran out, forever; an error is logged and the sweep goes on."""
@@ -113,7 +97,6 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         hub.start(st)
         sweeper = asyncio.create_task(sweep_forever(st), name="bs-coordination-sweeper")
         app.state.devices.start()  # in the background: locking works while it runs
-        _freeze_startup_objects()
         log.info("lock service ready (store: %s)", st.kind)
         try:
             yield
