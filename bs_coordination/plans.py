@@ -29,7 +29,9 @@ Common to both:
   requested in **one** atomic request before the plan's first step: all or none, so two
   plans never deadlock over each other's devices. Any other device is locked the first time
   a message touches it (``obj``, and ``args`` of ``collect``/``locate``), by the root
-  device's name (``bluesky.utils.root_ancestor``: ``stage`` for ``stage.coarse.x``).
+  device's name (``root_device``: ``stage`` for ``stage.coarse.x``), made acceptable to the
+  service (``lock_name``: ``"sample x"`` is locked as ``"sample_x"``); unnamed devices are
+  not coordinated (logged once per device).
 - The lock I/O is awaited inside the RunEngine loop (the ``coordination_lock`` command,
   ``lock_command``, or the guarded device commands), so the plan generator never blocks. A
   refusal is raised there and thrown into the plan at the message that touched the device,
@@ -50,19 +52,21 @@ message on its own.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
+import re
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from bluesky.preprocessors import SupplementalData
-from bluesky.utils import Msg, PlanHalt, ensure_generator, make_decorator, root_ancestor
+from bluesky.utils import Msg, PlanHalt, ensure_generator, make_decorator
 
 from bs_coordination._re_client import queue_item_name
 from bs_coordination._re_coordinator import PlanCoordinator
 from bs_coordination._re_tracker import PlanLocks
 from bs_coordination.errors import CoordinationError, InvalidRequestError
-from bs_coordination.models import check_device_name
+from bs_coordination.models import MAX_NAME_LENGTH, check_device_name
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,15 @@ LOCK_COMMAND = "coordination_lock"
 _ARGS_COMMANDS = frozenset({"collect", "locate"})
 #: Bound on the objects looked at when collecting a plan's arguments.
 _MAX_SCAN = 10_000
+#: Bound on the depth of a device tree (``parent`` links followed).
+_MAX_DEPTH = 100
+#: What a device can do (any one makes an object a device).
+_DEVICE_METHODS = ("read", "set", "trigger", "kickoff", "stage", "describe", "locate",
+                   "collect")
+#: Characters a lock name may not hold (see ``models.DEVICE_NAME_RULE``).
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9_:\-.]+")
+#: ``id()`` of unnamed devices already logged (once per device).
+_warned_unnamed: set[int] = set()
 
 
 class _Granted:
@@ -108,19 +121,101 @@ def is_device(obj: Any) -> bool:
         return False
     if not isinstance(name, str):
         return False
-    return any(callable(getattr(obj, attr, None))
-               for attr in ("read", "set", "trigger", "kickoff", "stage", "describe"))
+    return _acts(obj)
+
+
+def _acts(obj: Any) -> bool:
+    """``obj`` can be read, set, triggered, kicked off, staged, located or collected."""
+    for attr in _DEVICE_METHODS:
+        try:
+            if callable(getattr(obj, attr, None)):
+                return True
+        except Exception:  # a property that raises: not one of ours to judge
+            continue
+    return False
+
+
+def _touches_device(obj: Any) -> bool:
+    """For the object of a device message: a device, named or not (bluesky's protocols
+    require no ``name`` of a movable, and ophyd-async devices are named ``""`` until named)."""
+    if obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, Msg)):
+        return False
+    return _acts(obj)
+
+
+def root_device(obj: Any) -> Any:
+    """The root of ``obj``'s device tree, following ``parent`` where there is one (bluesky's
+    protocols make ``parent`` optional: an object without it is its own root)."""
+    for _ in range(_MAX_DEPTH):
+        try:
+            parent = getattr(obj, "parent", None)
+        except Exception:
+            return obj
+        if parent is None or parent is obj:
+            return obj
+        obj = parent
+    return obj
+
+
+def lock_name(obj: Any) -> str | None:
+    """The name ``obj`` is locked under, or ``None`` for an unnamed device (not coordinated).
+
+    The rule (README, "Device names"): the name of the root device (``stage`` for
+    ``stage.coarse.x``, ``stage`` for the ophyd-async child ``stage-x``). A name the service
+    accepts (``DEVICE_NAME_RULE``) is used as it is. Any other non-empty name is made
+    acceptable: every run of other characters becomes ``_`` (``"sample x"`` ->
+    ``"sample_x"``), so do dots that would not separate components, and a name longer than
+    the service allows is cut and ends in a hash of the whole. Two devices mapped to one name
+    share its lock (safe: more is locked, never less). A root device without a name (``""``,
+    no ``name``: an ophyd-async device before it is named) has no identity anyone else
+    could lock, so it is not coordinated; ``_needed`` logs that once per device.
+    """
+    root = root_device(obj)
+    try:
+        name = root.name
+    except Exception:
+        return None
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        return check_device_name(name)
+    except ValueError:
+        return _acceptable(name)
+
+
+def _acceptable(name: str) -> str:
+    text = _BAD_CHARS.sub("_", name)
+    try:
+        check_device_name(text[:MAX_NAME_LENGTH])
+    except ValueError:  # empty components: '.a', 'a..b', 'a.'
+        text = text.replace(".", "_")
+    if len(text) > MAX_NAME_LENGTH:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        text = f"{text[:MAX_NAME_LENGTH - 17]}-{digest}"
+    return text
 
 
 def device_name(obj: Any) -> str:
-    """The lock name of ``obj``: the name of its root device (``stage`` for ``stage.coarse.x``)."""
-    root = root_ancestor(obj)
-    name = getattr(root, "name", None)
-    try:
-        return check_device_name(name)  # type: ignore[arg-type]
-    except ValueError as exc:
+    """The lock name of ``obj`` (see ``lock_name``); raises ``InvalidRequestError`` for an
+    unnamed device."""
+    name = lock_name(obj)
+    if name is None:
         raise InvalidRequestError(
-            f"cannot lock {obj!r}: its device has no usable name ({exc})") from None
+            f"cannot lock {obj!r}: its device has no usable name (it is unnamed)")
+    return name
+
+
+def _warn_unnamed(obj: Any) -> None:
+    """Once per device: it is used by a plan but not coordinated."""
+    key = id(obj)
+    if key in _warned_unnamed:
+        return
+    if len(_warned_unnamed) > 10_000:
+        _warned_unnamed.clear()
+    _warned_unnamed.add(key)
+    log.warning("device coordination: %r (root %r) has no name, so it is not locked (nobody "
+                "else could ask for it by name); name it to coordinate it", obj,
+                root_device(obj))
 
 
 def plan_devices(plan: Any) -> list[Any]:
@@ -229,10 +324,9 @@ def coordinated_wrapper(
     reply: Any = None
     error: BaseException | None = None
     try:
-        names: dict[str, None] = {}
-        for obj in up_front:
-            names[device_name(obj)] = None
-        yield from _lock(coord, session, tuple(names))
+        names = upfront_names(up_front)
+        if names:
+            yield from _lock(coord, session, names)
         while True:
             try:
                 msg = gen.send(reply) if error is None else gen.throw(error)
@@ -278,19 +372,23 @@ def _objects(msg: Msg) -> list[Any]:
 
 
 def _needed(msg: Msg, session: PlanLocks) -> tuple[str, ...]:
-    """Devices of ``msg`` not held yet; covers objects whose device is held and active.
-    Raises at once for a device already refused to this plan."""
+    """Devices of ``msg`` not held yet; covers objects whose device is held and active, and
+    objects that need no lock (not a device, or an unnamed one). Raises at once for a device
+    already refused to this plan."""
     needed: dict[str, None] = {}
+    covered = session.covered
     for obj in _objects(msg):
         try:
-            if obj in session.covered:
+            if obj in covered:
                 continue
         except TypeError:
             continue
-        if not is_device(obj):
-            session.covered.add(obj)  # never a device: never look again
+        name = lock_name(obj) if _touches_device(obj) else None
+        if name is None:
+            if _touches_device(obj):
+                _warn_unnamed(obj)
+            covered.add(obj)  # never locked: never look again in this plan
             continue
-        name = device_name(obj)
         refused = session.refused.get(name)
         if refused is not None:
             raise refused
@@ -304,8 +402,8 @@ def _needed(msg: Msg, session: PlanLocks) -> tuple[str, ...]:
 
 def _cover(msg: Msg, session: PlanLocks) -> None:
     for obj in _objects(msg):
-        if is_device(obj):
-            name = device_name(obj)
+        name = lock_name(obj) if _touches_device(obj) else None
+        if name is not None:
             lock = session.held.get(name)
             if lock is not None and lock.is_active:
                 session.cover(name, obj)
@@ -323,17 +421,17 @@ async def lock_message_devices(coordinator: PlanCoordinator, session: PlanLocks,
         _cover(msg, session)
 
 
-def start_coordinated(plan: Iterable[Msg], coordinator: PlanCoordinator
-                      ) -> tuple[PlanLocks, Generator[Msg, Any, Any], Msg]:
-    """For a plan the RunEngine is about to run (``install``'s preprocessor; the RunEngine
-    is idle): a new session, the plan generator, and the lock message for the devices known
-    up front (one atomic request, to be granted before the plan's first step)."""
-    gen = ensure_generator(plan)
+def upfront_names(devices: Iterable[Any]) -> tuple[str, ...]:
+    """The lock names of ``devices`` (found up front), in order, without repeats; unnamed
+    devices are left out (logged once each)."""
     names: dict[str, None] = {}
-    for obj in plan_devices(gen):
-        names[device_name(obj)] = None
-    session = coordinator.open_session(reason=_reason(coordinator, gen, None), new=True)[0]
-    return session, gen, Msg(LOCK_COMMAND, coordinator, session, tuple(names))
+    for obj in devices:
+        name = lock_name(obj)
+        if name is None:
+            _warn_unnamed(obj)
+        else:
+            names[name] = None
+    return tuple(names)
 
 
 coordinated_decorator = make_decorator(coordinated_wrapper)
@@ -393,6 +491,8 @@ __all__ = [
     "is_device",
     "lock_command",
     "lock_message_devices",
+    "lock_name",
     "plan_devices",
-    "start_coordinated",
+    "root_device",
+    "upfront_names",
 ]

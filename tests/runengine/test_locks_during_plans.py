@@ -257,9 +257,10 @@ def test_plan_waits_for_a_device_freed_within_wait(RE: RunEngine, coordinate: An
         service.release(key)
 
     threading.Thread(target=free_later, daemon=True).start()
-    started: list[float] = []
+    started: list[float] = []  # when the plan's first message ran
 
     def plan(dets: list[Any]) -> Any:
+        yield Msg("null")  # the plan's first message waits for the up-front request
         started.append(time.monotonic())
         yield from bp.count(dets, num=2)
 
