@@ -139,13 +139,16 @@ class LiveService:
 
 @contextlib.contextmanager
 def run_service(store_url: str = "memory", *, store: Store | None = None,
+                configure: Callable[[Any], None] | None = None,
                 **settings: Any) -> Iterator[LiveService]:
     """Start a service on 127.0.0.1 and an ephemeral port; stop it on exit.
 
     ``store`` (a ``Store`` object, e.g. a ``MemoryStore`` with a small log) replaces the one
-    ``store_url`` names."""
+    ``store_url`` names; ``configure(app)`` runs before it starts (a deployer's middleware)."""
     cfg = Settings(host="127.0.0.1", port=0, store=store_url, log_level="WARNING", **settings)
     app = create_app(cfg, store=store)
+    if configure is not None:
+        configure(app)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=2)
     server = ThreadedServer(config)

@@ -12,20 +12,17 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.types import Receive, Scope, Send
 
 from bs_coordination.stores import Store, open_store
 
 from .auth import install_auth
 from .config import Settings, SettingsError, parse_settings
 from .dashboard import router as dashboard_router
-from .direct import DirectRoutes
-from .docs import install_docs
 from .discovery import DeviceRegistry, DiscoveryConfig
+from .docs import install_docs
 from .handlers import install_handlers
 from .hub import EventHub
 from .limits import install_limits
@@ -56,23 +53,6 @@ async def sweep_forever(store: Store, interval: float = SWEEP_SECONDS) -> None:
                 log.warning("expiry sweep failed; retrying", exc_info=True)
             failing = True
         await asyncio.sleep(interval)
-
-
-class CoordinationApp(FastAPI):
-    """The service's FastAPI app, with the lock operations' fast path (``direct.py``) in front
-    of it: ordinary lock requests, releases and renewals are answered there, everything else
-    goes through FastAPI as usual (FastAPI's own instrumentation sees only the latter)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._direct = DirectRoutes(super().__call__, owner=self, routes=locks.DIRECT)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope["app"] = self
-            await self._direct(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, store: Store | None = None) -> FastAPI:
@@ -106,7 +86,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
             await hub.stop()
             await st.close()
 
-    app = CoordinationApp(
+    app = FastAPI(
         title="bs-coordination",
         summary="Device locks for Bluesky beamlines: priorities, leases, live events.",
         version=_version(),

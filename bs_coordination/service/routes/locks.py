@@ -28,7 +28,6 @@ from bs_coordination.models import (
 
 from ..auth import LOCK_HOLDER_ROLES, Principal, Role, require, require_lock_type
 from ..deps import CallerDep
-from ..direct import Direct
 from ..handlers import error_responses
 from ..status import locks_status
 
@@ -242,13 +241,3 @@ async def device_status(
     status = await caller.store.device_status(device_name)
     status.device = caller.devices.describe(device_name)
     return status
-
-
-#: The hot path: ``direct.DirectRoutes`` serves the ordinary requests of these routes itself,
-#: calling the same endpoints (the routes above still serve every other request).
-DIRECT = (
-    Direct("/api/lock/request", LockRequest, request_lock, body_arg="req"),
-    Direct("/api/lock/ack", AckRequest, acknowledge_preemption, body_arg="req"),
-    Direct("/api/lock/release", ReleaseRequest, release_lock, body_arg="body"),
-    Direct("/api/lock/renew", RenewRequest, renew_lock, body_arg="req"),
-)
