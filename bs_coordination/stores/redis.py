@@ -2,22 +2,24 @@
 
 It runs the same ``locktable`` code as the memory store: the rules stay in Python, the one
 copy both stores run, so Redis only ever sees a compare-and-swap of the diff they computed.
+Everything goes through redis-py's public asyncio client (``redis.asyncio``); the URL forms it
+accepts (``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``) are in ``redis_url``.
 A lock operation is **one round trip** in the common case:
 
 1. **Run on the cache.** The operation runs on a ``Txn`` over ``redis_txn.View``, answered from
    what this process last saw of each key (its version and content; a key never seen is
    guessed absent), noting every key it read and the version it read. "now" is Redis time,
    estimated locally (below).
-2. **One script call.** ``redis_script.CAS`` (``EVALSHA``, registered once; after a Redis
-   restart ``NOSCRIPT`` makes the store load it again) checks that every key read still has
-   that version (so the records on every name, the hierarchy's "under" sets, the key's set
-   of names and the wait queue the lock table looked at are unchanged), then reserves the
-   fencing-token/ticket values it used (``INCRBY``), writes the records, the index sets, the
-   expiry sorted set and the waiters, appends the events (``XADD``) and gives every key it
-   changed a new version, all atomically. A key the operation writes but did not read is
-   checked too. Versions are Redis time in microseconds (strictly increasing), so a key
-   never has the same version twice with different content, even after Redis restarted
-   from an older state or was emptied.
+2. **One script call.** ``redis_script.CAS`` (registered with redis-py's ``register_script``,
+   which loads it again when a restarted or failed-over Redis answers ``NOSCRIPT``) checks that
+   every key read still has that version (so the records on every name, the hierarchy's
+   "under" sets, the key's set of names and the wait queue the lock table looked at are
+   unchanged), then reserves the fencing-token/ticket values it used (``INCRBY``), writes the
+   records, the index sets, the expiry sorted set and the waiters, appends the events
+   (``XADD``) and gives every key it changed a new version, all atomically. A key the
+   operation writes but did not read is checked too. Versions are Redis time in
+   microseconds (strictly increasing), so a key never has the same version twice with
+   different content, even after Redis restarted from an older state or was emptied.
 3. **On a mismatch** nothing is written and the script returns the current content of the
    keys that changed, read at the same instant as the checks that passed: a snapshot of
    Redis. The operation runs again on it. A refusal (or a read such as ``device_status``)
@@ -27,14 +29,8 @@ A lock operation is **one round trip** in the common case:
 
 Within one process, operations are ordered by arrival: one that reads a key an earlier one is
 still writing waits for it and then runs on the cache that write updated, so a hot device sees
-one writer of this process at a time rather than all of them going stale but one (a stress of
-100 clients preempting each other on a few devices: 1.15 calls per operation instead of 1.4,
-and no operation giving up). Writes of other replicas are met by the checks alone.
-
-Why not ``WATCH``/``MULTI`` (the earlier version of this store): it needs the reads back before
-it can write, so every operation was two round trips (and connections held across them);
-here the write goes with the first call and a warm cache makes the guess right. Why not the
-rules in Lua: they would be a second copy of ``locktable``.
+one writer of this process at a time rather than all of them going stale but one. Writes of
+other replicas are met by the checks alone.
 
 Counters are not compared: the lock table is given sentinel values and the script fills in
 the values it reserved, so tokens are handed out in commit order (for any device a later grant
@@ -44,64 +40,51 @@ Time: the operation needs "now" before the call, so the store keeps the offset b
 ``time.monotonic()`` and Redis ``TIME`` (every script reply carries ``TIME``; ``now()``, which
 the sweeper calls, reads it too). An estimate taken from a reply is never ahead of Redis (the
 reply left after ``TIME`` was read), so the highest of the last ``OFFSET_KEEP`` seconds is
-kept. The script compares its own ``TIME`` with the ``now`` the
-operation used and refuses (the store resynchronises and runs the operation again) when it is
-more than ``MAX_AHEAD`` ahead or more than ``max_delay`` behind, so every replica decides
-expiry on Redis time within those bounds. ``max_delay`` is below the reply timeout, so a call
-that reaches Redis only after its caller gave up (a paused Redis) is refused, never applied.
+kept. The script compares its own ``TIME`` with the ``now`` the operation used and refuses
+(the store resynchronises and runs the operation again) when it is more than ``MAX_AHEAD``
+ahead or more than ``max_delay`` behind, so every replica decides expiry on Redis time within
+those bounds. ``max_delay`` is below the reply timeout, so a call that reaches Redis only
+after its caller gave up (a paused Redis) is refused, never applied.
 
-Calls go through ``redis_conn.OrderedConnection``: one pipelined connection of the store's own
-(an ``asyncio.Protocol`` parsing with ``hiredis``), every call made in one event-loop iteration
-written at once, replies applied to the cache in the order Redis ran them. With 50 concurrent
-clients that is one ``send`` for many operations. A call is built as its RESP text directly
-(``redis_txn.Commit``), its records and events as JSON written field by field
-(``redis_codec``): every lock operation pays for this, so it is kept lean.
+Durability across a failover (``redis_url``: ``wait_replicas``): the script call and a
+``WAIT`` go in one redis-py pipeline on one connection, and a change no replica confirmed in
+time is answered 503 (its outcome unknown to the caller, as for a lost reply).
 
 Failing closed: any connection error, timeout or Redis error becomes ``StoreUnavailableError``
 ("lock store unavailable: ...", HTTP 503, never the URL's password), and no grant is returned
-unless the script's reply said it was written. A lost reply fails the calls waiting on that
-connection (outcome unknown: 503) and the next call opens a new connection, so the store heals
-by itself when Redis returns; a reply is awaited at most ``socket_timeout`` (2 s) and a refused
-connection fails at once. The event log (a Stream) is read by ``redis_events``, whose tail uses
-a connection of its own (``XREAD BLOCK``, a reply awaited for the block time and a margin) and
-does not parse the events this process appended: it is handed them.
+unless the script's reply said it was written. The script calls go on a client of their own
+that redis-py never retries (a retry after a lost reply could run a change twice); reads are
+retried once. Every failed connection is replaced on the next call, so the store heals by
+itself when Redis returns (or, with Sentinel, when a replica was promoted). The event log (a
+Stream) is read by ``redis_events``, whose tail has a client of its own and does not parse the
+events this process appended: it is handed them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-import redis.asyncio as redis_async
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from bs_coordination.errors import CoordinationError, StoreUnavailableError
 from bs_coordination.locktable import TOKEN_COUNTER, Changes, LockRecord, RecordId, Txn
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
+from bs_coordination.stores import redis_url
 from bs_coordination.stores.base import Store, new_lock_key
-from bs_coordination.stores.redis_conn import OrderedConnection
 from bs_coordination.stores.redis_events import RedisEventLog
-from bs_coordination.stores.redis_script import ATTACH, CAS, is_noscript
-from bs_coordination.stores.redis_txn import (
-    Cache,
-    Commit,
-    Snapshot,
-    View,
-    constants,
-    generation,
-)
+from bs_coordination.stores.redis_json import parse_record
+from bs_coordination.stores.redis_script import ATTACH, CAS
+from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +124,8 @@ class _Writer:
 
 
 class RedisStore(Store):
-    """The lock table in Redis. ``RedisStore("redis://host:6379/0")``."""
+    """The lock table in Redis. ``RedisStore("redis://host:6379/0")``; every URL form is in
+    ``redis_url`` (TLS, a Unix socket, Sentinel, ``wait_replicas``)."""
 
     kind = "redis"
 
@@ -149,36 +133,42 @@ class RedisStore(Store):
                  socket_timeout: float = 2.0, connect_timeout: float = 1.0) -> None:
         super().__init__()
         self.keys = rk.KeySpace(prefix)
-        parts = urlsplit(url)
-        # Only host and port ever appear in messages: the URL may carry a password.
-        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        target = redis_url.parse(url)
+        # Only addresses ever appear in messages: the URL may carry a password.
+        self.where = target.where
+        self._password = target.password
+        self._wait_replicas = target.wait_replicas
+        self._wait_timeout_ms = target.wait_timeout_ms
         common: dict[str, Any] = dict(decode_responses=True, protocol=2,
                                       socket_connect_timeout=connect_timeout)
-        # One quick retry, so a request during an outage fails fast instead of after
+        # ``Any``: redis-py types every reply as ``bytes | str``; these clients decode.
+        # Reads: one quick retry, so a request during an outage fails fast instead of after
         # redis-py 8's ten retries.
-        # ``Any``: redis-py types every reply as ``bytes | str``; this client decodes.
-        self._redis: Any = redis_async.Redis.from_url(
-            url, socket_timeout=socket_timeout, **common,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
-        # Lock operations: one pipelined connection; it bounds the wait for a reply itself.
-        self._link = OrderedConnection(url, socket_timeout, connect_timeout)
-        self._url = url
+        self._redis: Any = target.client(
+            socket_timeout=socket_timeout, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+            **common)
+        # Script calls: never retried by redis-py (see the module docstring).
+        self._writes: Any = target.client(socket_timeout=socket_timeout,
+                                          retry=Retry(NoBackoff(), 0), **common)
+        self._cas = self._writes.register_script(CAS)
+        self._attach_script = self._writes.register_script(ATTACH)
         self._max_delay = min(MAX_DELAY, socket_timeout / 2)
-        self._constants = constants(self.keys, MAX_AHEAD, self._max_delay)
         self._cache = Cache()
         self._arrivals = itertools.count()
         # key -> the latest operation of this store that writes it, while it runs.
         self._writers: dict[str, _Writer] = {}
-        self._loading: asyncio.Future[Any] | None = None
         # Redis time = time.monotonic() + offset (a lower bound; see the docstring).
         self._offset = time.time() - time.monotonic()
         self._offset_at = -OFFSET_KEEP
-        self.events = RedisEventLog(self._redis, self.keys.events, url, connect_timeout,
-                                    self.where, self._down)
+
+        def tail_client() -> Any:
+            return target.client(socket_timeout=None, retry=Retry(NoBackoff(), 0), **common)
+
+        self.events = RedisEventLog(self._redis, self.keys.events, tail_client,
+                                    redis_url.close, self.where, self._down)
         # The data generation this store works on (``redis_script.ATTACH``): ``None`` until
         # attached. Every call names it, so a Redis that lost its data is noticed.
         self._epoch: str | None = None
-        self._attach_script = self._redis.register_script(ATTACH)
         self._attaching = asyncio.Lock()
         #: The highest fencing token this process has seen (granted here, or by another
         #: replica in the event log): the token counter never goes below it.
@@ -190,16 +180,13 @@ class RedisStore(Store):
         answers 503 until Redis is reachable, then heals)."""
         try:
             await self.ping()
-            await self._load_script()
             await self._attach(None)
         except StoreUnavailableError as exc:
             log.warning("%s", exc.message)
 
     async def close(self) -> None:
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
-        await self._link.close()
-        await self._redis.aclose()
+        await redis_url.close(self._writes)
+        await redis_url.close(self._redis)
 
     async def ping(self) -> None:
         with self._unavailable():
@@ -214,9 +201,8 @@ class RedisStore(Store):
 
     def _down(self, exc: BaseException) -> StoreUnavailableError:
         text = str(exc)
-        password = urlsplit(self._url).password
-        if password:
-            text = text.replace(password, "***")
+        if self._password:
+            text = text.replace(self._password, "***")
         return StoreUnavailableError(
             f"lock store unavailable: Redis at {self.where}: {type(exc).__name__}: {text}")
 
@@ -248,7 +234,7 @@ class RedisStore(Store):
                 for n in names:
                     pipe.hvals(self.keys.records(n))
                 rows = await pipe.execute()
-        return [LockRecord.from_dict(json.loads(v)) for vals in rows for v in vals]
+        return [parse_record(v) for vals in rows for v in vals]
 
     async def _due(self, now: float, limit: int) -> list[RecordId]:
         with self._unavailable():
@@ -293,8 +279,8 @@ class RedisStore(Store):
                 if epoch is None:
                     await self._attach(None)
                     continue
-                commit = Commit(self.keys, view, changes, now, self._constants,
-                                generation(epoch, self.token_floor))
+                commit = Commit(self.keys, view, changes, now, (MAX_AHEAD, self._max_delay),
+                                epoch, self.token_floor)
                 earlier = self._earlier_writers(seq, commit)
                 if commit.finals:
                     if mine is None:
@@ -312,17 +298,7 @@ class RedisStore(Store):
                     raise StoreUnavailableError(
                         f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
                 attempts += 1
-                try:
-                    reply = await self._link.call(commit.request,
-                                                  partial(self._on_reply, commit))
-                except (RedisError, OSError) as exc:
-                    raise self._down(exc) from None
-                if isinstance(reply, Exception):
-                    if not is_noscript(reply):
-                        raise self._down(reply)
-                    await self._load_script()
-                    snapshot = None
-                    continue
+                reply = await self._call(commit)
                 status = reply[0]
                 if status == "ok":
                     if error is not None:
@@ -348,6 +324,59 @@ class RedisStore(Store):
                 for key in claimed:
                     if self._writers.get(key) is mine:
                         del self._writers[key]
+
+    async def _call(self, commit: Commit) -> list[Any]:
+        """Run ``commit``'s script call (and ``WAIT``, when asked for) and learn from the reply:
+        the cache, the clock offset. Raises ``StoreUnavailableError`` when the outcome is
+        unknown or the change was not confirmed by enough replicas."""
+        acked: int | None = None
+        try:
+            if self._wait_replicas:
+                reply, acked = await self._call_and_wait(commit)
+            else:
+                reply = await self._cas(keys=commit.keys_arg, args=commit.args,
+                                        client=self._writes)
+        except ResponseError as exc:
+            # The script may have stopped part-way (keys it changed have new versions):
+            # forget everything rather than trust what this process computed.
+            self._cache.entries.clear()
+            raise self._down(exc) from None
+        except (RedisError, OSError) as exc:
+            raise self._down(exc) from None
+        status = reply[0]
+        self._observe_time(reply[1], reply[2], reset=status == "clock")
+        as_of = int(reply[1]) * 1_000_000 + int(reply[2])
+        if status == "stale":
+            commit.snapshot = commit.stale(self._cache, reply[3], as_of)
+        elif status == "ok":
+            if commit.ch.counters:
+                commit.bases = [int(b) for b in reply[4]]
+            if reply[3] != "0":
+                commit.done(self._cache, reply[3], commit.bases)
+                if acked is not None and acked < self._wait_replicas:
+                    raise StoreUnavailableError(
+                        f"lock store unavailable: Redis at {self.where}: the change was not "
+                        f"confirmed by {self._wait_replicas} replica(s) within "
+                        f"{self._wait_timeout_ms} ms (it may or may not have been kept)")
+        return list(reply)
+
+    async def _call_and_wait(self, commit: Commit) -> tuple[list[Any], int]:
+        """The script call and ``WAIT`` in one pipeline (one connection, one round trip):
+        ``WAIT`` counts the replicas that have every write of its connection."""
+        for _ in range(2):
+            async with self._writes.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._cas.sha, len(commit.keys_arg), *commit.keys_arg, *commit.args)
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
+                reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):  # a restarted or promoted Redis
+                self._cas.sha = await self._writes.script_load(CAS)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acked, Exception):
+                raise acked
+            return reply, int(acked)
+        raise NoScriptError("the script could not be loaded")
 
     # -- the data generation --------------------------------------------------------------
     async def _attach(self, stale: str | None) -> None:
@@ -402,33 +431,6 @@ class RedisStore(Store):
             if held is not None and held.seq < seq and not held.finished:
                 out.append(held.wait())
         return out
-
-    async def _load_script(self) -> None:
-        """Register ``CAS`` (Redis forgets scripts when it restarts); concurrent callers share
-        one ``SCRIPT LOAD``."""
-        loading = self._loading
-        if loading is None or loading.done():
-            loading = self._loading = asyncio.ensure_future(self._redis.script_load(CAS))
-        with self._unavailable():
-            await asyncio.shield(loading)
-
-    def _on_reply(self, commit: Commit, reply: Any) -> None:
-        """Runs as the reply arrives, in the order Redis ran the calls (``redis_conn``)."""
-        if not isinstance(reply, list):
-            if isinstance(reply, Exception) and not is_noscript(reply):
-                # The script stopped part-way (keys it changed have new versions): forget
-                # everything rather than trust what this process computed.
-                self._cache.entries.clear()
-            return
-        status = reply[0]
-        self._observe_time(reply[1], reply[2], reset=status == "clock")
-        if status == "stale":
-            commit.snapshot = commit.stale(self._cache, reply[3])
-        elif status == "ok":
-            if commit.ch.counters:
-                commit.bases = [int(b) for b in reply[4]]
-            if reply[3] != "0":
-                commit.done(self._cache, reply[3], commit.bases)
 
     # -- event log (redis_events) --------------------------------------------------------
     async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:

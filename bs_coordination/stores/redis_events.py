@@ -3,7 +3,9 @@
 Events are appended by the store's commit (``XADD ... MAXLEN ~``, in the same script call as
 the change); the entry id is the event id, so every replica sees one order. This module only
 reads: ``events_after`` (``XRANGE``, with the trimmed-log check), ``last_event_id`` and
-``tail`` (``XREAD BLOCK`` on a connection of its own, a ``redis_conn`` link).
+``tail`` (``XREAD BLOCK`` on a client of its own, made with ``socket_timeout=None``: redis-py 8
+would otherwise time the blocking read out at 5 s and retry it; TCP keepalive, on by default,
+finds a dead peer).
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import redis.asyncio as redis_async
 
 from redis.exceptions import RedisError, ResponseError
 
 from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores.base import EventGap
-from bs_coordination.stores.redis_codec import parse_event
-from bs_coordination.stores.redis_conn import OrderedConnection
-from bs_coordination.stores.redis_script import pack
+from bs_coordination.stores.redis_json import parse_event
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,18 @@ _EVENT_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 
 
 class RedisEventLog:
-    """Reads the stream ``stream`` through ``client``; ``down`` turns a Redis error into the
-    store's ``StoreUnavailableError``."""
+    """Reads the stream ``stream`` through ``client``; ``tail_client()`` opens the tail's own
+    client and ``close_client`` closes it; ``down`` turns a Redis error into the store's
+    ``StoreUnavailableError``."""
 
-    def __init__(self, client: Any, stream: str, url: str, connect_timeout: float,
+    def __init__(self, client: Any, stream: str,
+                 tail_client: Callable[[], redis_async.Redis],
+                 close_client: Callable[[redis_async.Redis], Awaitable[None]],
                  where: str, down: Callable[[BaseException], StoreUnavailableError]) -> None:
         self._redis = client
         self.stream = stream
-        self._url = url
-        self._connect_timeout = connect_timeout
+        self._tail_client = tail_client
+        self._close_client = close_client
         self._where = where
         self._down = down
         # Events this process appended, oldest first (so in the log's order).
@@ -110,26 +115,21 @@ class RedisEventLog:
         """Every event after ``since`` (after the newest when ``None``), forever. A lost
         connection is retried with backoff, resuming from the last id seen."""
         last = check_id(since) if since is not None else None
-        # A connection of its own (``XREAD BLOCK`` holds it), read as the store's link is: the
-        # tail reads back every event this process appended, so it must cost little per event.
-        # A reply is awaited for at most the block time and a margin, which catches a
-        # half-open connection that would block forever.
-        link = OrderedConnection(self._url, TAIL_BLOCK_MS / 1000 + 10, self._connect_timeout)
+        # A client of its own: ``XREAD BLOCK`` holds its connection.
+        client = self._tail_client()
         delay = 0.1
         try:
             while True:
                 try:
                     if last is None:
                         last = await self.last_event_id() or "0-0"
-                    reply = await link.call(pack([("XREAD", "COUNT", TAIL_BATCH, "BLOCK",
-                                                   TAIL_BLOCK_MS, "STREAMS", self.stream, last)]))
-                    if isinstance(reply, Exception):
-                        raise reply
+                    reply = await client.xread({self.stream: last}, count=TAIL_BATCH,
+                                               block=TAIL_BLOCK_MS)
                 except (RedisError, OSError, StoreUnavailableError) as exc:
                     if delay == 0.1:  # once per outage, not every retry
                         log.warning("event tail: Redis at %s unavailable (%s); retrying",
                                     self._where, type(exc).__name__)
-                    await link.close()
+                    await client.connection_pool.disconnect()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
@@ -142,10 +142,10 @@ class RedisEventLog:
                         last = event_id
                         msg = self._own_message(event_id)
                         if msg is None:
-                            msg = parse_event(event_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+                            msg = parse_event(event_id, fields)
                         yield msg
         finally:
-            await link.close()
+            await self._close_client(client)
 
 
 def check_id(event_id: str) -> str:

@@ -1,18 +1,15 @@
-"""The Redis store's wire: one Lua script, ``CAS``, and plain RESP encoding.
+"""The Redis store's Lua scripts: ``CAS``, the one call of every lock operation, and ``ATTACH``.
 
 ``CAS`` holds no lock logic (that stays in ``locktable``, the one copy every store runs). It
 is a compare-and-swap of a diff the lock table computed in Python: it checks that every key
 the operation read still has the version it read, and only then reserves fencing-token and
 ticket values, runs the write commands, and gives every key it changed a new version, all as
-one atomic command. ``redis`` explains why this shape; ``redis_txn`` builds the calls.
+one atomic command. Both are registered with redis-py (``register_script``: ``EVALSHA``, and
+``SCRIPT LOAD`` again when a restarted or failed-over Redis answers ``NOSCRIPT``).
+``redis`` explains why this shape; ``redis_txn`` builds the calls.
 """
 
 from __future__ import annotations
-
-import hashlib
-from typing import Any
-
-from redis.exceptions import NoScriptError
 
 #: KEYS: first the fixed keys (``KeySpace.fixed``): 1 the version hash, 2 the set of names,
 #:       3 the expiry index, 4 the event stream, 5 the token counter, 6 the ticket counter; then
@@ -159,8 +156,6 @@ end
 return {'ok', t[1], t[2], seq, bases, ids}
 """
 
-CAS_SHA = hashlib.sha1(CAS.encode()).hexdigest()
-
 #: Attach a store to its Redis data: the generation marker ``~epoch`` of the version hash.
 #: KEYS: 1 the version hash, 2 the token counter. ARGV: 1 a new epoch, 2 the token floor.
 #: Returns {epoch, created (1/0)}. When there is no epoch (a new store, or one that lost its
@@ -182,41 +177,3 @@ return {ARGV[1], 1}
 
 #: How many fixed keys come first in every ``CAS`` call's KEYS.
 FIXED_KEYS = 6
-
-
-def bulk(text: str) -> str:
-    """``text`` as a RESP bulk string (the request is encoded to bytes once, as a whole)."""
-    size = len(text) if text.isascii() else len(text.encode())
-    return f"${size}\r\n{text}\r\n"
-
-
-def ascii_bulk(text: str) -> str:
-    """``bulk(text)`` for a text known to be ASCII (a number, a ``redis_codec`` JSON text)."""
-    return f"${len(text)}\r\n{text}\r\n"
-
-
-_SMALL = [bulk(str(i)) for i in range(256)]
-
-
-def index(i: int) -> str:
-    """``bulk(str(i))`` for a whole number (made once for the small ones: key indexes,
-    argument counts)."""
-    return _SMALL[i] if 0 <= i < 256 else bulk(str(i))
-
-
-def pack(commands: list[tuple[Any, ...]]) -> bytes:
-    """RESP encoding of ``commands`` (``str`` and ``int`` arguments; floats must come as text).
-
-    Plain and much cheaper than redis-py's general encoder, which showed up first in profiles.
-    """
-    out: list[str] = []
-    for cmd in commands:
-        out.append(f"*{len(cmd)}\r\n")
-        out.extend(bulk(arg if type(arg) is str else str(arg)) for arg in cmd)
-    return "".join(out).encode()
-
-
-def is_noscript(value: object) -> bool:
-    """The server does not have the script (a restart empties its script cache)."""
-    return isinstance(value, NoScriptError) or (
-        isinstance(value, Exception) and str(value).startswith("NOSCRIPT"))

@@ -4,8 +4,9 @@ one compare-and-swap call (``redis_script.CAS``) that commits it. ``redis`` expl
 ``View`` is the ``TableView`` the lock table runs on. It answers from a ``Snapshot`` (a view of
 Redis at one instant, from the reply of the previous attempt) or else from ``Cache`` (what this
 process saw last, a key never seen guessed absent), and notes every key it answered with the
-version it answered from. ``Commit`` turns that read set and ``txn.changes()`` into one call:
-the checks, the counters to reserve, the write commands, the events; and applies the reply.
+version it answered from. ``Commit`` turns that read set and ``txn.changes()`` into the
+script's KEYS and ARGV (plain strings: redis-py encodes them): the checks, the counters to
+reserve, the write commands, the events; and applies the reply.
 
 Counters are never read. ``View.counter`` answers a *sentinel* base far above any real value,
 so the values an operation hands out are recognisable; where one is written (a record's
@@ -32,21 +33,17 @@ from bs_coordination.locktable import (
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import to_message
-from bs_coordination.stores.redis_codec import (
+from bs_coordination.stores.redis_json import (
     event_json,
-    number,
     parse_record,
     parse_waiter,
-    record_body,
     record_json,
     waiter_json,
 )
-from bs_coordination.stores.redis_script import CAS_SHA, FIXED_KEYS, ascii_bulk, bulk, index
+from bs_coordination.stores.redis_script import FIXED_KEYS
 
 #: Entries in the cache before it is dropped (it is only a guess, never trusted).
 CACHE_LIMIT = 50_000
-#: Record texts remembered before they are dropped (``Cache.bodies``).
-BODIES_LIMIT = 10_000
 
 #: Base of the values ``View.counter`` answers: counter ``c`` (0-based, in ``COUNTERS``) answers
 #: ``SENTINEL + c * SPAN``, so its n-th value this operation is ``SENTINEL + c * SPAN + n``.
@@ -59,6 +56,9 @@ COUNTERS = (TOKEN_COUNTER, TICKET_COUNTER)
 RECORDS = "h:records"
 WAITERS = "h:waiters"
 NAMES = "s:names"
+
+#: Indexes (1-based, as text) of the fixed keys the commands write (``KeySpace.fixed``).
+_NAMES_KEY, _EXPIRY_KEY, _EVENTS_KEY = "2", "3", "4"
 
 #: (version, parsed content); version "" means the key is absent (content empty).
 Entry = tuple[str, Any]
@@ -80,29 +80,23 @@ def parse(shape: str, values: Iterable[str]) -> Any:
     return {r.key_hash: r for r in recs}
 
 
+def _version(text: str) -> int:
+    return int(text) if text else 0
+
+
 class Cache:
     """What this process last saw in Redis, per key: its version and parsed content. Only
-    non-empty keys are kept (a key not here is guessed absent). Updated in the order Redis ran
-    the calls (by the reply reader), so it never goes back in time."""
+    non-empty keys are kept (a key not here is guessed absent). Replies may arrive in any
+    order (several connections), so an entry is replaced only by what Redis held at a later
+    instant (``as_of``, in the versions' unit: Redis time in microseconds)."""
 
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
-        #: id(record) -> (the record, its ``record_body``) for records this process wrote:
-        #: the event of their release (or expiry...) shows them without encoding them again.
-        self.bodies: dict[int, tuple[LockRecord, str]] = {}
 
-    def remember_body(self, rec: LockRecord, body: str) -> None:
-        if len(self.bodies) >= BODIES_LIMIT:  # those of records replaced meanwhile stay
-            self.bodies.clear()
-        self.bodies[id(rec)] = (rec, body)
-
-    def body(self, rec: LockRecord) -> str | None:
-        """``rec``'s body if remembered (forgotten then: a record is written once, and
-        leaves when the lock does)."""
-        known = self.bodies.pop(id(rec), None)
-        return known[1] if known is not None and known[0] is rec else None
-
-    def put(self, key: str, version: str, content: Any) -> None:
+    def put(self, key: str, version: str, content: Any, as_of: int) -> None:
+        old = self.entries.get(key)
+        if old is not None and _version(old[0]) > as_of:
+            return  # this process already saw a later state of the key
         if not version or not content:
             self.entries.pop(key, None)
             return
@@ -175,54 +169,9 @@ def _real(value: int, bases: list[int]) -> int:
     return bases[number] + offset
 
 
-def with_token(rec: LockRecord, token: int) -> LockRecord:
-    """``dataclasses.replace(rec, token=token)``, spelled out: ``replace`` costs several times
-    more, and every grant is patched (a test checks that both agree)."""
-    return LockRecord(rec.device_name, rec.lock_type, rec.user_id, rec.key_hash, token,
-                      rec.acquired_at, rec.expires_at, rec.reason, rec.plan_uid, rec.state,
-                      rec.preempted_by, rec.ack_requested, rec.ack, rec.ack_deadline,
-                      rec.acknowledged_at)
-
-
-_key_bulks: dict[str, str] = {}
-
-
-def _key_bulk(key: str) -> str:
-    """``bulk(key)``, remembered (the same keys come back: a device's records, its names)."""
-    text = _key_bulks.get(key)
-    if text is None:
-        if len(_key_bulks) >= 4096:
-            _key_bulks.clear()
-        text = _key_bulks[key] = bulk(key)
-    return text
-
-
-#: Parts of every call (``redis_script``): fixed texts, encoded once.
-_EVALSHA = bulk("EVALSHA") + bulk(CAS_SHA)
-#: Indexes of the fixed keys in KEYS (``KeySpace.fixed``).
-_NAMES_KEY, _EXPIRY_KEY, _EVENTS_KEY = index(2), index(3), index(4)
-_ZERO = index(0)
-#: Command names with their argument counts.
-_HSET, _HDEL = bulk("HSET") + index(2), bulk("HDEL") + index(1)
-_SADD, _SREM = bulk("SADD") + index(1), bulk("SREM") + index(1)
-_ZADD, _ZREM = bulk("ZADD") + index(2), bulk("ZREM") + index(1)
-_XADD = bulk("XADD") + index(6)
-_XADD_ARGS = "".join(map(bulk, ("MAXLEN", "~", str(rk.EVENTS_MAXLEN), "*", rk.EVENT_FIELD)))
-
-
-def constants(keys: rk.KeySpace, max_ahead: float, max_delay: float) -> tuple[str, str]:
-    """What every call of a store repeats, as RESP: the fixed keys, and ARGV 2 and 3."""
-    return "".join(map(bulk, keys.fixed)), bulk(repr(max_ahead)) + bulk(repr(max_delay))
-
-
-def generation(epoch: str, token_floor: int) -> str:
-    """ARGV 6 and 7 of every ``CAS`` call, as RESP."""
-    return bulk(epoch) + bulk(str(token_floor))
-
-
 class Commit:
-    """The one ``CAS`` call of an attempt: built from what the view read and the changes, as
-    the RESP request itself (``request``)."""
+    """The one ``CAS`` call of an attempt, built from what the view read and the changes:
+    ``keys`` and ``args`` as the script takes them (``redis_script``)."""
 
     #: After a "stale" reply: Redis at the instant the script ran (``stale``).
     snapshot: Snapshot | None = None
@@ -230,36 +179,28 @@ class Commit:
     bases: list[int] = []
 
     def __init__(self, keys: rk.KeySpace, view: View, ch: Changes, now: float,
-                 fixed: tuple[str, str], generation: str) -> None:
-        """``fixed``: the store's ``constants``; ``generation``: ARGV 6 and 7 as RESP (the
-        epoch the store attached to and its token floor: ``generation``)."""
+                 limits: tuple[float, float], epoch: str, token_floor: int) -> None:
+        """``limits``: how far ``now`` may be ahead of and behind Redis ``TIME`` (ARGV 2 and
+        3); ``epoch`` and ``token_floor``: the generation the store attached to and the
+        highest token it saw (ARGV 6 and 7)."""
         self.keys = keys
         self.view = view
         self.ch = ch
         # Versioned keys written: key -> (shape, content after the write, sentinels unfilled).
         self.finals: dict[str, tuple[str, Any]] = {}
-        self._commands: list[str] = []  # RESP of the commands: name + n, key index, arguments
-        self._arguments = 0  # bulk strings in ``_commands``
-        self._bodies: dict[int, str] = {}  # id(record) -> its ``record_body``
+        self._commands: list[str] = []  # name, n, key index, n arguments; for each command
         self._patched: dict[int, LockRecord] = {}  # id(record with a sentinel) -> real
         self._build_writes()
-        self.request = self._encode(now, fixed, generation)
+        self.keys_arg, self.args = self._encode(now, limits, epoch, token_floor)
 
     # -- building ------------------------------------------------------------------------
-    def _add1(self, head: str, key: str, arg: str) -> None:
-        """Append a command of one argument (``head``: its name and argument count; ``key``:
-        the index of its key)."""
-        self._commands += (head, key, bulk(arg))
-        self._arguments += 4
-
-    def _add2(self, head: str, key: str, arg1: str, arg2: str) -> None:
-        """Append a command of two arguments (as ``_add1``)."""
-        self._commands += (head, key, bulk(arg1), bulk(arg2))
-        self._arguments += 5
+    def _add(self, name: str, key: str, *args: str) -> None:
+        """Append a command (``key``: the index of its key in KEYS, as text)."""
+        self._commands += (name, str(len(args)), key, *args)
 
     def _key(self, key: str) -> str:
         """The index of ``key`` (a key this operation read) in KEYS."""
-        return index(self.view.read[key][0])
+        return str(self.view.read[key][0])
 
     def _before(self, key: str, shape: str) -> Any:
         """Content of ``key`` as this operation read it (read now, and so checked, if the lock
@@ -267,13 +208,6 @@ class Commit:
         if key in self.finals:
             return self.finals[key][1]
         return self.view.entry(key, shape)[1]
-
-    def _body(self, rec: LockRecord) -> str:
-        body = self._bodies.get(id(rec))
-        if body is None:
-            body = self.view.cache.body(rec) or record_body(rec, _text(rec.token))
-            self._bodies[id(rec)] = body
-        return body
 
     def _build_writes(self) -> None:
         k, ch = self.keys, self.ch
@@ -287,46 +221,44 @@ class Commit:
             self.finals[key] = (RECORDS, after)
             if had == bool(after):
                 continue
-            head = _SADD if after else _SREM
+            command = "SADD" if after else "SREM"
             for a in ancestors(name):
                 under = k.under(a)
                 names = self._before(under, NAMES)  # a frozenset
                 self.finals[under] = (NAMES, names | {name} if after else names - {name})
-                self._add1(head, self._key(under), name)
-            self._add1(head, _NAMES_KEY, name)
+                self._add(command, self._key(under), name)
+            self._add(command, _NAMES_KEY, name)
         for rid, rec in ch.deletes.items():
             name, key_hash = rid
-            self._add1(_HDEL, self._key(touched[name][0]), key_hash)
+            self._add("HDEL", self._key(touched[name][0]), key_hash)
             self._key_set(k.key_names(key_hash), name, add=False)
             if rec.expires_at is not None:
-                self._add1(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
+                self._add("ZREM", _EXPIRY_KEY, rk.expiry_member(rid))
         for rid, rec in ch.puts.items():
             name, key_hash = rid
-            self._commands += (_HSET, self._key(touched[name][0]), bulk(key_hash),
-                               ascii_bulk(record_json(rec, self._body(rec))))
-            self._arguments += 5
+            self._add("HSET", self._key(touched[name][0]), key_hash,
+                      record_json(rec, _text(rec.token)))
             self._key_set(k.key_names(key_hash), name, add=True)
             if rec.expires_at is not None:
-                self._add2(_ZADD, _EXPIRY_KEY, number(rec.expires_at), rk.expiry_member(rid))
+                self._add("ZADD", _EXPIRY_KEY, repr(rec.expires_at), rk.expiry_member(rid))
             else:
                 old = self.view.entry(touched[name][0], RECORDS)[1].get(key_hash)
                 if old is not None and old.expires_at is not None:
-                    self._add1(_ZREM, _EXPIRY_KEY, rk.expiry_member(rid))
+                    self._add("ZREM", _EXPIRY_KEY, rk.expiry_member(rid))
         if ch.waiters_put or ch.waiters_deleted:
             waiters = dict(self._before(k.waiters, WAITERS))
             for ticket in ch.waiters_deleted:
                 waiters.pop(ticket, None)
                 if ticket < SENTINEL:  # else queued and dropped within this operation
-                    self._add1(_HDEL, self._key(k.waiters), str(ticket))
+                    self._add("HDEL", self._key(k.waiters), str(ticket))
             for ticket, w in ch.waiters_put.items():
                 waiters[ticket] = w
-                self._add2(_HSET, self._key(k.waiters), _text(ticket),
-                           waiter_json(w, _text(ticket)))
+                self._add("HSET", self._key(k.waiters), _text(ticket),
+                          waiter_json(w, _text(ticket)))
             self.finals[k.waiters] = (WAITERS, waiters)
         for event in ch.events:
-            self._commands += (_XADD, _EVENTS_KEY, _XADD_ARGS,
-                               ascii_bulk(event_json(event, self._body(event.record))))
-            self._arguments += 9
+            self._add("XADD", _EVENTS_KEY, "MAXLEN", "~", str(rk.EVENTS_MAXLEN), "*",
+                      rk.EVENT_FIELD, event_json(event, _text(event.record.token)))
 
     def _records(self, touched: dict[str, tuple[str, bool, dict[str, LockRecord]]],
                  name: str) -> dict[str, LockRecord]:
@@ -342,42 +274,37 @@ class Commit:
         if (name in before) == add:
             return  # unchanged: no write, no new version
         self.finals[key] = (NAMES, before | {name} if add else before - {name})
-        self._add1(_SADD if add else _SREM, self._key(key), name)
+        self._add("SADD" if add else "SREM", self._key(key), name)
 
-    def _encode(self, now: float, fixed: tuple[str, str], generation: str) -> bytes:
-        """The ``EVALSHA`` request (see ``redis_script`` for its KEYS and ARGV)."""
+    def _encode(self, now: float, limits: tuple[float, float], epoch: str,
+                token_floor: int) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of the ``CAS`` call (see ``redis_script``)."""
         checks, finals = self.view.read, self.finals
-        fixed_keys, limits = fixed
-        keys = FIXED_KEYS + len(checks)
-        parts = ["", _EVALSHA, index(keys), fixed_keys]
+        keys = [*self.keys.fixed, *checks]
         marks = []
         for key, (_, shape, (version, _)) in checks.items():
-            parts.append(_key_bulk(key))
             final = finals.get(key)
             mark = "-" if final is None else "w" if final[1] else "e"
-            marks.append(f"${len(version) + 2}\r\n{shape[0]}{mark}{version}\r\n")
-        parts += (ascii_bulk(number(now)), limits)
+            marks.append(f"{shape[0]}{mark}{version}")
         counters = self.ch.counters  # how many values of each were used (ARGV 4 and 5)
         token, ticket = counters.get(TOKEN_COUNTER), counters.get(TICKET_COUNTER)
-        parts.append(index(token - SENTINEL) if token is not None else _ZERO)
-        parts.append(index(ticket - (SENTINEL + SPAN)) if ticket is not None else _ZERO)
-        parts.append(generation)
-        parts += marks
-        parts += self._commands
-        parts[0] = f"*{2 + 1 + keys + 7 + len(checks) + self._arguments}\r\n"
-        return "".join(parts).encode()
+        args = [repr(now), repr(limits[0]), repr(limits[1]),
+                str(token - SENTINEL) if token is not None else "0",
+                str(ticket - (SENTINEL + SPAN)) if ticket is not None else "0",
+                epoch, str(token_floor), *marks, *self._commands]
+        return keys, args
 
     # -- the reply -----------------------------------------------------------------------
-    def stale(self, cache: Cache, found: list[Any]) -> Snapshot:
+    def stale(self, cache: Cache, found: list[Any], as_of: int) -> Snapshot:
         """Learn the current content of the keys whose check failed; returns the snapshot of
-        Redis when the script ran (every key checked)."""
+        Redis when the script ran (every key checked) at Redis time ``as_of``."""
         checks = list(self.view.read.items())
         snapshot: Snapshot = {key: entry for key, (_, _, entry) in checks}
         for i in range(0, len(found), 3):
             key, (_, shape, _) = checks[int(found[i]) - 1]
             entry = (str(found[i + 1]), parse(shape, found[i + 2]))
             snapshot[key] = entry
-            cache.put(key, *entry)
+            cache.put(key, *entry, as_of=as_of)
         return snapshot
 
     def patch(self, obj: Any, bases: list[int]) -> Any:
@@ -402,25 +329,19 @@ class Commit:
             return rec
         real = self._patched.get(id(rec))
         if real is None:
-            real = self._patched[id(rec)] = with_token(rec, _real(rec.token, bases))
+            real = self._patched[id(rec)] = replace(rec, token=_real(rec.token, bases))
         return real
 
     def done(self, cache: Cache, version: str, bases: list[int]) -> None:
         """The writes happened: remember every key written at its new version."""
+        as_of = _version(version)
         for key, (shape, content) in self.finals.items():
             if bases and shape == RECORDS:
                 content = {h: self._patch_record(r, bases) for h, r in content.items()}
             elif bases and shape == WAITERS:
                 content = {_real(t, bases): replace(w, ticket=_real(w.ticket, bases))
                            for t, w in content.items()}
-            cache.put(key, version if content else "", content)
-        for rec in self.ch.puts.values():
-            body = self._bodies[id(rec)]
-            if rec.token >= SENTINEL:
-                real = self._patch_record(rec, bases)
-                cache.remember_body(real, body.replace(_hole(rec.token), str(real.token), 1))
-            else:
-                cache.remember_body(rec, body)
+            cache.put(key, version if content else "", content, as_of)
 
     def events(self, ids: list[str], bases: list[int]) -> list[LockUpdateMessage]:
         """The events as appended: with their stream ids and real tokens."""
