@@ -20,7 +20,7 @@ from typing import NoReturn
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 60620
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
-STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+STORE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -67,8 +67,9 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--host", "COORDINATION_HOST", f"interface to listen on (default {DEFAULT_HOST})"),
     ("--port", "COORDINATION_PORT", f"TCP port to listen on, 1..65535 (default {DEFAULT_PORT})"),
     ("--store", "COORDINATION_STORE",
-     "where locks live: 'memory' (default, one process) or a redis://host:port/db URL "
-     "(also selected by COORDINATION_REDIS_URL)"),
+     "where locks live: 'memory' (default, one process), a redis://host:port/db URL "
+     "(also rediss:// with TLS, unix://, or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE"
+     "[/DB]; also selected by COORDINATION_REDIS_URL)"),
     ("--profile-collection", "COORDINATION_PROFILE_COLLECTION",
      "profile collection whose devices are discovered: a directory holding startup/, the "
      "startup directory, a startup script or a startup module name"),
@@ -135,7 +136,8 @@ def _store(where: str, raw: str) -> str:
     value = raw.strip()
     if value in ("memory", "memory://") or value.startswith(STORE_SCHEMES):
         return "memory" if value.startswith("memory") else value
-    raise SettingsError(f"{where}: must be 'memory' or a redis:// URL, got {raw[:80]!r}")
+    raise SettingsError(f"{where}: must be 'memory' or a redis:// (rediss://, unix://, "
+                        f"redis+sentinel://) URL, got {raw[:80]!r}")
 
 
 def _log_level(where: str, raw: str) -> str:

@@ -1,5 +1,6 @@
 """Where the lock table lives: ``memory`` (default, one process) or ``redis://`` (persistent,
-shared by replicas). Both run the same ``locktable`` code."""
+shared by replicas; ``redis+sentinel://`` follows a Sentinel-managed primary). Both run the same
+``locktable`` code."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from bs_coordination.stores.memory import MemoryStore
 
 
 def open_store(url: str = "memory", clock: Clock | None = None) -> Store:
-    """Make the store named by ``url``: ``memory`` or ``redis://host:port/db``.
+    """Make the store named by ``url``: ``memory``, ``redis://host:port/db`` or another form
+    of ``stores.redis_url`` (``rediss://``, ``unix://``, ``redis+sentinel://``).
 
     Raises ``ValueError`` naming the problem for anything else.
     """
     if url in ("", "memory", "memory://"):
         return MemoryStore(clock=clock)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         from bs_coordination.stores.redis import RedisStore
 
         return RedisStore(url)
