@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -34,6 +34,9 @@ from bs_coordination.models import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Seconds a preflight may take beyond the request timeout: its first dry run loads the
+#: profile collection in the service's child process.
+PREFLIGHT_EXTRA_TIME = 60.0
 
 
 def _type_value(lock_type: LockType | str) -> str:
@@ -333,6 +336,21 @@ class DeviceCoordinationClient:
         if status == 200 and isinstance(answer, dict):
             return answer
         raise error_for(status, answer, "device discovery status")
+
+    async def preflight(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """Dry-run a queue item on the service (``POST /api/preflight``): the root devices its
+        plan will touch (``devices``, each with ``source`` ``argument`` or ``dry_run``),
+        ``complete``/``reason``, the locks in its way (``conflicts``) and ``can_start``.
+
+        ``item`` is a plan item as the queue server writes it (``name``, ``args``,
+        ``kwargs``). Raises ``InvalidRequestError`` for an unknown plan or arguments that do
+        not bind, ``ServiceError`` (409) when the service has no profile collection."""
+        status, answer = await self._http.request(
+            "POST", "/api/preflight", json_body={"item": dict(item)},
+            extra_time=PREFLIGHT_EXTRA_TIME)
+        if status == 200 and isinstance(answer, dict):
+            return answer
+        raise error_for(status, answer, "preflight")
 
     async def is_device_locked(self, device_name: str) -> bool:
         """True if an active lock holds the device (or one of its ancestors)."""

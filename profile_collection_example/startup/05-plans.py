@@ -60,3 +60,21 @@ def stage_raster(detectors, x_start=-1.0, x_stop=1.0, x_num=5, y_start=-1.0, y_s
                                         stage.coarse.x, x_start, x_stop, x_num, snake_axes=True))  # noqa: F821
 
     return (yield from inner())
+
+
+def park_and_count(detectors, num=1):
+    """Park the reference axis ``motor2`` at 0, then take ``num`` readings of ``detectors``.
+
+    ``motor2`` comes from the startup code, not from the arguments: a queue item names only the
+    detectors, yet the plan moves ``motor2`` (its lock is taken when the plan touches it).
+    ``bs-coordination preflight`` finds it by a dry run, before the plan is started.
+
+    Parameters
+    ----------
+    detectors : list of ophyd devices
+        What to read.
+    num : int
+        Number of readings.
+    """
+    yield from bps.mv(motor2, 0)  # noqa: F821
+    return (yield from bp.count(detectors, num=num))

@@ -1,0 +1,175 @@
+"""``POST /api/preflight`` through a live service whose dry runs run in a real child process
+loading a real profile collection: the devices a plan will touch (also those of the startup
+namespace it takes no argument for), the locks in their way, and plans a dry run cannot finish
+(adaptive, hanging, raising, crashing) answered without harm to the service."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ISSUE_ITEM = {"name": "scan", "args": [["det1"], "motor1", -1, 1, 5], "kwargs": {}}
+
+
+async def preflight(api: httpx.AsyncClient, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    r = await api.post("/api/preflight", json={"item": {"name": name, "args": list(args),
+                                                        "kwargs": kwargs}})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def sources(answer: dict[str, Any]) -> dict[str, str]:
+    return {d["device_name"]: d["source"] for d in answer["devices"]}
+
+
+async def lock(api: httpx.AsyncClient, device: str, lock_type: str, user: str,
+               reason: str | None = None) -> str:
+    r = await api.post("/api/lock/request", json={
+        "device_name": device, "lock_type": lock_type, "user_id": user, "reason": reason,
+        "timeout": 60})
+    assert r.status_code == 200, r.text
+    return str(r.json()["lock_key"])
+
+
+async def release(api: httpx.AsyncClient, key: str) -> None:
+    r = await api.post("/api/lock/release", json={"lock_key": key})
+    assert r.status_code == 200, r.text
+
+
+async def test_a_startup_namespace_device_is_predicted_and_maintenance_on_it_blocks(api_of):
+    api = api_of()
+    r = await api.post("/api/preflight", json={"item": ISSUE_ITEM})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert sources(answer) == {"det1": "argument", "motor1": "argument"}
+    assert answer["complete"] is True and answer["reason"] is None
+    assert answer["conflicts"] == [] and answer["can_start"] is True
+
+    # park_and_count names only the detector; it moves motor2 of the startup code.
+    answer = await preflight(api, "park_and_count", ["det1"])
+    assert sources(answer) == {"det1": "argument", "motor2": "dry_run"}
+    assert "set" in {d["device_name"]: d for d in answer["devices"]}["motor2"]["commands"]
+    assert answer["complete"] is True and answer["can_start"] is True
+
+    key = await lock(api, "motor2", "MAINTENANCE", "bob", reason="bake-out of the axis")
+    operator = await lock(api, "det1", "MANUAL_OPERATOR", "carol")  # preempted by the plan
+    answer = await preflight(api, "park_and_count", ["det1"])
+    assert answer["can_start"] is False
+    assert len(answer["conflicts"]) == 1
+    conflict = answer["conflicts"][0]
+    assert conflict["device_name"] == "motor2"
+    assert conflict["lock"]["user_id"] == "bob"
+    assert conflict["lock"]["lock_type"] == "MAINTENANCE"
+    assert conflict["lock"]["reason"] == "bake-out of the axis"
+    assert "lock_key" not in conflict["lock"]
+
+    await release(api, key)
+    answer = await preflight(api, "park_and_count", ["det1"])
+    assert answer["conflicts"] == [] and answer["can_start"] is True
+    await release(api, operator)
+
+    # An equal-priority holder (another plan running) is in the way too; so is a lock on a
+    # component of a predicted device (stage_raster moves stage.coarse.x from the namespace).
+    running = await lock(api, "det1", "QUEUE_EXECUTING", "queue_server", reason="plan 1")
+    part = await lock(api, "stage.coarse.x", "MAINTENANCE", "bob", reason="encoder swap")
+    answer = await preflight(api, "stage_raster", ["det1"], x_num=2, y_num=2)
+    assert sources(answer) == {"det1": "argument", "stage": "dry_run"}
+    held = {(c["device_name"], c["lock"]["device_name"], c["lock"]["user_id"])
+            for c in answer["conflicts"]}
+    assert held == {("det1", "det1", "queue_server"), ("stage", "stage.coarse.x", "bob")}
+    assert answer["can_start"] is False
+    await release(api, running)
+    await release(api, part)
+
+
+async def test_adaptive_plans_are_incomplete_and_keep_their_argument_devices(api_of,
+                                                                            test_collection):
+    api = api_of(test_collection)
+    answer = await preflight(api, "adaptive_count", ["det1"], "motor1")
+    assert answer["complete"] is False
+    assert answer["incomplete"] == "needs_readings"
+    assert "adaptive" in answer["reason"] and "det1" in answer["reason"]
+    assert sources(answer) == {"det1": "argument", "motor1": "argument"}
+
+    answer = await preflight(api, "adaptive_rd", ["det2"])
+    assert answer["complete"] is False and answer["incomplete"] == "needs_readings"
+    assert "det2" in answer["reason"] and "bps.rd" in answer["reason"]
+    assert sources(answer)["det2"] == "argument"
+
+
+async def test_plans_that_hang_raise_or_crash_do_not_harm_the_service(api_of, test_collection):
+    api = api_of(test_collection, preflight_timeout=1.0)
+    answer = await preflight(api, "raising_plan", ["det1"])
+    assert answer["complete"] is False and answer["incomplete"] == "exception"
+    assert "RuntimeError: the beam is down" in answer["reason"]
+    assert sources(answer) == {"det1": "argument", "motor1": "dry_run"}
+
+    # A dry run that hangs: the service answers other requests meanwhile, and the dry run is
+    # stopped at its time limit; the same child serves the next dry run.
+    hanging = asyncio.create_task(preflight(api, "hanging_plan", ["det2"]))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    r = await api.get("/api/locks/status")
+    assert r.status_code == 200 and time.monotonic() - started < 0.5
+    answer = await hanging
+    assert answer["complete"] is False and answer["incomplete"] == "time_limit"
+    assert "time limit of 1 s" in answer["reason"]
+    assert sources(answer) == {"det2": "argument", "motor1": "dry_run"}
+    assert (await preflight(api, "count", ["det1"]))["complete"] is True
+
+    # One that cannot be interrupted is killed; one that ends its process ends only that.
+    answer = await preflight(api, "stubborn_plan", ["det2"])
+    assert answer["complete"] is False and answer["incomplete"] == "time_limit"
+    assert "killed" in answer["reason"]
+    assert sources(answer) == {"det2": "argument"}
+    answer = await preflight(api, "crashing_plan", ["det1"])
+    assert answer["complete"] is False and answer["incomplete"] == "exception"
+    assert "exit code 3" in answer["reason"]
+    assert sources(answer) == {"det1": "argument"}
+    answer = await preflight(api, "park_and_count", ["det1"])
+    assert answer["complete"] is True and sources(answer)["motor2"] == "dry_run"
+    assert (await api.get("/api/health/live")).status_code == 200
+
+
+async def test_refusals_name_the_problem_and_change_nothing(api_of):
+    api = api_of()
+    cases = [
+        ({"name": "scna", "args": [["det1"], "motor1", -1, 1, 5]}, "scna"),
+        ({"name": "count", "args": [["det1"]], "kwargs": {"nonsense": 1}}, "nonsense"),
+        ({"name": "count", "args": [["det1"]], "item_type": "instruction"}, "item_type"),
+    ]
+    for item, named in cases:
+        r = await api.post("/api/preflight", json={"item": item})
+        assert r.status_code == 422, r.text
+        assert named in r.json()["message"]
+    r = await api.post("/api/preflight", json={"name": "count"})
+    assert r.status_code == 422 and "item" in r.json()["message"]
+    assert (await api.get("/api/locks/status")).json()["locks"] == []
+    r = await api.post("/api/preflight", json={"item": ISSUE_ITEM})
+    assert r.status_code == 200, r.text  # the child is fine after refusals
+
+    bare = api_of(None)
+    r = await bare.post("/api/preflight", json={"item": ISSUE_ITEM})
+    assert r.status_code == 409
+    assert "--profile-collection" in r.json()["message"]
+
+
+async def test_with_api_keys_preflight_needs_a_key_and_the_read_role_suffices(api_of,
+                                                                             tmp_path: Path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"api_keys": [{
+        "principal": "viewer", "roles": ["read"],
+        "key_sha256": hashlib.sha256(b"read-key").hexdigest()}]}))
+    api = api_of(api_keys=str(keys))
+    r = await api.post("/api/preflight", json={"item": ISSUE_ITEM})
+    assert r.status_code == 401
+    r = await api.post("/api/preflight", json={"item": ISSUE_ITEM},
+                       headers={"Authorization": "ApiKey read-key"})
+    assert r.status_code == 200, r.text
+    assert sources(r.json()) == {"det1": "argument", "motor1": "argument"}
