@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from bs_coordination.errors import StoreUnavailableError
 from bs_coordination.stores import Store, open_store
 
 from .auth import install_auth
@@ -28,6 +29,7 @@ from .hub import EventHub
 from .limits import install_limits
 from .logfilter import install_query_filter
 from .metrics import install_metrics
+from .outage import StoreOutage
 from .routes import device_config, events, health, locks
 from .tasks import stop
 from .ws import router as ws_router
@@ -37,17 +39,29 @@ log = logging.getLogger(__name__)
 #: How often expired leases are swept; ``expired`` events follow expiry within about this.
 SWEEP_SECONDS = 0.2
 
-async def sweep_forever(store: Store, interval: float = SWEEP_SECONDS) -> None:
-    """Expire leases that ran out, forever; an error is logged and the sweep goes on."""
+async def sweep_forever(store: Store, interval: float = SWEEP_SECONDS,
+                        outage: StoreOutage | None = None) -> None:
+    """Expire leases that ran out, forever; an error is logged and the sweep goes on.
+
+    With ``outage``, an unavailable store is reported there (once per outage, see
+    ``outage.py``) and a sweep that works again ends the outage."""
     failing = False
     while True:
         try:
             await store.sweep()
+            if outage is not None:
+                outage.recovered()
             if failing:
                 log.info("expiry sweep works again")
             failing = False
         except asyncio.CancelledError:
             raise
+        except StoreUnavailableError as exc:
+            if outage is not None:
+                outage.failed(exc.message)
+            elif not failing:
+                log.warning("expiry sweep failed; retrying: %s", exc.message)
+                failing = True
         except Exception:
             if not failing:  # one warning per outage, not five per second
                 log.warning("expiry sweep failed; retrying", exc_info=True)
@@ -67,7 +81,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_query_filter()  # again: a server may have reconfigured logging meanwhile
-        st = store if store is not None else open_store(settings.store)
+        st = store if store is not None else open_store(settings.store,
+                                                        timeout=settings.store_timeout)
         st.preempt_ack_timeout = settings.preempt_ack_timeout
         await st.start()
         hub = EventHub(settings.ws_queue_size)
@@ -75,7 +90,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         app.state.hub = hub
         st.add_data_loss_listener(hub.store_lost)
         hub.start(st)
-        sweeper = asyncio.create_task(sweep_forever(st), name="bs-coordination-sweeper")
+        sweeper = asyncio.create_task(sweep_forever(st, outage=app.state.store_outage),
+                                      name="bs-coordination-sweeper")
         app.state.devices.start()  # in the background: locking works while it runs
         log.info("lock service ready (store: %s)", st.kind)
         try:
@@ -96,6 +112,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.store_outage = StoreOutage()
     app.state.devices = DeviceRegistry(DiscoveryConfig.from_settings(settings))
     install_handlers(app)
     # Middleware added later wraps what was added before: CORS (answers preflights), then the

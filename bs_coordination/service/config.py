@@ -32,6 +32,12 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_PREEMPT_ACK_TIMEOUT = 2.0
 #: Longest acknowledgement deadline accepted: a dead holder must never hold maintenance long.
 MAX_PREEMPT_ACK_TIMEOUT = 60.0
+#: Seconds a lock operation waits for the store's (Redis's) reply before answering 503.
+DEFAULT_STORE_TIMEOUT = 2.0
+#: Seconds the readiness probe waits for the store before answering 503.
+DEFAULT_READY_TIMEOUT = 2.0
+#: Longest store or readiness timeout accepted: a hung store must be reported, not waited on.
+MAX_STORE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -56,6 +62,10 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Seconds a preemptor's answer waits for the displaced holders' acknowledgement.
     preempt_ack_timeout: float = DEFAULT_PREEMPT_ACK_TIMEOUT
+    #: Seconds a lock operation waits for a reply from the store (Redis) before answering 503.
+    store_timeout: float = DEFAULT_STORE_TIMEOUT
+    #: Seconds the readiness probe waits for the store before answering 503.
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
 
 
 class SettingsError(ValueError):
@@ -95,6 +105,14 @@ _OPTIONS: list[tuple[str, str, str]] = [
      "seconds a preempting request waits for the displaced holders to acknowledge that they "
      f"stopped using the device, 0 < s <= {MAX_PREEMPT_ACK_TIMEOUT:g} "
      f"(default {DEFAULT_PREEMPT_ACK_TIMEOUT:g})"),
+    ("--store-timeout", "COORDINATION_STORE_TIMEOUT",
+     "seconds to wait for a reply from the store (Redis) before answering 503: with Redis "
+     "hung, a lock request answers within about this, a status within about twice this, "
+     f"0 < s <= {MAX_STORE_TIMEOUT:g} (default {DEFAULT_STORE_TIMEOUT:g}; an unreachable Redis "
+     "that refuses connections is answered at once)"),
+    ("--ready-timeout", "COORDINATION_READY_TIMEOUT",
+     "seconds the readiness probe (/api/health/ready) waits for the store before answering "
+     f"503, 0 < s <= {MAX_STORE_TIMEOUT:g} (default {DEFAULT_READY_TIMEOUT:g})"),
 ]
 
 
@@ -187,6 +205,17 @@ def _ack_timeout(where: str, raw: str) -> float:
     return value
 
 
+def _store_timeout(where: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_STORE_TIMEOUT:
+        raise SettingsError(f"{where}: must be a number of seconds > 0 and <= "
+                            f"{MAX_STORE_TIMEOUT:g}, got {raw!r}")
+    return value
+
+
 def _flag(where: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -260,6 +289,10 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
         s.max_body_bytes = _queue_size(*v)  # any positive integer
     if (v := pick("--preempt-ack-timeout", "COORDINATION_PREEMPT_ACK_TIMEOUT")) is not None:
         s.preempt_ack_timeout = _ack_timeout(*v)
+    if (v := pick("--store-timeout", "COORDINATION_STORE_TIMEOUT")) is not None:
+        s.store_timeout = _store_timeout(*v)
+    if (v := pick("--ready-timeout", "COORDINATION_READY_TIMEOUT")) is not None:
+        s.ready_timeout = _store_timeout(*v)
     return s
 
 

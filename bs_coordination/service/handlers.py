@@ -100,8 +100,13 @@ async def _on_http(request: Request, exc: Exception) -> Response:
 async def _on_coordination(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CoordinationError)
     if isinstance(exc, StoreUnavailableError):
-        log.warning("store unavailable during %s %s: %s", request.method, request.url.path,
-                    exc.message)
+        # Said once per outage and then counted (outage.py), not once per request.
+        outage = getattr(request.app.state, "store_outage", None)
+        if outage is not None:
+            outage.failed(exc.message, refused=f"{request.method} {request.url.path}")
+        else:
+            log.warning("store unavailable during %s %s: %s", request.method,
+                        request.url.path, exc.message)
     conflicts = exc.conflicts if isinstance(exc, LockConflictError) else []
     detail = None
     if isinstance(exc, InvalidRequestError):

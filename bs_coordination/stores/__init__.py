@@ -8,10 +8,13 @@ from bs_coordination.stores.base import Clock, EventGap, Grant, ManualClock, Sto
 from bs_coordination.stores.memory import MemoryStore
 
 
-def open_store(url: str = "memory", clock: Clock | None = None) -> Store:
+def open_store(url: str = "memory", clock: Clock | None = None, *,
+               timeout: float | None = None) -> Store:
     """Make the store named by ``url``: ``memory``, ``redis://host:port/db`` or another form
     of ``stores.redis_url`` (``rediss://``, ``unix://``, ``redis+sentinel://``).
 
+    ``timeout``: seconds to wait for a reply from Redis before an operation fails with
+    ``StoreUnavailableError`` (the Redis store's default when ``None``; no effect on memory).
     Raises ``ValueError`` naming the problem for anything else.
     """
     if url in ("", "memory", "memory://"):
@@ -19,7 +22,9 @@ def open_store(url: str = "memory", clock: Clock | None = None) -> Store:
     if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         from bs_coordination.stores.redis import RedisStore
 
-        return RedisStore(url)
+        if timeout is None:
+            return RedisStore(url)
+        return RedisStore(url, socket_timeout=timeout, connect_timeout=min(1.0, timeout))
     raise ValueError(f"store: {url!r} is neither 'memory' nor a redis:// URL")
 
 

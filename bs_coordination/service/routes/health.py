@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from bs_coordination.errors import CoordinationError
 
-from ..deps import StoreDep
+from ..deps import SettingsDep, StoreDep
 from .device_config import RegistryDep
 
 router = APIRouter(prefix="/api/health", tags=["health"])
@@ -39,14 +40,28 @@ async def live() -> Live:
     summary="Readiness: the lock store answers and the first device discovery has finished "
     "(with --strict-devices: a device list is loaded)",
 )
-async def ready(store: StoreDep, devices: RegistryDep) -> Ready | JSONResponse:
+async def ready(request: Request, store: StoreDep, devices: RegistryDep,
+                settings: SettingsDep) -> Ready | JSONResponse:
+    """503 within ``--ready-timeout`` seconds (default 2) when the store does not answer."""
+    outage = getattr(request.app.state, "store_outage", None)
+    reason: str | None
     try:
-        await store.ping()
+        await asyncio.wait_for(store.ping(), settings.ready_timeout)
+    except asyncio.TimeoutError:
+        reason = (f"lock store unavailable: no answer within {settings.ready_timeout:g} s "
+                  "(--ready-timeout)")
     except CoordinationError as exc:
-        body = Ready(status="not ready", store=store.kind, reason=exc.message)
-        return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
+        reason = exc.message
     except Exception as exc:  # a probe answers, whatever went wrong
-        body = Ready(status="not ready", store=store.kind, reason=f"{type(exc).__name__}: {exc}")
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        reason = None
+        if outage is not None:
+            outage.recovered()
+    if reason is not None:
+        if outage is not None:
+            outage.failed(reason)
+        body = Ready(status="not ready", store=store.kind, reason=reason)
         return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     if not devices.ready:
         body = Ready(status="not ready", store=store.kind,
