@@ -1,0 +1,488 @@
+"""The optimistic transaction engine every networked store runs the lock table on.
+
+A networked store keeps the lock table in a key-value service that can compare versions and
+write several keys atomically (etcd's ``Txn``; a Redis script or ``WATCH``/``MULTI``). This
+module holds everything about running ``locktable`` on such a service that does not depend
+on which service it is; a store supplies a ``Backend`` with two calls and gets the rest.
+
+**Keys.** The table is a handful of *logical keys*, each holding one value as text:
+
+============================ =====================================================
+``r:<device name>``           the records on exactly that name (JSON list, oldest first)
+``u:<device name>``           names strictly below it that hold records (JSON list)
+``k:<key hash>``              names holding a record under that lock key (JSON list)
+``w``                         the wait queue (JSON list of waiters)
+``c:<counter>``               a counter: ``token`` (fencing), ``ticket``, ``event``
+============================ =====================================================
+
+A backend maps a logical key to its own key (etcd: ``<prefix>/<logical key>``) and gives
+each stored value a *version* that changes whenever the value does (etcd: the key's
+``mod_revision``; ``ABSENT`` (0) when the key does not exist).
+
+**An operation** (``Engine.run(op)``; ``op`` is a function of a ``locktable.Txn``):
+
+1. *read*: the lock table runs on a ``TableView`` answered from a snapshot of the backend
+   (the previous attempt's reply) or else from this process's cache of what it last saw (a
+   key never seen is guessed absent); every key read is noted with the version it was read at;
+2. *run the rules*: ``op(txn)`` returns a result or raises a ``CoordinationError`` (refused);
+3. *commit*: ``Backend.commit`` writes the changed keys, the events and the expiry index
+   **only if every key read still has the version it was read at**, atomically;
+4. *on a conflict* the backend answers with the current value of the keys it checked (read
+   at the same instant as the checks), and the operation runs again on that (bounded
+   attempts). A refusal is confirmed by a commit of its checks alone, unless every key it
+   read came from the snapshot of this attempt (then it was true at that instant, during the
+   request, and no call is needed).
+
+**Group commit.** Operations that arrive while a commit is in flight wait for it and then run
+together, one after the other on the same view (each sees what the earlier ones wrote), and
+commit in one ``Backend.commit``. So one process has at most one commit in flight, the fencing
+and event counters (read and checked like any key, since a key-value service cannot fill them
+in) never make two operations of one process conflict, and N concurrent requests cost one round
+trip. Operations of other processes are met by the version checks.
+
+**Counters** never go back: ``Engine.floor`` holds, per counter, a value the stored counter is
+never taken below (a store raises the token floor to every token it saw, so a store that lost
+its data continues above them). **Events** are numbered by the ``event`` counter in the same
+commit; the backend stores them under those numbers and names their ids.
+
+**Time** is the store's: ``clock()`` is called once per attempt (see the store's docstring for
+where its time comes from).
+
+A backend implements ``Backend``: ``read(keys)`` (a consistent snapshot) and ``commit(commit)``
+(``Outcome``), raising ``StoreUnavailableError`` when the service cannot be used (the operations
+of that batch fail with it; nothing is known to be written) or ``Restart`` to make the engine
+drop its cache and run the batch again (e.g. after it re-attached to a table that was lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bs_coordination.errors import CoordinationError, StoreUnavailableError
+from bs_coordination.locktable import (
+    TOKEN_COUNTER,
+    Changes,
+    Event,
+    LockRecord,
+    Txn,
+    Waiter,
+    ancestors,
+)
+from bs_coordination.models import LockUpdateMessage
+from bs_coordination.stores.base import to_message
+
+log = logging.getLogger(__name__)
+
+#: The version of a key that does not exist.
+ABSENT = 0
+#: Attempts of one batch before its operations fail as "store busy".
+MAX_ATTEMPTS = 32
+#: Operations committed together at most.
+MAX_BATCH = 64
+#: Keys one commit checks at most, and keys it writes (with events and expiry index) at most,
+#: unless one operation alone needs more (etcd refuses a transaction of more than 128
+#: operations by default; a backend may pass its own limit).
+MAX_OPS = 100
+#: Cache entries before the cache is dropped (it is only a guess, never trusted).
+CACHE_LIMIT = 50_000
+EVENT_COUNTER = "event"
+
+#: (version, text or None when absent), as a backend stores it.
+Stored = tuple[Any, str | None]
+
+
+def records_key(name: str) -> str:
+    return f"r:{name}"
+
+
+def under_key(name: str) -> str:
+    return f"u:{name}"
+
+
+def key_names_key(key_hash: str) -> str:
+    return f"k:{key_hash}"
+
+
+WAITERS_KEY = "w"
+
+
+def counter_key(name: str) -> str:
+    return f"c:{name}"
+
+
+# -- values as text --------------------------------------------------------------------------
+
+def decode(key: str, text: str | None) -> Any:
+    """The parsed value of a logical key (its empty value when absent)."""
+    kind = key[0]
+    if kind == "r":
+        return {} if text is None else {r.key_hash: r for r in map(LockRecord.from_dict, json.loads(text))}
+    if kind in "uk":
+        return frozenset() if text is None else frozenset(json.loads(text))
+    if kind == "w":
+        return {} if text is None else {w.ticket: w for w in map(Waiter.from_dict, json.loads(text))}
+    return 0 if text is None else int(text)
+
+
+def encode(key: str, value: Any) -> str | None:
+    """The text of a logical key's value; ``None`` (delete the key) when it is empty."""
+    if not value:
+        return None
+    kind = key[0]
+    if kind == "r":
+        return json.dumps([r.to_dict() for r in value.values()], separators=(",", ":"))
+    if kind in "uk":
+        return json.dumps(sorted(value), separators=(",", ":"))
+    if kind == "w":
+        return json.dumps([w.to_dict() for w in value.values()], separators=(",", ":"))
+    return str(value)
+
+
+# -- the backend interface --------------------------------------------------------------------
+
+@dataclass
+class Commit:
+    """One atomic write, conditional on ``checks``."""
+
+    #: logical key -> the version it was read at (``ABSENT``: it must not exist).
+    checks: dict[str, Any]
+    #: logical key -> its new text, ``None`` to delete it.
+    writes: dict[str, str | None]
+    #: (event number, event), to append to the log.
+    events: list[tuple[int, Event]]
+    #: (device name, key hash, expires_at before, expires_at after) for each record whose
+    #: lease end changed (``None``: none, or no record): the expiry index to update.
+    expiry: list[tuple[str, str, float | None, float | None]]
+    #: What each operation of the batch was (the tag given to ``Engine.run``), in the order
+    #: they ran: for logs and tests.
+    tags: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """A backend's answer to ``commit``: written (``ok``) or not (a check failed)."""
+
+    ok: bool
+    #: When ok: logical key -> the new version of each key written (deleted keys: ABSENT).
+    versions: dict[str, Any] = field(default_factory=dict)
+    #: When ok: the id of each event, in order.
+    event_ids: list[str] = field(default_factory=list)
+    #: When not ok: the current value of every checked key, read at one instant.
+    snapshot: dict[str, Stored] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    async def read(self, keys: Collection[str]) -> dict[str, Stored]:
+        """The current version and text of ``keys``, all at one instant (linearizable)."""
+
+    async def commit(self, commit: Commit) -> Outcome:
+        """Write ``commit`` atomically if every check holds; else answer a snapshot."""
+
+
+class Restart(Exception):
+    """Raised by a backend: drop the cache and run the batch again."""
+
+
+# -- the view the lock table runs on -------------------------------------------------------
+
+class _BatchView:
+    """A ``TableView`` over the batch's writes, then the snapshot, then the cache. Notes the
+    version of every key it answered from the backend's state (``read``)."""
+
+    def __init__(self, engine: Engine, snapshot: dict[str, tuple[Any, Any]]) -> None:
+        self.engine = engine
+        self.snapshot = snapshot
+        self.read: dict[str, tuple[Any, Any]] = {}  # key -> (version, value) as first read
+        self.written: dict[str, Any] = {}  # key -> value written by an earlier operation
+        self.fresh = True  # every key read came from ``snapshot``
+
+    def value(self, key: str) -> Any:
+        if key in self.written:
+            return self.written[key]
+        seen = self.read.get(key)
+        if seen is None:
+            seen = self.snapshot.get(key)
+            if seen is None:
+                self.fresh = False
+                seen = self.engine.cache.get(key) or (ABSENT, decode(key, None))
+            self.read[key] = seen
+        return seen[1]
+
+    def records_at(self, name: str) -> Iterable[LockRecord]:
+        recs: dict[str, LockRecord] = self.value(records_key(name))
+        return recs.values()
+
+    def names_under(self, name: str) -> Iterable[str]:
+        names: frozenset[str] = self.value(under_key(name))
+        return names
+
+    def names_of_key(self, key_hash: str) -> Iterable[str]:
+        names: frozenset[str] = self.value(key_names_key(key_hash))
+        return names
+
+    def waiters(self) -> Iterable[Waiter]:
+        waiters: dict[int, Waiter] = self.value(WAITERS_KEY)
+        return waiters.values()
+
+    def counter(self, name: str) -> int:
+        value: int = self.value(counter_key(name))
+        return max(value, self.engine.floor.get(name, 0))
+
+    # -- applying an operation's changes (as the memory store does) -------------------------
+    def _set(self, key: str, value: Any) -> None:
+        self.written[key] = value
+
+    def apply(self, ch: Changes) -> list[tuple[int, Event]]:
+        for (name, key_hash) in ch.deletes:
+            recs = self.value(records_key(name))
+            if key_hash not in recs:
+                continue
+            recs = {k: r for k, r in recs.items() if k != key_hash}
+            self._set(records_key(name), recs)
+            if not recs:
+                for a in ancestors(name):
+                    self._set(under_key(a), self.value(under_key(a)) - {name})
+            self._set(key_names_key(key_hash), self.value(key_names_key(key_hash)) - {name})
+        for (name, key_hash), rec in ch.puts.items():
+            recs = dict(self.value(records_key(name)))
+            if not recs:
+                for a in ancestors(name):
+                    self._set(under_key(a), self.value(under_key(a)) | {name})
+            recs[key_hash] = rec
+            self._set(records_key(name), recs)
+            names = self.value(key_names_key(key_hash))
+            if name not in names:
+                self._set(key_names_key(key_hash), names | {name})
+        if ch.waiters_put or ch.waiters_deleted:
+            waiters = {t: w for t, w in self.value(WAITERS_KEY).items() if t not in ch.waiters_deleted}
+            waiters.update(ch.waiters_put)
+            self._set(WAITERS_KEY, waiters)
+        for name, value in ch.counters.items():
+            self.value(counter_key(name))  # a counter written is checked too
+            self._set(counter_key(name), value)
+        if not ch.events:
+            return []
+        base = self.counter(EVENT_COUNTER)
+        self._set(counter_key(EVENT_COUNTER), base + len(ch.events))
+        return [(base + 1 + i, e) for i, e in enumerate(ch.events)]
+
+    def commit(self, events: list[tuple[int, Event]], tags: list[Any]) -> Commit:
+        writes = {}
+        expiry = []
+        for key, value in self.written.items():
+            writes[key] = encode(key, value)
+            if key[0] == "r":
+                before: dict[str, LockRecord] = self.read[key][1]
+                for key_hash in before.keys() | value.keys():
+                    old, new = before.get(key_hash), value.get(key_hash)
+                    old_exp = None if old is None else old.expires_at
+                    new_exp = None if new is None else new.expires_at
+                    if old_exp != new_exp:
+                        expiry.append((key[2:], key_hash, old_exp, new_exp))
+        checks = {key: seen[0] for key, seen in self.read.items()}
+        return Commit(checks, writes, events, expiry, tags)
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+@dataclass
+class _Op:
+    fn: Callable[[Txn], Any]
+    actor: str | None
+    tag: Any
+    future: asyncio.Future[tuple[Any, list[LockUpdateMessage]]]
+
+
+@dataclass
+class _Done:
+    op: _Op
+    result: Any
+    error: BaseException | None
+    numbered: list[tuple[int, Event]]
+
+
+class Engine:
+    """Runs lock-table operations on a ``Backend`` (see the module docstring).
+
+    ``clock()``: the store's time; ``on_commit(messages)``: called after every commit that
+    appended events (the store wakes its waiters, remembers tokens)."""
+
+    def __init__(self, backend: Backend, clock: Callable[[], float],
+                 on_commit: Callable[[list[LockUpdateMessage]], None] | None = None,
+                 max_ops: int = MAX_OPS) -> None:
+        self.backend = backend
+        self.max_ops = max_ops
+        self.clock = clock
+        self.on_commit = on_commit
+        #: logical key -> (version, parsed value): what this process last saw.
+        self.cache: dict[str, tuple[Any, Any]] = {}
+        #: counter -> a value it is never taken below.
+        self.floor: dict[str, int] = {}
+        self._queue: list[_Op] = []
+        self._drainer: asyncio.Task[None] | None = None
+        #: Commits sent and operations committed (for benchmarks and logs).
+        self.commits = 0
+        self.operations = 0
+
+    async def run(self, fn: Callable[[Txn], Any], actor: str | None = None,
+                  tag: Any = None) -> tuple[Any, list[LockUpdateMessage]]:
+        """Run ``fn`` on the table; its result and the events it appended (with ids)."""
+        future: asyncio.Future[tuple[Any, list[LockUpdateMessage]]] = (
+            asyncio.get_running_loop().create_future())
+        self._queue.append(_Op(fn, actor, tag, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def close(self) -> None:
+        """Stop; operations still queued fail with ``StoreUnavailableError``."""
+        if self._drainer is not None and not self._drainer.done():
+            self._drainer.cancel()
+            try:
+                await self._drainer
+            except asyncio.CancelledError:
+                pass
+        self._fail(self._queue, StoreUnavailableError("lock store closed"))
+        self._queue.clear()
+
+    def forget(self) -> None:
+        """Drop the cache (the stored table was replaced)."""
+        self.cache.clear()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            batch = [op for op in batch if not op.future.done()]  # cancelled callers
+            try:
+                rest = await self._commit(batch)
+            except StoreUnavailableError as exc:
+                self._fail(batch, exc)
+                continue
+            except asyncio.CancelledError:
+                self._fail(batch, StoreUnavailableError("lock store closed"))
+                raise
+            except Exception as exc:  # a bug: never leave a caller waiting
+                log.exception("transaction engine failed")
+                self._fail(batch, exc)
+                continue
+            self._queue[:0] = rest  # left out of a commit that would have been too large
+
+    @staticmethod
+    def _fail(ops: list[_Op], exc: BaseException) -> None:
+        for op in ops:
+            if not op.future.done():
+                # each caller its own exception (a traceback is added to where it is raised)
+                one = StoreUnavailableError(exc.message) if isinstance(exc, StoreUnavailableError) else exc
+                op.future.set_exception(one)
+
+    def _too_large(self, view: _BatchView, events: int) -> bool:
+        """Whether a commit of ``view`` could pass the backend's limits (``max_ops``): the
+        checks, and the writes with the event log and the expiry index (two per record key)."""
+        records = sum(1 for key in view.written if key[0] == "r")
+        return (len(view.read) > self.max_ops
+                or len(view.written) + events + 2 * records > self.max_ops)
+
+    async def _commit(self, batch: list[_Op]) -> list[_Op]:
+        """Run ``batch`` until one commit of it holds; returns the operations left out."""
+        snapshot: dict[str, tuple[Any, Any]] = {}
+        attempts = 0
+        while True:
+            if attempts == MAX_ATTEMPTS:
+                raise StoreUnavailableError(
+                    f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
+            attempts += 1
+            view = _BatchView(self, snapshot)
+            now = self.clock()
+            done: list[_Done] = []
+            events: list[tuple[int, Event]] = []
+            unsure = False
+            rest: list[_Op] = []
+            for i, op in enumerate(batch):
+                written_before = dict(view.written)
+                txn = Txn(view, now, op.actor)
+                error: BaseException | None = None
+                result: Any = None
+                numbered: list[tuple[int, Event]] = []
+                try:
+                    result = op.fn(txn)
+                    numbered = view.apply(txn.changes())
+                except CoordinationError as exc:
+                    error = exc
+                except Exception as exc:
+                    if not view.fresh:  # maybe an artefact of a guessed view: read for real
+                        unsure = True
+                        break
+                    error = exc
+                if i and self._too_large(view, len(events) + len(numbered)):
+                    view.written = written_before  # this one goes with the next commit
+                    batch, rest = batch[:i], batch[i:]
+                    break
+                done.append(_Done(op, result, error, numbered))
+                events.extend(numbered)
+            if unsure:
+                snapshot = self._parse(await self.backend.read(list(view.read.keys() | snapshot.keys())))
+                continue
+            if not view.written and view.fresh:
+                self._settle(done, {})  # decided on one snapshot taken during the requests
+                return rest
+            commit = view.commit(events, [d.op.tag for d in done])
+            try:
+                outcome = await self.backend.commit(commit)
+            except Restart:
+                self.forget()
+                snapshot = {}
+                continue
+            self.commits += 1
+            if not outcome.ok:
+                snapshot = self._parse(outcome.snapshot)
+                self.cache.update(snapshot)
+                if attempts >= 3:
+                    await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempts - 3), 0.05)))
+                continue
+            for key, value in view.written.items():
+                self._remember(key, outcome.versions.get(key, ABSENT), value)
+            ids = dict(zip((n for n, _ in events), outcome.event_ids, strict=True))
+            self.operations += len(done)
+            messages = self._settle(done, ids)
+            if messages and self.on_commit is not None:
+                self.on_commit(messages)
+            return rest
+
+    @staticmethod
+    def _settle(done: list[_Done], ids: dict[int, str]) -> list[LockUpdateMessage]:
+        every: list[LockUpdateMessage] = []
+        for d in done:
+            if d.op.future.done():
+                continue
+            if d.error is not None:
+                d.op.future.set_exception(d.error)
+                continue
+            messages = [to_message(e, ids[n]) for n, e in d.numbered]
+            every.extend(messages)
+            d.op.future.set_result((d.result, messages))
+        return every
+
+    def _parse(self, stored: dict[str, Stored]) -> dict[str, tuple[Any, Any]]:
+        return {key: (version, decode(key, text)) for key, (version, text) in stored.items()}
+
+    def _remember(self, key: str, version: Any, value: Any) -> None:
+        if version == ABSENT or not value:
+            self.cache.pop(key, None)
+            return
+        if len(self.cache) >= CACHE_LIMIT and key not in self.cache:
+            self.cache.clear()
+        self.cache[key] = (version, value)
+
+    def saw_token(self, token: int) -> None:
+        """A fencing token handed out (here or elsewhere): the counter stays above it."""
+        if token > self.floor.get(TOKEN_COUNTER, 0):
+            self.floor[TOKEN_COUNTER] = token
+
+
+__all__ = ["ABSENT", "Backend", "Commit", "Engine", "Outcome", "Restart", "Stored", "decode", "encode"]
