@@ -19,6 +19,12 @@ what ``bluesky-queueserver-api`` itself uses (``wait_for_idle``).
   root device (``stage``), which is what the RunEngine plugin locks. Known names come from the
   lock service's ``/api/device-config/devices`` when it has discovered a profile collection,
   else from the RE Manager's ``devices_existing``.
+- Predicted devices: when the service has a profile collection, each waiting item is also
+  dry-run there once (``POST /api/preflight``, asked again only if the item changes), and the
+  devices the dry run finds are reserved too: a device of the startup code that the plan
+  moves without naming it in its arguments. Without a collection (409), for a plan the
+  service does not know (422) or while the service cannot be asked, the argument devices
+  alone are reserved.
 - An item that leaves the queue (removed, or the queue cleared) drops its reservations.
 - The running item keeps its reservations untouched: its plan's ``QUEUE_EXECUTING`` locks
   (sent with ``plan_uid`` = the item uid by the plugin) *consume* them (event ``consumed``), so
@@ -45,6 +51,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bs_coordination._predictions import Predictions
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.errors import CoordinationError, LockNotFoundError
 from bs_coordination.models import LockType, names_overlap
@@ -147,7 +154,7 @@ class QueueReservations:
     def __init__(self, manager: Any, client: DeviceCoordinationClient, *,
                  user_id: str = DEFAULT_USER, lease: float = 60.0, interval: float = 0.5,
                  retry: float = 2.0, known_devices: Iterable[str] | None = None,
-                 devices_refresh: float = 30.0) -> None:
+                 devices_refresh: float = 30.0, preflight: bool = True) -> None:
         if lease <= 0:
             raise ValueError("lease must be > 0")
         self.manager = manager
@@ -164,6 +171,9 @@ class QueueReservations:
         self._renewed: dict[str, float] = {}  # lock key -> monotonic time of grant/renewal
         self._refused: dict[str, float] = {}  # item uid -> when its last request was refused
         self._queue_uid: str | None = None
+        #: Dry runs through the service's preflight (``preflight=False``: argument names only).
+        self.preflight = preflight
+        self._predictions = Predictions(client, retry_unavailable=devices_refresh)
         #: Completed ``sync()`` steps (tests wait on it).
         self.syncs = 0
 
@@ -184,6 +194,8 @@ class QueueReservations:
             self._queue_uid = queue_uid
             self._refused.clear()  # the queue changed: try every item again now
         wanted = reservations_for(items, await self.known_devices())
+        if self.preflight:
+            await self._predictions.add(items, wanted)
         await self._drop(wanted, running_uid)
         await self._renew()
         await self._acquire(wanted)

@@ -30,7 +30,7 @@ from .limits import install_limits
 from .logfilter import install_query_filter
 from .metrics import install_metrics
 from .outage import StoreOutage
-from .routes import device_config, events, health, locks
+from .routes import device_config, events, health, locks, preflight
 from .tasks import stop
 from .ws import router as ws_router
 
@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(device_config.router)
+    app.include_router(preflight.router)
     app.include_router(ws_router)
     app.include_router(dashboard_router)
     install_docs(app)

@@ -54,6 +54,8 @@ class Settings:
     discovery: str = "auto"
     #: Seconds one discovery may take before its child process is killed.
     discovery_timeout: float = 60.0
+    #: Seconds one preflight dry run may take (``POST /api/preflight``).
+    preflight_timeout: float = 10.0
     #: Path of the API-key file; ``None`` leaves authentication off.
     api_keys: str | None = None
     log_level: str = "INFO"
@@ -88,6 +90,8 @@ _OPTIONS: list[tuple[str, str, str]] = [
      "existing_plans_and_devices.yaml when it has one, else run its startup code), yaml, load"),
     ("--discovery-timeout", "COORDINATION_DISCOVERY_TIMEOUT",
      "seconds one discovery may take before its process is killed (default 60)"),
+    ("--preflight-timeout", "COORDINATION_PREFLIGHT_TIMEOUT",
+     "seconds one preflight dry run of a plan may take before it is stopped (default 10)"),
     ("--strict-devices", "COORDINATION_STRICT_DEVICES",
      "refuse device names the profile collection does not define (404)"),
     ("--api-keys", "COORDINATION_API_KEYS",
@@ -271,6 +275,8 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
         s.discovery = v[1].strip().lower()
     if (v := pick("--discovery-timeout", "COORDINATION_DISCOVERY_TIMEOUT")) is not None:
         s.discovery_timeout = _seconds(*v)
+    if (v := pick("--preflight-timeout", "COORDINATION_PREFLIGHT_TIMEOUT")) is not None:
+        s.preflight_timeout = _seconds(*v)
     if args.get("strict_devices"):
         s.strict_devices = True
     elif environ.get("COORDINATION_STRICT_DEVICES") is not None:
