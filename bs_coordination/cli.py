@@ -8,6 +8,7 @@
     bs-coordination release --key "$KEY"         # every device of the key
     bs-coordination watch                        # live lock events until Ctrl-C
     bs-coordination watch --count 0              # the current locks, then exit
+    bs-coordination preflight --queue            # the devices waiting plans will touch, who holds them
 
 Every subcommand but ``serve`` talks to the service at ``--url`` through the client library
 (``DeviceCoordinationClient``: the same requests, the same error texts); it never imports the
@@ -52,6 +53,7 @@ from bs_coordination._cli._errors import (
     EXIT_USAGE,
     CliError,
 )
+from bs_coordination._cli._preflight import register as register_preflight
 from bs_coordination._cli._watch import cmd_watch
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.epics.cli import register as register_epics
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_devices)
 
     register_epics(sub, common)  # epics-bridge, epics-acf (bs_coordination/epics/cli.py)
+    register_preflight(sub, common)  # preflight (bs_coordination/_cli/_preflight.py)
     return parser
 
 
