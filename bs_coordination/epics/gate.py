@@ -19,6 +19,12 @@ ophyd's clients use). ::
     gate.wait(["m1"], timeout=30)          # from any thread
     await gate.wait_async(["m1"], timeout=30)  # from an event loop (never blocks it)
     gate.close()
+
+With the RunEngine plugin, ``gate.attach(install(RE, ...))`` makes the RunEngine wait for the
+gate each time it resumes after a suspension, before it replays the plan from its checkpoint:
+for the devices (among the gate's ``devices``) that were preempted meanwhile, and, after a
+lost event stream, until the bridge's PVs of the gate's devices are valid again. A gate that
+times out fails the plan with its ``TimeoutError`` (the IOC would refuse its writes anyway).
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ log = logging.getLogger(__name__)
 QUEUE_WRITABLE = frozenset({FREE, LockType.QUEUE_EXECUTING.priority, LockType.QUEUE_QUEUED.priority})
 
 _NAMES = {t.priority: t.value for t in LockType}
+
+#: The RunEngine command that runs when a suspension ends, before the plan is replayed.
+_RESUME_COMMAND = "_resume_from_suspender"
+#: Attribute of the gate's wrapper naming the command it wraps.
+_ORIGINAL = "_bs_coordination_resume_gate_original"
 
 
 @dataclass
@@ -71,11 +82,15 @@ class ResumeGate:
     device to PV or record names on the IOC whose write access to check as well."""
 
     def __init__(self, prefix: str, *, user_id: str | None = None,
+                 devices: Sequence[str] | None = None,
                  records: Mapping[str, Sequence[str]] | None = None,
                  client_name: str | None = None, timeout: float = 60.0) -> None:
         self.prefix = prefix
         self.user_id = user_id
         self.records = {device: list(names) for device, names in (records or {}).items()}
+        #: The devices whose writes the IOCs enforce (served by the bridge): what ``attach``
+        #: waits for. Default: the devices of ``records``.
+        self.devices = frozenset(check_epics_device_name(d) for d in (devices or self.records))
         self.client_name = client_name or getpass.getuser()
         self.timeout = timeout
         self._context: Context | None = None
@@ -83,13 +98,19 @@ class ResumeGate:
         self._readings: dict[str, _Reading] = {}
         self._changed = threading.Condition()
         self._subscriptions: list[Any] = []
+        self._pending: set[str] = set()  # preempted since the last resume (attach)
+        self._was_offline = False  # the event stream was lost since the last resume (attach)
+        self._pending_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<ResumeGate prefix={self.prefix!r} user={self.client_name!r}>"
 
     # -- waiting -----------------------------------------------------------------------------
-    def wait(self, devices: Sequence[str], timeout: float | None = None) -> None:
-        """Block until the queue account may write every device (see the module docstring).
+    def wait(self, devices: Sequence[str], timeout: float | None = None, *,
+             valid_only: bool = False) -> None:
+        """Block until the queue account may write every device (see the module docstring);
+        with ``valid_only``, only until the bridge's PVs of the devices are connected and not
+        INVALID (whoever holds them).
 
         Raises ``TimeoutError`` after ``timeout`` seconds (default: the gate's), naming what
         still blocks; ``ValueError`` for a device name the bridge cannot serve."""
@@ -100,7 +121,7 @@ class ResumeGate:
         self._watch(devices)
         with self._changed:
             while True:
-                blocked = self.blocked(devices)
+                blocked = self.blocked(devices, valid_only=valid_only)
                 if not blocked:
                     return
                 left = deadline - time.monotonic()
@@ -109,21 +130,29 @@ class ResumeGate:
                                        f"{limit:g} s: {'; '.join(blocked)}")
                 self._changed.wait(min(left, 0.5))
 
-    async def wait_async(self, devices: Sequence[str], timeout: float | None = None) -> None:
+    async def wait_async(self, devices: Sequence[str], timeout: float | None = None, *,
+                         valid_only: bool = False) -> None:
         """``wait`` from an event loop, in a worker thread (the loop keeps running)."""
-        await asyncio.get_running_loop().run_in_executor(None, self.wait, list(devices), timeout)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: self.wait(list(devices), timeout,
+                                                           valid_only=valid_only))
 
     def __call__(self, devices: Sequence[str]) -> Any:
         """A resume gate for ``install(RE, resume_gate=...)``: ``wait_async(devices)``."""
         return self.wait_async(devices)
 
-    def blocked(self, devices: Sequence[str]) -> list[str]:
+    def blocked(self, devices: Sequence[str], *, valid_only: bool = False) -> list[str]:
         """What keeps the queue from writing each device now ([] when nothing does)."""
         reasons = []
         for device in devices:
             lock = self._readings.get(lock_pv(self.prefix, device), _Reading())
             holder = self._readings.get(holder_pv(self.prefix, device), _Reading())
             holder_text = holder.value if isinstance(holder.value, str) else None
+            if valid_only:
+                if lock.value is None or lock.severity is None \
+                        or lock.severity >= AlarmSeverity.INVALID_ALARM:
+                    reasons.append(f"{device}: {self._describe(device, lock, holder_text)}")
+                continue
             if not lock_permits_queue(lock.value, lock.severity, holder_text, self.user_id):
                 reasons.append(f"{device}: {self._describe(device, lock, holder_text)}")
                 continue
@@ -143,6 +172,71 @@ class ResumeGate:
         what = _NAMES.get(lock.value, str(lock.value))
         return f"LOCK {lock.value} ({what}) held by {holder!r}"
 
+    # -- the RunEngine plugin ------------------------------------------------------------------
+    def attach(self, handle: Any) -> None:
+        """Make the RunEngine of ``handle`` (what ``install(RE, ...)`` returned) wait for this
+        gate whenever it resumes a plan after a suspension (see the module docstring).
+
+        The plugin's coordinator tells the gate which devices were preempted
+        (``add_preemption_listener``). The wait runs in the RunEngine's
+        ``_resume_from_suspender`` command, which the RunEngine runs once every suspender has
+        cleared and before it replays the plan from its checkpoint: the gate wraps that
+        command (bluesky has no public hook there; ``install`` leaves it alone). After a pause
+        (``RE.resume()``) it runs as the coordinator's resume hook. Call ``attach`` again after
+        every ``install`` on the RunEngine; ``detach`` undoes it.
+        """
+        coordinator = handle.coordinator
+        coordinator.add_preemption_listener(self._on_preemption)
+        coordinator.add_resume_hook(self.before_resume)
+        self.detach(handle.RE)
+        registry = getattr(handle.RE, "_command_registry", None)
+        original = registry.get(_RESUME_COMMAND) if isinstance(registry, dict) else None
+        if original is None:
+            raise RuntimeError(f"this RunEngine has no {_RESUME_COMMAND!r} command to wrap "
+                               "(bluesky 1.15 has it)")
+
+        async def resume_from_suspender(msg: Any) -> Any:
+            await self.before_resume()
+            return await original(msg)
+
+        setattr(resume_from_suspender, _ORIGINAL, original)
+        handle.RE.register_command(_RESUME_COMMAND, resume_from_suspender)
+
+    @staticmethod
+    def detach(RE: Any) -> None:
+        """Give ``RE`` its own ``_resume_from_suspender`` command back (no-op if no gate is
+        attached)."""
+        registry = getattr(RE, "_command_registry", None)
+        command = registry.get(_RESUME_COMMAND) if isinstance(registry, dict) else None
+        original = getattr(command, _ORIGINAL, None)
+        if original is not None:
+            RE.register_command(_RESUME_COMMAND, original)
+
+    def _on_preemption(self, preempted: Mapping[str, Any], offline: str | None) -> None:
+        """The plugin's client thread: the plan's preempted locks and the offline reason."""
+        with self._pending_lock:
+            self._pending.update(d for d in (n.split(".", 1)[0] for n in preempted)
+                                 if d in self.devices)
+            self._was_offline = self._was_offline or offline is not None
+
+    async def before_resume(self) -> None:
+        """On the RunEngine loop as it resumes: wait until the IOCs let the queue write the
+        devices preempted meanwhile (and, after a lost event stream, until the bridge's PVs
+        are valid again)."""
+        with self._pending_lock:
+            pending, was_offline = sorted(self._pending), self._was_offline
+        if was_offline and self.devices:
+            log.info("the RunEngine resumes after a lost event stream: waiting for the "
+                     "bridge's lock PVs to be valid")
+            await self.wait_async(sorted(self.devices), valid_only=True)
+        if pending:
+            log.info("the RunEngine resumes: waiting until the IOCs let %r write %s",
+                     self.client_name, ", ".join(pending))
+            await self.wait_async(pending)
+        with self._pending_lock:
+            self._pending.difference_update(pending)
+            self._was_offline = self._was_offline and not was_offline
+
     # -- Channel Access ----------------------------------------------------------------------
     def _watch(self, devices: Sequence[str]) -> None:
         """Connect (once) to the PVs of ``devices`` and follow them."""
@@ -157,7 +251,7 @@ class ResumeGate:
             self._context = Context(client_name=self.client_name)
         pvs = self._context.get_pvs(*new, timeout=2.0, connection_state_callback=self._on_state,
                                     access_rights_callback=self._on_rights)
-        for name, pv in zip(new, pvs):
+        for name, pv in zip(new, pvs, strict=True):
             self._pvs[name] = pv
             if name.endswith((":LOCK", ":HOLDER")):
                 self._readings.setdefault(name, _Reading())

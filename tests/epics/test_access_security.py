@@ -113,7 +113,7 @@ def test_service_lost_and_back(service_process, ioc_factory, bridge_factory, ca_
                "the bridge follows the restarted service")
     assert alice.read(f"{PREFIX}m1:LOCK") == -1
     assert alice.read(f"{PREFIX}m1:HOLDER") == ""
-    wait_until(lambda: alice.can_write(M1) and queue.can_write(M1), 2,
-               "the IOC's rules follow the bridge again")
+    wait_until(lambda: alice.can_write(M1) and queue.can_write(M1) and alice.can_write("TST:m2"),
+               2, "the IOC's rules follow the bridge again")
     assert queue.write(M1, 6.0) == 6.0
     assert alice.write("TST:m2", 7.0) == 7.0
