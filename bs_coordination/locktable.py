@@ -417,8 +417,9 @@ def describe(rec: LockRecord | DeviceLock) -> str:
 
 # -- operations --------------------------------------------------------------------------
 
-def _expire_overlapping(txn: Txn, names: Iterable[str]) -> None:
-    """Remove (with an ``expired`` event) the expired records touching ``names``."""
+def _drop_expired(txn: Txn, names: Iterable[str]) -> list[str]:
+    """Remove (with an ``expired`` event) the expired records touching ``names``; returns
+    their names."""
     gone = []
     for n in names:
         for r in txn.overlapping(n, include_expired=True):
@@ -426,6 +427,13 @@ def _expire_overlapping(txn: Txn, names: Iterable[str]) -> None:
                 txn.delete(r)
                 txn.emit(LockAction.EXPIRED, r)
                 gone.append(r.device_name)
+    return gone
+
+
+def _expire_overlapping(txn: Txn, names: Iterable[str]) -> None:
+    """Remove (with an ``expired`` event) the expired records touching ``names``, then
+    restore what waited under them."""
+    gone = _drop_expired(txn, names)
     if gone:
         settle(txn, gone)
 
@@ -446,6 +454,10 @@ def settle(txn: Txn, names: Iterable[str]) -> None:
         cur = txn.get(cand.device_name, cand.key_hash)
         if cur is None or cur.active or not cur.live(txn.now):
             continue
+        # A lock that outranked it and has run out (but was not among the records this
+        # operation was asked to expire) goes first, with its ``expired`` event: the event
+        # stream must never show the restored lock beside a higher one still active.
+        _drop_expired(txn, [cur.device_name])
         outranked = any(
             o.key_hash != cur.key_hash and (o.priority < cur.priority or o.active)
             for o in txn.overlapping(cur.device_name)
