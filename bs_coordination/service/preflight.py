@@ -194,6 +194,8 @@ class PreflightRunner:
         """The running child; started (or restarted for a new device list) when needed."""
         loaded_at = self._loaded_at()
         w = self._worker
+        if w is not None and w.catalog_at is None:
+            w.catalog_at = loaded_at  # started before the first discovery ended: same code
         if w is not None and (w.proc.returncode is not None or w.catalog_at != loaded_at):
             await self._stop()
         if self._worker is None:
