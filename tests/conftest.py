@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import itertools
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ import uvicorn
 from bs_coordination.service import create_app
 from bs_coordination.service.config import Settings
 from bs_coordination.stores import Store
+from etcd_nodes import EtcdCluster, etcd_cluster
 
 #: How long a service may take to start or stop.
 SERVER_START_SECONDS = 15.0
@@ -178,6 +180,23 @@ def service_factory() -> Iterator[ServiceFactory]:
 def live_service(service_factory: ServiceFactory) -> LiveService:
     """The lock service on the memory store, fresh for each test."""
     return service_factory("memory")
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdCluster]:
+    """One private single-node etcd for the session (``etcd_nodes``); tests keep apart by key
+    prefix (``etcd_url``). Skipped without etcd, failed when CI requires it."""
+    with etcd_cluster(1) as cluster:
+        yield cluster
+
+
+_etcd_prefixes = itertools.count()
+
+
+@pytest.fixture
+def etcd_url(etcd_server: EtcdCluster) -> str:
+    """``etcd://127.0.0.1:PORT/<a key prefix of this test's own>`` on the session's etcd."""
+    return f"{etcd_server.url}/test{next(_etcd_prefixes)}-{time.time_ns()}"
 
 
 @pytest.fixture(params=STORE_PARAMS)

@@ -20,7 +20,7 @@ from typing import NoReturn
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 60620
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
-STORE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+STORE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "etcd://")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -81,7 +81,8 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--store", "COORDINATION_STORE",
      "where locks live: 'memory' (default, one process), a redis://host:port/db URL "
      "(also rediss:// with TLS, unix://, or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE"
-     "[/DB]; also selected by COORDINATION_REDIS_URL)"),
+     "[/DB]; also selected by COORDINATION_REDIS_URL), or an etcd v3 cluster: "
+     "etcd://HOST:PORT[,HOST:PORT...][/KEY_PREFIX]"),
     ("--profile-collection", "COORDINATION_PROFILE_COLLECTION",
      "profile collection whose devices are discovered: a directory holding startup/, the "
      "startup directory, a startup script or a startup module name"),
@@ -156,10 +157,18 @@ def _port(where: str, raw: str) -> int:
 
 def _store(where: str, raw: str) -> str:
     value = raw.strip()
+    if value.startswith("etcd://"):
+        from bs_coordination.stores.etcd import parse_url
+
+        try:
+            parse_url(value)
+        except ValueError as exc:
+            raise SettingsError(f"{where}: {exc}") from None
+        return value
     if value in ("memory", "memory://") or value.startswith(STORE_SCHEMES):
         return "memory" if value.startswith("memory") else value
-    raise SettingsError(f"{where}: must be 'memory' or a redis:// (rediss://, unix://, "
-                        f"redis+sentinel://) URL, got {raw[:80]!r}")
+    raise SettingsError(f"{where}: must be 'memory', a redis:// (rediss://, unix://, "
+                        f"redis+sentinel://) URL or an etcd:// URL, got {raw[:80]!r}")
 
 
 def _log_level(where: str, raw: str) -> str:

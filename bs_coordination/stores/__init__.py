@@ -1,6 +1,6 @@
 """Where the lock table lives: ``memory`` (default, one process) or ``redis://`` (persistent,
-shared by replicas; ``redis+sentinel://`` follows a Sentinel-managed primary). Both run the same
-``locktable`` code."""
+shared by replicas; ``redis+sentinel://`` follows a Sentinel-managed primary) or ``etcd://``
+(Raft-replicated, no lost lock across a failover). All run the same ``locktable`` code."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from bs_coordination.stores.memory import MemoryStore
 def open_store(url: str = "memory", clock: Clock | None = None, *,
                timeout: float | None = None) -> Store:
     """Make the store named by ``url``: ``memory``, ``redis://host:port/db`` or another form
-    of ``stores.redis_url`` (``rediss://``, ``unix://``, ``redis+sentinel://``).
+    of ``stores.redis_url`` (``rediss://``, ``unix://``, ``redis+sentinel://``), or
+    ``etcd://HOST:PORT[,HOST:PORT...][/KEY_PREFIX]`` (``stores.etcd``).
 
     ``timeout``: seconds to wait for a reply from Redis before an operation fails with
     ``StoreUnavailableError`` (the Redis store's default when ``None``; no effect on memory).
@@ -25,7 +26,11 @@ def open_store(url: str = "memory", clock: Clock | None = None, *,
         if timeout is None:
             return RedisStore(url)
         return RedisStore(url, socket_timeout=timeout, connect_timeout=min(1.0, timeout))
-    raise ValueError(f"store: {url!r} is neither 'memory' nor a redis:// URL")
+    if url.startswith("etcd://"):
+        from bs_coordination.stores.etcd import EtcdStore
+
+        return EtcdStore(url) if timeout is None else EtcdStore(url, timeout=timeout)
+    raise ValueError(f"store: {url!r} is neither 'memory' nor a redis:// or etcd:// URL")
 
 
 __all__ = ["Clock", "EventGap", "Grant", "ManualClock", "MemoryStore", "Store", "SystemClock", "open_store"]

@@ -1,0 +1,435 @@
+"""The etcd store: the lock table in etcd v3, for sites that need no lost lock across a failover.
+
+``--store etcd://HOST:PORT[,HOST:PORT...][/KEY_PREFIX]`` (default prefix ``bs-coordination``).
+etcd replicates every write through Raft before it answers, so an acknowledged lock survives
+the loss of any minority of members, leader included; reads are linearizable.
+
+**Transactions** run on the shared engine (``stores/txn.py``): a logical key ``K`` is the etcd
+key ``<prefix>/t/K``, its version the key's ``mod_revision``; a commit is one etcd ``Txn``
+whose compares are ``mod_revision == version read`` for every key read, whose success branch
+writes the keys, the events and the expiry index, and whose failure branch reads back every
+compared key (the snapshot the engine runs the operation again on), at the same revision.
+
+**Time.** etcd has no clock a client can read (no ``TIME``), so the store's time is this
+replica's system clock, never going back, under a check that makes every replica agree within
+``MAX_CLOCK_SKEW`` (0.5 s): every commit writes the time it used to ``<prefix>/clock`` and only
+commits if the time found there is less than its own time plus the bound. A replica whose clock
+is behind another's by more than that is refused (503 "clock behind", logged) rather than
+deciding leases on a wrong clock; replicas kept by NTP are within milliseconds. Leases stay
+the lock table's ``expires_at``; etcd leases are not used (the lock table decides expiry, and
+a lease would end a lock at a time of etcd's choosing, without an event).
+
+**Events** are kept in order in etcd: every commit that appends events writes one key
+``<prefix>/e/<number of its last event, 20 digits>`` holding them; numbers come from the
+``event`` counter in the same commit, ids are ``<epoch>-<number>`` (``epoch``: when this table
+was created, in ms, so a new table's ids sort after a lost one's). The tail reads the log from
+its position, then watches ``<prefix>/e/`` from the revision of that read: a client of replica
+B sees locks taken through replica A, in order. The sweep trims the log to ``event_log_size``.
+
+**Fencing tokens** come from the ``token`` counter, written in the commit that hands them out.
+``<prefix>/meta`` holds the table's generation, and every commit compares it: a prefix that was
+deleted, or a cluster rebuilt empty, is noticed at the next commit (or sweep), reported through
+``Store.data_lost``, and a new table starts its token counter above every token this replica saw
+and above the clock in microseconds, so tokens never go back.
+
+**Failing closed**: a request etcd could not serve, or whose outcome is unknown, raises
+``StoreUnavailableError`` (503), naming host:port only. The next request tries again (another
+member first after a failure), so the store heals by itself when etcd has a leader again.
+
+Keep etcd's history compacted (``--auto-compaction-mode=revision
+--auto-compaction-retention=10000`` or a periodic retention): every lock operation is a revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
+from bs_coordination.locktable import TOKEN_COUNTER, Event, LockRecord, RecordId, Txn
+from bs_coordination.models import LockAction, LockUpdateMessage
+from bs_coordination.stores.base import EventGap, Store, to_message
+from bs_coordination.stores.etcd_client import EtcdClient, EtcdUnavailable, b64, prefix_end, unb64
+from bs_coordination.stores.txn import ABSENT, EVENT_COUNTER, Commit, Engine, Outcome, Restart, Stored
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "bs-coordination"
+#: How far apart the replicas' clocks may be (seconds); see the module docstring.
+MAX_CLOCK_SKEW = 0.5
+DEFAULT_EVENT_LOG_SIZE = 10_000
+#: Seconds a request to etcd is awaited at most.
+TIMEOUT = 2.0
+
+
+def parse_url(url: str) -> tuple[list[tuple[str, int]], str]:
+    """``etcd://h1:p1,h2:p2/prefix`` -> endpoints and key prefix; ``ValueError`` naming the
+    problem."""
+    if not url.startswith("etcd://"):
+        raise ValueError(f"store: {url[:80]!r} is not an etcd:// URL")
+    rest = url[len("etcd://"):]
+    hosts, _, prefix = rest.partition("/")
+    endpoints = []
+    for part in hosts.split(","):
+        parsed = urlsplit(f"//{part}")
+        try:
+            port = parsed.port or 2379
+        except ValueError:
+            raise ValueError(f"store: etcd endpoint {part[:80]!r} has no valid port") from None
+        if not parsed.hostname or parsed.password is not None or parsed.username is not None:
+            raise ValueError(f"store: etcd endpoint {part[:80]!r} is not HOST:PORT")
+        endpoints.append((parsed.hostname, port))
+    prefix = prefix.strip("/") or DEFAULT_PREFIX
+    return endpoints, prefix
+
+
+def _micros(t: float) -> str:
+    return f"{int(t * 1_000_000):020d}"
+
+
+def _event_json(n: int, e: Event) -> list[Any]:
+    return [n, e.action.value, e.record.to_dict(), e.timestamp, e.actor]
+
+
+class EtcdStore(Store):
+    """The lock table in etcd. ``EtcdStore("etcd://127.0.0.1:2379")``."""
+
+    kind = "etcd"
+
+    def __init__(self, url: str, *, timeout: float = TIMEOUT,
+                 event_log_size: int = DEFAULT_EVENT_LOG_SIZE,
+                 max_clock_skew: float = MAX_CLOCK_SKEW) -> None:
+        super().__init__()
+        endpoints, prefix = parse_url(url)
+        self.client = EtcdClient(endpoints, timeout=timeout)
+        self.where = self.client.where
+        self.prefix = prefix + "/"
+        self.event_log_size = event_log_size
+        self.max_clock_skew = max_clock_skew
+        self._last_now = 0.0
+        self.engine = Engine(self, self._clock, on_commit=self._committed)
+        #: The table's meta text (generation and epoch) this store works on; None until attached.
+        self._meta: str | None = None
+        self.epoch = 0
+        self._attaching = asyncio.Lock()
+        self._trimmed_to = 0
+
+    # -- keys ------------------------------------------------------------------------------
+    def _key(self, logical: str) -> str:
+        return f"{self.prefix}t/{logical}"
+
+    @property
+    def _meta_key(self) -> str:
+        return f"{self.prefix}meta"
+
+    @property
+    def _clock_key(self) -> str:
+        return f"{self.prefix}clock"
+
+    def _event_key(self, n: int) -> str:
+        return f"{self.prefix}e/{n:020d}"
+
+    def _expiry_key(self, name: str, key_hash: str, expires_at: float) -> str:
+        return f"{self.prefix}x/{_micros(expires_at)}/{name}/{key_hash}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Attach to the table (creating it if the prefix is empty); an outage at start is
+        logged, not fatal (503 until etcd answers, then the store heals)."""
+        try:
+            await self._attach(None)
+        except StoreUnavailableError as exc:
+            log.warning("%s", exc.message)
+
+    async def close(self) -> None:
+        await self.engine.close()
+        await self.client.close()
+
+    async def ping(self) -> None:
+        await self._call("maintenance/status", {}, idempotent=True)
+
+    async def _call(self, path: str, body: dict[str, Any], *, idempotent: bool = False
+                    ) -> dict[str, Any]:
+        try:
+            return await self.client.call(path, body, idempotent=idempotent)
+        except EtcdUnavailable as exc:
+            raise StoreUnavailableError(f"lock store unavailable: {exc}") from None
+
+    async def _range(self, key: str, range_end: str | None = None, **options: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": b64(key), **options}
+        if range_end is not None:
+            body["range_end"] = b64(range_end)
+        return await self._call("kv/range", body, idempotent=True)
+
+    # -- time ------------------------------------------------------------------------------
+    def _clock(self) -> float:
+        now = max(time.time(), self._last_now)
+        self._last_now = now
+        return now
+
+    async def now(self) -> float:
+        return self._clock()
+
+    # -- the table's generation ----------------------------------------------------------------
+    async def _attach(self, stale: str | None) -> None:
+        """Find (or create) the table's meta key. After a commit found that the meta ``stale``
+        it named is gone, a different or new table is a data loss, reported once."""
+        async with self._attaching:
+            if self._meta != stale:
+                return  # another operation attached meanwhile
+            now = self._clock()
+            token_start = max(int(now * 1_000_000), self.engine.floor.get(TOKEN_COUNTER, 0))
+            meta = json.dumps({"generation": secrets.token_hex(8), "epoch": int(now * 1000)})
+            reply = await self._call("kv/txn", {
+                "compare": [{"key": b64(self._meta_key), "target": "CREATE", "result": "EQUAL",
+                             "create_revision": "0"}],
+                "success": [self._put(self._meta_key, meta), self._put(self._clock_key, _micros(now)),
+                            self._put(self._key(f"c:{TOKEN_COUNTER}"), str(token_start))],
+                "failure": [{"request_range": {"key": b64(self._meta_key)}}]})
+            created = bool(reply.get("succeeded"))
+            if not created:
+                kvs = reply["responses"][0]["response_range"].get("kvs", [])
+                if not kvs:
+                    raise StoreUnavailableError("lock store unavailable: etcd table meta vanished")
+                meta = unb64(kvs[0]["value"])
+            self._meta = meta
+            self.epoch = int(json.loads(meta)["epoch"])
+            self.engine.forget()
+            if stale is None:
+                if created:
+                    log.info("etcd at %s holds no lock table under %r yet: starting one (fencing "
+                             "tokens continue above the clock in microseconds)", self.where,
+                             self.prefix)
+                return
+            self.data_lost(
+                f"lock store lost its data: etcd at {self.where} no longer holds the lock table "
+                f"this service was using under {self.prefix!r} (deleted, or the cluster was "
+                f"rebuilt); every lock and queued request it held is gone, holders must lock "
+                f"again. Fencing tokens continue above every token issued before (highest seen "
+                f"here: {self.engine.floor.get(TOKEN_COUNTER, 0)}).")
+
+    async def _attached(self) -> str:
+        if self._meta is None:
+            await self._attach(None)
+        assert self._meta is not None
+        return self._meta
+
+    # -- the engine's backend ----------------------------------------------------------------
+    @staticmethod
+    def _put(key: str, value: str) -> dict[str, Any]:
+        return {"request_put": {"key": b64(key), "value": b64(value)}}
+
+    def _delete(self, key: str) -> dict[str, Any]:
+        return {"request_delete_range": {"key": b64(key)}}
+
+    @staticmethod
+    def _stored(response: dict[str, Any]) -> Stored:
+        kvs = response["response_range"].get("kvs")
+        if not kvs:
+            return (ABSENT, None)
+        return (int(kvs[0]["mod_revision"]), unb64(kvs[0]["value"]))
+
+    async def read(self, keys: Collection[str]) -> dict[str, Stored]:
+        """The engine's snapshot read: one read-only etcd transaction (one revision)."""
+        keys = list(keys)
+        reply = await self._call("kv/txn", {"success": [
+            {"request_range": {"key": b64(self._key(k))}} for k in keys]})
+        return {k: self._stored(r) for k, r in zip(keys, reply.get("responses", []), strict=True)}
+
+    async def commit(self, commit: Commit) -> Outcome:
+        meta = await self._attached()
+        now = self._clock()
+        compare = [{"key": b64(self._key(k)), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": str(v)} for k, v in commit.checks.items()]
+        compare.append({"key": b64(self._meta_key), "target": "VALUE", "result": "EQUAL",
+                        "value": b64(meta)})
+        compare.append({"key": b64(self._clock_key), "target": "VALUE", "result": "LESS",
+                        "value": b64(_micros(now + self.max_clock_skew))})
+        success = []
+        for k, text in commit.writes.items():
+            success.append(self._delete(self._key(k)) if text is None else self._put(self._key(k), text))
+        if commit.events:
+            body = json.dumps([_event_json(n, e) for n, e in commit.events], separators=(",", ":"))
+            success.append(self._put(self._event_key(commit.events[-1][0]), body))
+        for name, key_hash, old, new in commit.expiry:
+            if old is not None:
+                success.append(self._delete(self._expiry_key(name, key_hash, old)))
+            if new is not None:
+                success.append(self._put(self._expiry_key(name, key_hash, new), ""))
+        if success:
+            success.append(self._put(self._clock_key, _micros(now)))
+        checked = list(commit.checks)
+        failure = [{"request_range": {"key": b64(self._key(k))}} for k in checked]
+        failure += [{"request_range": {"key": b64(self._meta_key)}},
+                    {"request_range": {"key": b64(self._clock_key)}}]
+        reply = await self._call("kv/txn", {"compare": compare, "success": success, "failure": failure})
+        if reply.get("succeeded"):
+            revision = int(reply["header"]["revision"])
+            versions = {k: (ABSENT if text is None else revision) for k, text in commit.writes.items()}
+            return Outcome(True, versions=versions,
+                           event_ids=[f"{self.epoch}-{n}" for n, _ in commit.events])
+        responses = reply.get("responses", [])
+        found_meta, found_clock = self._stored(responses[-2])[1], self._stored(responses[-1])[1]
+        if found_meta != meta:
+            await self._attach(meta)
+            raise Restart
+        if found_clock is not None and found_clock >= _micros(now + self.max_clock_skew):
+            behind = int(found_clock) / 1e6 - now
+            log.error("clock of this replica is %.3f s behind the time another replica of the "
+                      "etcd store committed (allowed: %g s): refusing to decide leases on it",
+                      behind, self.max_clock_skew)
+            raise StoreUnavailableError(
+                f"lock store unavailable: this replica's clock is {behind:.3f} s behind another "
+                f"replica's (allowed {self.max_clock_skew:g} s); synchronise the clocks (NTP)")
+        return Outcome(False, snapshot={k: self._stored(r) for k, r in zip(checked, responses, strict=False)})
+
+    def _committed(self, messages: list[LockUpdateMessage]) -> None:
+        for msg in messages:
+            self.engine.saw_token(msg.lock.token)
+        self.notify_changed()
+
+    # -- Store primitives --------------------------------------------------------------------
+    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None
+                        ) -> tuple[T, list[LockUpdateMessage]]:
+        result, messages = await self.engine.run(op, actor)
+        return result, messages  # type: ignore[no-any-return]
+
+    async def _read(self, op: Callable[[Txn], T]) -> T:
+        result, _ = await self.engine.run(op)
+        return result  # type: ignore[no-any-return]
+
+    async def _all_records(self) -> list[LockRecord]:
+        start = self._key("r:")
+        reply = await self._range(start, prefix_end(start))
+        return [LockRecord.from_dict(d) for kv in reply.get("kvs", [])
+                for d in json.loads(unb64(kv["value"]))]
+
+    async def _due(self, now: float, limit: int) -> list[RecordId]:
+        start = f"{self.prefix}x/"
+        reply = await self._range(start, f"{start}{_micros(now)}0", limit=str(limit), keys_only=True)
+        due = []
+        for kv in reply.get("kvs", []):
+            _micros_text, name, key_hash = unb64(kv["key"])[len(start):].split("/")
+            due.append((name, key_hash))
+        return due
+
+    async def sweep(self, limit: int = 1000) -> int:
+        """Expire leases that ran out, and trim the event log."""
+        gone = await super().sweep(limit)
+        await self._trim()
+        return gone
+
+    async def _trim(self) -> None:
+        last = await self._last_seq()
+        below = last - self.event_log_size
+        if below > self._trimmed_to + max(1, self.event_log_size // 10):
+            start = f"{self.prefix}e/"
+            await self._call("kv/deleterange", {"key": b64(start), "range_end": b64(self._event_key(below))})
+            self._trimmed_to = below
+
+    # -- the event log -------------------------------------------------------------------------
+    async def _last_seq(self) -> int:
+        reply = await self._range(self._key(f"c:{EVENT_COUNTER}"))
+        kvs = reply.get("kvs")
+        return int(unb64(kvs[0]["value"])) if kvs else 0
+
+    def _seq(self, event_id: str) -> int:
+        """The number of ``event_id`` in this table; ``EventGap`` for another table's id."""
+        try:
+            epoch, seq = (int(p) for p in event_id.split("-"))
+        except (ValueError, AttributeError):
+            raise InvalidRequestError(
+                f"since: {str(event_id)[:40]!r} is not an event id of this service", field="since") from None
+        if epoch != self.epoch:
+            raise EventGap(f"event {event_id} belongs to another lock table")
+        return seq
+
+    def _decode(self, kvs: list[dict[str, Any]], after: int) -> list[LockUpdateMessage]:
+        out = []
+        for kv in kvs:
+            for n, action, rec, ts, actor in json.loads(unb64(kv["value"])):
+                if n > after:
+                    event = Event(LockAction(action), LockRecord.from_dict(rec), ts, actor)
+                    out.append(to_message(event, f"{self.epoch}-{n}"))
+        return out
+
+    async def _after(self, seq: int, limit: int) -> tuple[list[LockUpdateMessage], int]:
+        """Events numbered above ``seq`` (at most ``limit``) and the revision they were read at."""
+        start = f"{self.prefix}e/"
+        reply = await self._range(self._event_key(seq + 1), prefix_end(start), limit=str(limit))
+        kvs = reply.get("kvs", [])
+        events = self._decode(kvs, seq)[:limit]
+        if kvs and seq > 0:
+            first = int(json.loads(unb64(kvs[0]["value"]))[0][0])
+            if first > seq + 1:
+                raise EventGap(f"event {self.epoch}-{seq} is older than the retained log")
+        elif seq > 0 and not kvs and seq < self._trimmed_to:
+            raise EventGap(f"event {self.epoch}-{seq} is older than the retained log")
+        return events, int(reply["header"]["revision"])
+
+    async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
+        await self._attached()
+        if since is None:
+            start = f"{self.prefix}e/"
+            reply = await self._range(start, prefix_end(start), limit=str(limit),
+                                      sort_order="DESCEND", sort_target="KEY")
+            kvs = list(reversed(reply.get("kvs", [])))
+            return self._decode(kvs, 0)[-limit:]
+        seq = self._seq(since)
+        events, _ = await self._after(seq, limit)
+        return events
+
+    async def last_event_id(self) -> str | None:
+        await self._attached()
+        last = await self._last_seq()
+        return f"{self.epoch}-{last}" if last else None
+
+    async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
+        """Every event after ``since``: read the log from there, then watch it. A lost
+        connection is retried with backoff, resuming from the last event seen."""
+        last: int | None = None
+        delay = 0.1
+        start = f"{self.prefix}e/"
+        while True:
+            try:
+                await self._attached()
+                if last is None:
+                    last = self._seq(since) if since is not None else await self._last_seq()
+                events, revision = await self._after(last, 10_000)
+                for msg in events:
+                    last = int(msg.event_id.split("-")[1])  # type: ignore[union-attr]
+                    self.engine.saw_token(msg.lock.token)
+                    yield msg
+                if len(events) == 10_000:
+                    continue
+                async for result in self.client.watch(start, prefix_end(start), revision + 1):
+                    if delay > 0.1:
+                        log.info("event tail: etcd at %s is back; resuming after %s-%s",
+                                 self.where, self.epoch, last)
+                        delay = 0.1
+                    if result.get("compact_revision") or result.get("canceled"):
+                        break  # read the log again from ``last``
+                    for ev in result.get("events", []):
+                        if ev.get("type") == "DELETE":
+                            continue
+                        for msg in self._decode([ev["kv"]], last):
+                            last = int(msg.event_id.split("-")[1])  # type: ignore[union-attr]
+                            self.engine.saw_token(msg.lock.token)
+                            yield msg
+            except (StoreUnavailableError, EtcdUnavailable) as exc:
+                if delay == 0.1:
+                    log.warning("event tail: etcd at %s unavailable (%s); retrying", self.where,
+                                getattr(exc, "message", None) or exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+__all__ = ["DEFAULT_PREFIX", "EtcdStore", "parse_url"]
