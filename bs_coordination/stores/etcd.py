@@ -46,7 +46,6 @@ import asyncio
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -54,7 +53,7 @@ from urllib.parse import urlsplit
 from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
 from bs_coordination.locktable import TOKEN_COUNTER, Event, LockRecord, RecordId, Txn
 from bs_coordination.models import LockAction, LockUpdateMessage
-from bs_coordination.stores.base import EventGap, Store, to_message
+from bs_coordination.stores.base import Clock, EventGap, Store, SystemClock, to_message
 from bs_coordination.stores.etcd_client import EtcdClient, EtcdUnavailable, b64, prefix_end, unb64
 from bs_coordination.stores.txn import ABSENT, EVENT_COUNTER, Commit, Engine, Outcome, Restart, Stored
 
@@ -100,14 +99,16 @@ def _event_json(n: int, e: Event) -> list[Any]:
 
 
 class EtcdStore(Store):
-    """The lock table in etcd. ``EtcdStore("etcd://127.0.0.1:2379")``."""
+    """The lock table in etcd. ``EtcdStore("etcd://127.0.0.1:2379")``; ``clock``: this
+    replica's clock (the system clock unless a test gives one)."""
 
     kind = "etcd"
 
     def __init__(self, url: str, *, timeout: float = TIMEOUT,
                  event_log_size: int = DEFAULT_EVENT_LOG_SIZE,
-                 max_clock_skew: float = MAX_CLOCK_SKEW) -> None:
+                 max_clock_skew: float = MAX_CLOCK_SKEW, clock: Clock | None = None) -> None:
         super().__init__()
+        self.clock = clock or SystemClock()
         endpoints, prefix = parse_url(url)
         self.client = EtcdClient(endpoints, timeout=timeout)
         self.where = self.client.where
@@ -171,7 +172,7 @@ class EtcdStore(Store):
 
     # -- time ------------------------------------------------------------------------------
     def _clock(self) -> float:
-        now = max(time.time(), self._last_now)
+        now = max(self.clock.now(), self._last_now)
         self._last_now = now
         return now
 
