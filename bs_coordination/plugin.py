@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from typing import Any
 
 from bluesky.utils import Msg, ensure_generator
@@ -55,6 +55,7 @@ from bluesky.utils import Msg, ensure_generator
 from bs_coordination._re_client import queue_item_name
 from bs_coordination._re_coordinator import PlanCoordinator
 from bs_coordination._re_tracker import PlanLocks
+from bs_coordination.errors import CoordinationError
 from bs_coordination.plans import (
     LOCK_COMMAND,
     CoordinatedPreprocessor,
@@ -109,6 +110,17 @@ def _unwrapped(fn: Any) -> Any:
             break
         fn = getattr(fn, _ORIGINAL)
     return fn
+
+
+def _coordination_error(what: str, exc: BaseException) -> CoordinationError:
+    if isinstance(exc, CoordinationError):
+        return exc
+    return CoordinationError(f"device coordination {what}: {exc!r}")
+
+
+def _fail(exc: BaseException) -> Generator[Msg, Any, Any]:
+    raise exc
+    yield  # a generator
 
 
 class RunEngineHooks:
@@ -231,8 +243,13 @@ class RunEngineHooks:
         self.end_plan(release=True)  # a session left by a plan that never ran
         self._check_in_place()
         gen = ensure_generator(plan)
-        names = upfront_names(plan_devices(gen))
-        session = self.coordinator.open_session(reason=self._reason(gen), new=True)[0]
+        try:
+            names = upfront_names(plan_devices(gen))
+            session = self.coordinator.open_session(reason=self._reason(gen), new=True)[0]
+        except Exception as exc:  # e.g. an uninstalled coordinator
+            gen.close()
+            # Raised by the RunEngine as the plan's first step: it cleans up as usual.
+            return _fail(_coordination_error("could not start the plan", exc))
         self.session = session
         self.covered = session.covered
         if names:  # else no I/O before the plan's first message
@@ -300,10 +317,14 @@ class RunEngineHooks:
                     await self.coordinator.acquire(session, names)
                 except asyncio.CancelledError:
                     raise
-                except BaseException as exc:
+                except CoordinationError as exc:
                     self._upfront = None
                     self.denied = exc
                     raise
+                except Exception as exc:
+                    self._upfront = None
+                    self.denied = _coordination_error(f"could not lock {list(names)}", exc)
+                    raise self.denied from exc
                 self._upfront = None
         except asyncio.CancelledError:
             # A suspension or pause interrupted us: try again before the next message.
@@ -333,7 +354,13 @@ class RunEngineHooks:
             session = self._late_session()
         if self.denied is not None:
             raise self.denied
-        await lock_message_devices(self.coordinator, session, msg)
+        try:
+            await lock_message_devices(self.coordinator, session, msg)
+        except (CoordinationError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a plan never fails with an error that hides its cause
+            raise _coordination_error(f"failed before {msg.command!r} on {msg.obj!r}",
+                                      exc) from exc
 
     def _first(self, original: Command) -> Command:
         """``original`` (a command that carries no device) preceded by the due work: the
