@@ -343,7 +343,10 @@ class EtcdStore(Store):
         return int(unb64(kvs[0]["value"])) if kvs else 0
 
     def _seq(self, event_id: str) -> int:
-        """The number of ``event_id`` in this table; ``EventGap`` for another table's id."""
+        """The number of ``event_id`` in this table (``0``: before the first); ``EventGap`` for
+        another table's id."""
+        if event_id in ("0", "0-0"):
+            return 0
         try:
             epoch, seq = (int(p) for p in event_id.split("-"))
         except (ValueError, AttributeError):
@@ -368,11 +371,11 @@ class EtcdStore(Store):
         reply = await self._range(self._event_key(seq + 1), prefix_end(start), limit=str(limit))
         kvs = reply.get("kvs", [])
         events = self._decode(kvs, seq)[:limit]
-        if kvs and seq > 0:
+        if kvs:
             first = int(json.loads(unb64(kvs[0]["value"]))[0][0])
             if first > seq + 1:
                 raise EventGap(f"event {self.epoch}-{seq} is older than the retained log")
-        elif seq > 0 and not kvs and seq < self._trimmed_to:
+        elif seq < self._trimmed_to:
             raise EventGap(f"event {self.epoch}-{seq} is older than the retained log")
         return events, int(reply["header"]["revision"])
 
