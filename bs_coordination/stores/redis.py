@@ -340,8 +340,10 @@ class RedisStore(Store):
             # The script may have stopped part-way (keys it changed have new versions):
             # forget everything rather than trust what this process computed.
             self._cache.entries.clear()
+            await self._reconnect()
             raise self._down(exc) from None
         except (RedisError, OSError) as exc:
+            await self._reconnect()
             raise self._down(exc) from None
         status = reply[0]
         self._observe_time(reply[1], reply[2], reset=status == "clock")
@@ -354,11 +356,24 @@ class RedisStore(Store):
             if reply[3] != "0":
                 commit.done(self._cache, reply[3], commit.bases)
                 if acked is not None and acked < self._wait_replicas:
+                    await self._reconnect()
                     raise StoreUnavailableError(
                         f"lock store unavailable: Redis at {self.where}: the change was not "
                         f"confirmed by {self._wait_replicas} replica(s) within "
                         f"{self._wait_timeout_ms} ms (it may or may not have been kept)")
         return list(reply)
+
+    async def _reconnect(self) -> None:
+        """After a failed or unconfirmed call: drop the idle connections of every client (the
+        tail's at its next read), so the next calls connect again. With Sentinel that asks
+        where the primary is now: a primary that lost its replicas (``NOREPLICAS``, ``WAIT``
+        short) may have been replaced, and it answers no ``READONLY`` until it is demoted."""
+        self.events.reconnects += 1
+        for client in (self._writes, self._redis):
+            try:
+                await client.connection_pool.disconnect(inuse_connections=False)
+            except (RedisError, OSError):  # closing a broken connection: nothing to keep
+                pass
 
     async def _call_and_wait(self, commit: Commit) -> tuple[list[Any], int]:
         """The script call and ``WAIT`` in one pipeline (one connection, one round trip):

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as redis_async
-
 from redis.exceptions import RedisError, ResponseError
 
 from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
@@ -53,6 +52,8 @@ class RedisEventLog:
         self._close_client = close_client
         self._where = where
         self._down = down
+        #: Raised by the store when its connections were dropped: the tail drops its own.
+        self.reconnects = 0
         # Events this process appended, oldest first (so in the log's order).
         self._own: deque[LockUpdateMessage] = deque(maxlen=OWN_EVENTS_KEPT)
 
@@ -118,12 +119,16 @@ class RedisEventLog:
         # A client of its own: ``XREAD BLOCK`` holds its connection.
         client = self._tail_client()
         delay = 0.1
+        seen_reconnects = self.reconnects
         try:
             while True:
+                if seen_reconnects != self.reconnects:
+                    seen_reconnects = self.reconnects
+                    await client.connection_pool.disconnect()
                 try:
                     if last is None:
                         last = await self.last_event_id() or "0-0"
-                    reply = await client.xread({self.stream: last}, count=TAIL_BATCH,
+                    reply: Any = await client.xread({self.stream: last}, count=TAIL_BATCH,
                                                block=TAIL_BLOCK_MS)
                 except (RedisError, OSError, StoreUnavailableError) as exc:
                     if delay == 0.1:  # once per outage, not every retry
