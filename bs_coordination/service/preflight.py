@@ -24,18 +24,10 @@ that is MAINTENANCE or an equal-priority (QUEUE_EXECUTING) holder, active or pre
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
-import os
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,20 +36,9 @@ from bs_coordination.errors import DiscoveryError, InvalidRequestError
 from bs_coordination.models import MAX_NAME_LENGTH, DeviceLock, LockType
 from bs_coordination.stores import Store
 
-from .discovery import DeviceRegistry, DiscoveryMode, resolve_source
+from .preflight_runner import DEFAULT_PREFLIGHT_TIMEOUT, PreflightRunner
 
 log = logging.getLogger(__name__)
-
-#: Default time limit of one dry run, in seconds.
-DEFAULT_PREFLIGHT_TIMEOUT = 10.0
-#: Seconds past the time limit before a child that did not answer is killed.
-KILL_GRACE = 2.0
-#: Longest answer line accepted from the child.
-MAX_LINE_BYTES = 64 * 1024 * 1024
-_WORKER_FILE = str(Path(__file__).with_name("_preflight_worker.py"))
-_WORKER_BOOT = ("import runpy, sys; path = sys.argv[1]; sys.argv = sys.argv[1:]; "
-                "runpy.run_path(path, run_name='__main__')")
-_STDERR_TAIL = 8192
 
 
 # --------------------------------------------------------------------------- models
@@ -74,6 +55,10 @@ class QueueItem(BaseModel):
                             "names are resolved to devices as the queue server does.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
     item_type: str = Field(default="plan", description="Only `plan` items can be dry-run.")
+    item_uid: str | None = Field(
+        default=None, max_length=MAX_NAME_LENGTH,
+        description="The queue item's uid: the answer is remembered for a while and listed by "
+        "`GET /api/preflight/items` (the dashboard's blocked waiting plans).")
 
 
 class PreflightRequest(BaseModel):
@@ -134,213 +119,25 @@ class PreflightResponse(BaseModel):
     duration_s: float = Field(description="How long the preflight took in the service.")
 
 
-# --------------------------------------------------------------------------- the child
+class CheckedItem(BaseModel):
+    """A queue item preflight checked recently, with the locks in its way now."""
+
+    item_uid: str
+    plan: str
+    devices: list[PredictedDevice]
+    complete: bool
+    reason: str | None = None
+    conflicts: list[PreflightConflict]
+    can_start: bool
+    checked_at: datetime = Field(description="When its dry run was answered.")
 
 
-class PreflightUnavailable(DiscoveryError):
-    """The collection cannot be loaded for a dry run (503)."""
+class CheckedItemsResponse(BaseModel):
+    """Queue items checked within the last ``RECENT_SECONDS`` (newest first)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status_code=503)
-
-
-@dataclass
-class _Worker:
-    proc: asyncio.subprocess.Process
-    err_tail: bytearray = field(default_factory=bytearray)
-    err_task: asyncio.Task[None] | None = None
-    catalog_at: datetime | None = None
-
-
-class PreflightRunner:
-    """The warm dry-run child of one service. ``await dry_run(item)``; ``await close()``."""
-
-    def __init__(self, registry: DeviceRegistry, time_limit: float = DEFAULT_PREFLIGHT_TIMEOUT,
-                 load_timeout: float = 60.0, python: str | None = None) -> None:
-        self.registry = registry
-        self.time_limit = float(time_limit)
-        self.load_timeout = float(load_timeout)
-        self.python = python or sys.executable
-        self._worker: _Worker | None = None
-        self._starting: asyncio.Task[_Worker] | None = None
-        self._lock = asyncio.Lock()
-
-    @property
-    def configured(self) -> bool:
-        return self.registry.configured
-
-    async def close(self) -> None:
-        """Stop the child (and a start in progress)."""
-        if self._starting is not None:
-            self._starting.cancel()
-            with contextlib.suppress(BaseException):
-                await self._starting
-            self._starting = None
-        await self._stop()
-
-    async def _stop(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is None:
-            return
-        _kill_group(worker.proc)
-        with contextlib.suppress(ProcessLookupError):
-            await worker.proc.wait()
-        if worker.err_task is not None:
-            worker.err_task.cancel()
-            with contextlib.suppress(BaseException):
-                await worker.err_task
-
-    async def _get(self) -> _Worker:
-        """The running child; started (or restarted for a new device list) when needed."""
-        loaded_at = self._loaded_at()
-        w = self._worker
-        if w is not None and w.catalog_at is None:
-            w.catalog_at = loaded_at  # started before the first discovery ended: same code
-        if w is not None and (w.proc.returncode is not None or w.catalog_at != loaded_at):
-            await self._stop()
-        if self._worker is None:
-            if self._starting is None or self._starting.done():
-                self._starting = asyncio.create_task(self._start(loaded_at),
-                                                     name="preflight-worker-start")
-            starting = self._starting
-            try:
-                self._worker = await asyncio.shield(starting)
-            finally:
-                if starting.done():
-                    self._starting = None
-        return self._worker
-
-    def _loaded_at(self) -> datetime | None:
-        """When discovery loaded the device list served now: a newer list restarts the child."""
-        catalog = self.registry.catalog
-        return catalog.loaded_at if catalog else None
-
-    async def _start(self, loaded_at: datetime | None) -> _Worker:
-        path = self.registry.config.path
-        if not path:
-            raise DiscoveryError("preflight needs a profile collection: start the service with "
-                                 "--profile-collection PATH", status_code=409)
-        try:
-            source = resolve_source(path, DiscoveryMode.LOAD)
-        except DiscoveryError as exc:
-            raise PreflightUnavailable(f"preflight cannot load the collection: {exc.message}"
-                                       ) from None
-        env = dict(os.environ, COORDINATION_DISABLED="1")  # the dry run takes no locks
-        proc = await asyncio.create_subprocess_exec(
-            self.python, "-c", _WORKER_BOOT, _WORKER_FILE, f"--{source.kind}", source.target,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, env=env,
-            limit=MAX_LINE_BYTES)
-        worker = _Worker(proc, catalog_at=loaded_at)
-        assert proc.stderr is not None
-        worker.err_task = asyncio.create_task(_tail(proc.stderr, worker.err_tail),
-                                              name="preflight-worker-stderr")
-        started = time.monotonic()
-        try:
-            ready = await self._read(worker, self.load_timeout)
-        except BaseException:
-            self._worker = worker
-            await self._stop()
-            raise
-        if ready is None or not ready.get("ready"):
-            self._worker = worker
-            await self._stop()
-            why = (ready or {}).get("error") or (
-                f"the process ended or did not answer within {self.load_timeout:g} s: "
-                f"{bytes(worker.err_tail[-600:]).decode(errors='replace').strip()}")
-            raise PreflightUnavailable(f"preflight could not load the profile collection "
-                                       f"({source}): {why}")
-        log.info("preflight: %s loaded in %.2f s (%s plans)", source,
-                 time.monotonic() - started, ready.get("plans"))
-        return worker
-
-    async def _read(self, worker: _Worker, timeout: float) -> dict[str, Any] | None:
-        """The child's next JSON line; ``None`` at end of output or when ``timeout`` runs out."""
-        assert worker.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(worker.proc.stdout.readline(), timeout)
-        except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
-            return None
-        if not line:
-            return None
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
-
-    async def dry_run(self, item: dict[str, Any]) -> dict[str, Any]:
-        """The child's answer for ``item`` (see ``_preflight_worker``). Raises
-        ``InvalidRequestError`` for an unknown plan or arguments that do not bind."""
-        async with self._lock:
-            worker = await self._get()
-            assert worker.proc.stdin is not None
-            request = {"item": item, "time_limit": self.time_limit}
-            try:
-                worker.proc.stdin.write(json.dumps(request).encode() + b"\n")
-                await worker.proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                await self._stop()
-                worker = await self._get()
-                assert worker.proc.stdin is not None
-                worker.proc.stdin.write(json.dumps(request).encode() + b"\n")
-                await worker.proc.stdin.drain()
-            deadline = time.monotonic() + self.time_limit + KILL_GRACE
-            first = await self._read(worker, self.time_limit + KILL_GRACE)
-            if first is not None and first.get("stage") == "arguments":
-                answer = await self._read(worker, max(0.0, deadline - time.monotonic()))
-                if answer is None:
-                    return await self._lost(worker, first.get("devices") or [])
-                return answer
-            if first is None:
-                return await self._lost(worker, [])
-            if not first.get("ok"):
-                kind, message = first.get("error"), str(first.get("message", "dry run failed"))
-                if kind in ("unknown_plan", "bad_arguments"):
-                    raise InvalidRequestError(message)
-                raise PreflightUnavailable(f"preflight failed: {message}")
-            return first
-
-    async def _lost(self, worker: _Worker, arguments: list[dict[str, Any]]) -> dict[str, Any]:
-        """The child hung past the grace or died during a dry run: kill it, start another."""
-        assert worker.proc.stdout is not None
-        if worker.proc.stdout.at_eof():  # it ended: learn how
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(worker.proc.wait(), 2.0)
-        code = worker.proc.returncode
-        await self._stop()
-        if code is None:
-            reason = (f"time-out: the dry run did not finish within its time limit of "
-                      f"{self.time_limit:g} s and could not be interrupted; the dry-run "
-                      f"process was killed")
-            kind = Incomplete.TIME_LIMIT
-        else:
-            reason = (f"exception: the dry run ended the dry-run process (exit code {code}); "
-                      f"a new one is started")
-            kind = Incomplete.EXCEPTION
-        log.warning("preflight: %s", reason)
-        self._starting = asyncio.create_task(self._start(self._loaded_at()),
-                                             name="preflight-worker-start")
-        self._starting.add_done_callback(_retrieve)
-        return {"ok": True, "devices": arguments, "complete": False, "incomplete": kind.value,
-                "reason": reason, "messages": 0}
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-async def _tail(stream: asyncio.StreamReader, tail: bytearray) -> None:
-    while chunk := await stream.read(1 << 16):
-        tail.extend(chunk)
-        if len(tail) > _STDERR_TAIL:
-            del tail[:-_STDERR_TAIL]
+    items: list[CheckedItem]
+    total_count: int
+    timestamp: datetime
 
 
 # --------------------------------------------------------------------------- the lock side
@@ -363,7 +160,44 @@ async def conflicts_for(store: Store, device_names: list[str]) -> list[Preflight
     return found
 
 
-async def preflight(runner: PreflightRunner, store: Store, item: QueueItem) -> PreflightResponse:
+#: How long a checked queue item stays listed without being checked again (the reserver
+#: checks each waiting item every ``bs_coordination._predictions.RECHECK_SECONDS``).
+RECENT_SECONDS = 30.0
+#: Most items remembered.
+MAX_CHECKED = 1000
+
+
+class CheckedItems:
+    """Recent preflight answers of queue items, by item uid (this replica's memory: what the
+    dashboard shows as waiting plans that would be blocked)."""
+
+    def __init__(self, ttl: float = RECENT_SECONDS) -> None:
+        self.ttl = ttl
+        self._items: dict[str, tuple[float, datetime, PreflightResponse]] = {}
+
+    def remember(self, uid: str, answer: PreflightResponse) -> None:
+        self._items.pop(uid, None)
+        self._items[uid] = (time.monotonic(), datetime.now(timezone.utc), answer)
+        while len(self._items) > MAX_CHECKED:
+            del self._items[next(iter(self._items))]
+
+    async def current(self, store: Store) -> CheckedItemsResponse:
+        """The items checked within ``ttl`` seconds, their conflicts as the lock table is now."""
+        now = time.monotonic()
+        self._items = {u: v for u, v in self._items.items() if now - v[0] <= self.ttl}
+        items = []
+        for uid, (_, at, answer) in reversed(self._items.items()):
+            conflicts = await conflicts_for(store, [d.device_name for d in answer.devices])
+            items.append(CheckedItem(
+                item_uid=uid, plan=answer.plan, devices=answer.devices,
+                complete=answer.complete, reason=answer.reason, conflicts=conflicts,
+                can_start=not conflicts, checked_at=at))
+        return CheckedItemsResponse(items=items, total_count=len(items),
+                                    timestamp=datetime.now(timezone.utc))
+
+
+async def preflight(runner: PreflightRunner, store: Store, item: QueueItem,
+                    checked: CheckedItems | None = None) -> PreflightResponse:
     """Dry-run ``item`` and join its devices to the lock table."""
     started = time.perf_counter()
     if not runner.configured:
@@ -376,22 +210,27 @@ async def preflight(runner: PreflightRunner, store: Store, item: QueueItem) -> P
     devices = [PredictedDevice.model_validate(d) for d in answer.get("devices") or []]
     conflicts = await conflicts_for(store, [d.device_name for d in devices])
     incomplete = answer.get("incomplete")
-    return PreflightResponse(
+    response = PreflightResponse(
         plan=item.name, devices=devices, complete=bool(answer.get("complete")),
         reason=answer.get("reason"), incomplete=Incomplete(incomplete) if incomplete else None,
         conflicts=conflicts, can_start=not conflicts, messages=int(answer.get("messages") or 0),
         duration_s=round(time.perf_counter() - started, 6))
+    if checked is not None and item.item_uid:
+        checked.remember(item.item_uid, response)
+    return response
 
 
 __all__ = [
     "DEFAULT_PREFLIGHT_TIMEOUT",
+    "CheckedItem",
+    "CheckedItems",
+    "CheckedItemsResponse",
     "DeviceSource",
     "Incomplete",
     "PredictedDevice",
     "PreflightConflict",
     "PreflightRequest",
     "PreflightResponse",
-    "PreflightRunner",
     "QueueItem",
     "conflicts_for",
     "preflight",

@@ -88,6 +88,11 @@ def test_preflight_queue_and_reservations_follow_the_queue(qs: QueueServer,
         assert park in park_part and "BLOCKED" in park_part
         assert "motor2 (dry run)" in park_part and "bob" in park_part and "bake-out" in park_part
         assert scan in scan_part and "can start" in scan_part
+        # The dashboard's list: the reserver checks every waiting item with its uid.
+        listed = {i["item_uid"]: i for i in qs.locks.http.get("/api/preflight/items").json()[
+            "items"]}
+        assert listed[park]["can_start"] is False and listed[scan]["can_start"] is True
+        assert listed[park]["conflicts"][0]["lock"]["user_id"] == "bob"
     finally:
         qs.locks.release(key)
 

@@ -74,6 +74,19 @@ async def test_a_startup_namespace_device_is_predicted_and_maintenance_on_it_blo
     assert answer["conflicts"] == [] and answer["can_start"] is True
     await release(api, operator)
 
+    # Items checked with their uid are listed for the dashboard, their conflicts as of now.
+    r = await api.post("/api/preflight", json={"item": {
+        "name": "park_and_count", "args": [["det1"]], "item_uid": "item-1", "user": "ann"}})
+    assert r.status_code == 200, r.text
+    listed = (await api.get("/api/preflight/items")).json()["items"]
+    assert [(i["item_uid"], i["plan"], i["can_start"]) for i in listed] == [
+        ("item-1", "park_and_count", True)]
+    key = await lock(api, "motor2", "MAINTENANCE", "bob", reason="bake-out of the axis")
+    listed = (await api.get("/api/preflight/items")).json()["items"]
+    assert listed[0]["can_start"] is False
+    assert listed[0]["conflicts"][0]["lock"]["user_id"] == "bob"
+    await release(api, key)
+
     # An equal-priority holder (another plan running) is in the way too; so is a lock on a
     # component of a predicted device (stage_raster moves stage.coarse.x from the namespace).
     running = await lock(api, "det1", "QUEUE_EXECUTING", "queue_server", reason="plan 1")

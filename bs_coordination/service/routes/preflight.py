@@ -20,11 +20,14 @@ from ..deps import StoreDep, get_principal
 from ..discovery import DEFAULT_DISCOVERY_TIMEOUT
 from ..preflight import (
     DEFAULT_PREFLIGHT_TIMEOUT,
+    RECENT_SECONDS,
+    CheckedItems,
+    CheckedItemsResponse,
     PreflightRequest,
     PreflightResponse,
-    PreflightRunner,
     preflight,
 )
+from ..preflight_runner import PreflightRunner
 
 
 def runner_of(app: FastAPI | Any) -> PreflightRunner:
@@ -38,6 +41,14 @@ def runner_of(app: FastAPI | Any) -> PreflightRunner:
             load_timeout=getattr(settings, "discovery_timeout", DEFAULT_DISCOVERY_TIMEOUT))
         app.state.preflight = runner
     return runner
+
+
+def checked_of(app: FastAPI | Any) -> CheckedItems:
+    """The app's memory of recently checked queue items."""
+    checked: CheckedItems | None = getattr(app.state, "preflight_checked", None)
+    if checked is None:
+        checked = app.state.preflight_checked = CheckedItems()
+    return checked
 
 
 async def close_runner(app: FastAPI | Any) -> None:
@@ -88,4 +99,18 @@ async def preflight_item(body: PreflightRequest, conn: HTTPConnection,
     `complete` is false, with `reason`, when the dry run could not finish: an adaptive plan
     that needs real readings, a time-out (`--preflight-timeout`), or an exception; the
     argument devices still count. A plan's dry run never hangs or crashes the service."""
-    return await preflight(runner_of(conn.app), store, body.item)
+    return await preflight(runner_of(conn.app), store, body.item, checked_of(conn.app))
+
+
+@router.get(
+    "/preflight/items", response_model=CheckedItemsResponse,
+    summary="Queue items checked recently, with the locks in their way now",
+    description=f"Queue items (with an `item_uid`) that `POST /api/preflight` checked within the "
+    f"last {RECENT_SECONDS:g} s, newest first: their predicted devices and, recomputed from the "
+    "lock table now, the locks in their way and `can_start`. `bs-coordination-reserve` checks "
+    "every waiting item regularly, so while it runs this lists the queue's waiting plans (an "
+    f"item that left the queue drops out within {RECENT_SECONDS:g} s). Kept by this service "
+    "process only.")
+async def checked_items(conn: HTTPConnection, store: StoreDep) -> CheckedItemsResponse:
+    """The dashboard's waiting plans that would be blocked."""
+    return await checked_of(conn.app).current(store)
