@@ -503,6 +503,7 @@ def request(
     owner: str | None = None,
     ack_timeout: float = DEFAULT_PREEMPT_ACK_TIMEOUT,
     displaced: list[LockRecord] | None = None,
+    retry: bool = False,
 ) -> list[LockRecord]:
     """Grant ``req`` under ``key_hash`` (all its devices, or none) or raise.
 
@@ -511,10 +512,16 @@ def request(
     ``owner``: who must hold the presented key's locks (see ``_check_owner``).
     ``ack_timeout``: how long a displaced holder that asked for the handshake has to
     acknowledge (rule 10); such holders are appended to ``displaced`` when given.
+    ``retry``: the key comes from the request's Idempotency-Key: if it already holds locks,
+    this is the same request sent again, answered with the same grant (``_same_grant``).
     Returns the key's records on the requested names.
     """
     now, p, names = txn.now, req.lock_type.priority, req.names
     _expire_overlapping(txn, names)
+    if retry and not presented:
+        earlier = txn.of_key(key_hash)
+        if earlier:
+            return _same_grant(txn, req, earlier, displaced)
     own = txn.of_key(key_hash) if presented else {}
     if presented and not own:
         raise LockNotFoundError("No lock is held under the presented lock_key")
@@ -599,6 +606,29 @@ def request(
         if covering is not None and covering not in out:
             out.append(covering)
     return out
+
+
+def _same_grant(txn: Txn, req: LockRequest, earlier: dict[str, LockRecord],
+                displaced: list[LockRecord] | None) -> list[LockRecord]:
+    """A request sent again with its Idempotency-Key: the grant it got the first time, as it
+    stands now (same key, same tokens), and the holders that grant displaced with a
+    handshake (into ``displaced``), so the answer waits for them as the first one did. A
+    different request under the same Idempotency-Key is refused."""
+    same = (set(earlier) == set(req.names)
+            and all(r.lock_type is req.lock_type and r.user_id == req.user_id
+                    and r.plan_uid == req.plan_uid for r in earlier.values()))
+    if not same:
+        raise InvalidRequestError(
+            "Idempotency-Key: already used for another lock request (other devices, type, "
+            "user or plan); send a new key with a new request", field="Idempotency-Key")
+    records = [earlier[n] for n in req.names]
+    if displaced is not None:
+        for rec in records:
+            holder = rec.holder().model_dump(mode="json")
+            displaced.extend(o for o in txn.overlapping(rec.device_name)
+                             if o.key_hash != rec.key_hash and not o.active
+                             and o.ack is not None and o.preempted_by == holder)
+    return records
 
 
 def _overlaps_any(name: str, others: Iterable[str]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -32,6 +33,13 @@ from bs_coordination.models import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Header naming a lock request, so a retry gets the same grant (IETF httpapi draft's name).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Times a lock request whose answer was lost is sent again (with its Idempotency-Key).
+LOCK_REQUEST_RETRIES = 2
+#: Pause before a retry, times the attempt number (seconds).
+RETRY_DELAY = 0.2
 
 T = TypeVar("T")
 #: Seconds a preflight may take beyond the request timeout: its first dry run loads the
@@ -211,8 +219,26 @@ class DeviceCoordinationClient:
             body["wait"] = wait
         if acknowledge_preemption:
             body["acknowledge_preemption"] = True
-        status, answer = await self._http.request("POST", "/api/lock/request", json_body=body,
-                                                  extra_time=float(wait or 0))
+        # A new lock carries an Idempotency-Key: a request whose answer was lost (the
+        # connection dropped, the service crashed after committing, its store's reply was
+        # lost: 503) is sent again with it, and gets the same grant instead of a conflict
+        # with itself or a second lock.
+        key = secrets.token_urlsafe(24) if lock_key is None else None
+        headers = {IDEMPOTENCY_HEADER: key} if key is not None else None
+        for attempt in range(LOCK_REQUEST_RETRIES + 1):
+            try:
+                status, answer = await self._http.request(
+                    "POST", "/api/lock/request", json_body=body, extra_time=float(wait or 0),
+                    headers=headers)
+            except ServiceError as exc:
+                if exc.status_code != NO_ANSWER or key is None or attempt == LOCK_REQUEST_RETRIES:
+                    raise
+                log.warning("lock request: no answer (%s); sending it again", exc.message)
+            else:
+                if status != 503 or key is None or attempt == LOCK_REQUEST_RETRIES:
+                    break
+                log.warning("lock request: %s; sending it again", message_of(status, answer))
+            await asyncio.sleep(RETRY_DELAY * (attempt + 1))
         if status == 200 and isinstance(answer, dict):
             return LockResponse.model_validate(answer)
         if status == 409:
@@ -270,11 +296,14 @@ class DeviceCoordinationClient:
         raise error_for(status, answer, "renew")
 
     async def force_release(self, device_name: str, reason: str | None = None,
-                            ) -> ForceReleaseResponse:
-        """Remove every lock on exactly ``device_name`` (an administrator's operation)."""
+                            user_id: str | None = None) -> ForceReleaseResponse:
+        """Remove every lock on exactly ``device_name`` (an administrator's operation).
+        ``user_id`` names who does it in the events (with API keys, the key's principal)."""
         body: dict[str, Any] = {"device_name": device_name}
         if reason is not None:
             body["reason"] = reason
+        if user_id is not None:
+            body["user_id"] = user_id
         status, answer = await self._http.request("POST", "/api/lock/force-release",
                                                   json_body=body)
         if status == 200 and isinstance(answer, dict):

@@ -113,6 +113,7 @@ class HttpTransport:
         json_body: Any = None,
         params: dict[str, str] | None = None,
         extra_time: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         """Send one request; ``ServiceError`` (status 0) when no answer comes.
 
@@ -123,7 +124,7 @@ class HttpTransport:
         timeout = aiohttp.ClientTimeout(total=self.timeout + extra_time)
         try:
             async with session.request(method, url, json=json_body, params=params,
-                                       timeout=timeout) as resp:
+                                       timeout=timeout, headers=headers) as resp:
                 text = await resp.text()
                 status = resp.status
         except asyncio.TimeoutError as exc:

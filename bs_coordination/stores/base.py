@@ -8,6 +8,8 @@ waiting logic, key handling and event shaping are written once for every store.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import secrets
 import time
@@ -67,6 +69,14 @@ def utcnow() -> datetime:
 def new_lock_key() -> str:
     """A fresh secret lock key (192 bits)."""
     return secrets.token_urlsafe(24)
+
+
+def lock_key_for(idempotency_key: str) -> str:
+    """The lock key of a request carrying ``idempotency_key`` (a secret chosen at random by
+    the client): derived, so a retry of the request finds its grant (192 bits, as
+    ``new_lock_key``). Only its hash is stored, as for every key."""
+    digest = hashlib.sha256(b"bs-coordination lock key\0" + idempotency_key.encode()).digest()
+    return base64.urlsafe_b64encode(digest[:24]).decode()
 
 
 def event_order(event_id: str) -> tuple[int, ...]:
@@ -197,13 +207,17 @@ class Store(ABC):
             self._changed = asyncio.Event()
 
     async def request(self, req: LockRequest, actor: str | None = None,
-                      owner: str | None = None) -> Grant:
+                      owner: str | None = None, idempotency_key: str | None = None) -> Grant:
         """Grant ``req`` or raise ``LockConflictError`` (after waiting up to ``req.wait``).
 
         ``owner`` (authentication on, not an admin): a presented key's locks must be held by
-        this principal, else ``LockNotOwnedError``; the same for ``release`` and ``renew``."""
+        this principal, else ``LockNotOwnedError``; the same for ``release`` and ``renew``.
+        ``idempotency_key``: the request's Idempotency-Key; the lock key is derived from it,
+        so the same request sent again gets the same grant while it lasts."""
         presented = req.lock_key is not None
-        lock_key = req.lock_key or new_lock_key()
+        retry = idempotency_key is not None and not presented
+        lock_key = req.lock_key or (lock_key_for(idempotency_key) if idempotency_key is not None
+                                    else new_lock_key())
         key_hash = locktable.hash_key(lock_key)
         ack_timeout = self.preempt_ack_timeout
 
@@ -212,7 +226,7 @@ class Store(ABC):
             displaced: list[LockRecord] = []
             records = locktable.request(txn, req, key_hash, presented=presented, ticket=ticket,
                                         owner=owner, ack_timeout=ack_timeout,
-                                        displaced=displaced)
+                                        displaced=displaced, retry=retry)
             return records, displaced
 
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query
+from fastapi import APIRouter, Body, Header, Path, Query
 
 from bs_coordination.errors import InvalidRequestError
 from bs_coordination.models import (
@@ -37,6 +37,17 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["locks"])
 
 
+#: The Idempotency-Key header: the client's random secret naming one lock request.
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=16, max_length=255, pattern=r"^[!-~]+$",
+    description="A random secret (16 to 255 visible ASCII characters, e.g. 32 random "
+                "base64url characters) naming this lock request. Sent again with the same "
+                "body (after a lost answer), the request gets the same grant (same lock_key, "
+                "same token) while that grant lasts, instead of a conflict or a second lock; "
+                "with another body it is refused (422). Keep it as secret as the lock key: "
+                "the key is derived from it.")]
+
+
 def _owner(principal: Principal | None) -> str | None:
     """Who must hold the locks a key touches: the caller, unless an admin or auth is off."""
     return None if principal is None or principal.is_admin else principal.name
@@ -52,7 +63,8 @@ def _names(names: list[str]) -> str:
     responses=error_responses(403, 404, 409, 422, 503),
     summary="Lock one device or several at once (all or none)",
 )
-async def request_lock(req: LockRequest, caller: CallerDep) -> LockResponse:
+async def request_lock(req: LockRequest, caller: CallerDep,
+                       idempotency_key: IdempotencyKey = None) -> LockResponse:
     """Grant the devices under one key, preempting lower-priority holders, or answer 409 with
     the holders in the way. With ``wait`` the request queues for up to that many seconds.
     Presenting ``lock_key`` upgrades that key's locks or adds devices under it (404 if the key
@@ -62,13 +74,16 @@ async def request_lock(req: LockRequest, caller: CallerDep) -> LockResponse:
     Preemption handshake: when the grant displaces holders that asked for it
     (``acknowledge_preemption``), they are told at once (their ``preempted`` event) and this
     answer waits until each acknowledged (``POST /api/lock/ack``) or the service's deadline
-    (``--preempt-ack-timeout``) passed: ``acknowledged`` says which came first."""
+    (``--preempt-ack-timeout``) passed: ``acknowledged`` says which came first.
+
+    ``Idempotency-Key``: sent again after a lost answer, the request gets the same grant."""
     store, devices, principal = caller.store, caller.devices, caller.principal
     if principal is not None:
         require_lock_type(principal, req.lock_type)
         req = req.model_copy(update={"user_id": principal.name})
     devices.check_lock_names(req.names)  # --strict-devices: 404 for unknown names
-    grant = await store.request(req, actor=req.user_id, owner=_owner(principal))
+    grant = await store.request(req, actor=req.user_id, owner=_owner(principal),
+                                idempotency_key=idempotency_key)
     locks = grant.locks
     tokens = [lk.token for lk in locks]
     expiries = [lk.expires_at for lk in locks if lk.expires_at is not None]
