@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 import uvicorn
+from etcd_nodes import EtcdCluster, etcd_cluster
 
 from bs_coordination.service import create_app
 from bs_coordination.service.config import Settings
 from bs_coordination.stores import Store
-from etcd_nodes import EtcdCluster, etcd_cluster
 
 #: How long a service may take to start or stop.
 SERVER_START_SECONDS = 15.0
