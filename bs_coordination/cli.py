@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("force-release", parents=[common], help="remove every lock on a device (admin)")
     p.add_argument("device", metavar="DEVICE")
-    p.add_argument("--reason", help="why (recorded in the event log)")
+    p.add_argument("--reason", help="why (recorded in the service log)")
+    p.add_argument("--user", default=user, help="who does it, the events' actor; with API keys the "
+                   f"key's principal instead [COORDINATION_USER] (default {user})")
     p.set_defaults(func=cmd_force_release)
 
     p = sub.add_parser("watch", parents=[common], help="print lock events live until Ctrl-C")

@@ -326,10 +326,12 @@ class RenewResponse(PublicModel):
 
 
 class ForceReleaseRequest(ConfinedModel):
-    """Remove every lock on exactly ``device_name`` (admin)."""
+    """Remove every lock on exactly ``device_name`` (admin). ``user_id`` says who does it (the
+    events' ``actor``); with authentication on, the API key's principal is the actor instead."""
 
     device_name: DeviceName
     reason: Reason | None = None
+    user_id: UserId | None = None
 
     @field_validator("device_name")
     @classmethod

@@ -130,7 +130,8 @@ async def cmd_force_release(client: DeviceCoordinationClient, args: argparse.Nam
                             out: TextIO) -> int:
     """``force-release DEVICE``: every lock on exactly that name (admin)."""
     try:
-        answer = as_json(await client.force_release(args.device, args.reason or None))
+        answer = as_json(await client.force_release(args.device, args.reason or None,
+                                                    args.user or None))
     except CoordinationError as exc:
         raise cli_error(exc, f"force-release {args.device}") from None
     if args.json:

@@ -120,5 +120,8 @@ def event_line(msg: dict[str, Any]) -> str:
     lock = msg.get("lock") or {}
     reason = f": {lock['reason']}" if lock.get("reason") else ""
     until = f" until {show_until(lock.get('expires_at'))}" if msg.get("action") in _LEASE_ACTIONS else ""
+    # Who caused it, when that is not the holder (a force-release by an admin).
+    actor = msg.get("actor")
+    by = f" by {actor}" if actor and actor != lock.get("user_id") else ""
     return (f"{show_time(msg.get('timestamp'))}  {msg.get('action', '?'):<14} {msg.get('device_name')}  "
-            f"{lock.get('lock_type')} {lock.get('user_id')}{until}{reason}")
+            f"{lock.get('lock_type')} {lock.get('user_id')}{by}{until}{reason}")

@@ -266,3 +266,19 @@ async def gated_service(url: str, gate: asyncio.Event) -> AsyncIterator[str]:
     finally:
         gate.set()
         await runner.cleanup()
+
+
+async def test_recent_events_say_who_force_released(live_service):
+    browser = browser_or_skip()
+    url = live_service.url
+    lock(url, "m1", lock_type="MANUAL_OPERATOR", user_id="alice")
+    async with headless_chromium(browser) as page:
+        await page.goto(url + "/")
+        await page.wait_for(f"{ROWS}.length === 1")
+        status, _ = post(url + "/api/lock/force-release",
+                         {"device_name": "m1", "reason": "stuck", "user_id": "carl"})
+        assert status == 200
+        text = await page.wait_for(
+            "(li => li && li.innerText)(document.querySelector('#events li[data-action=force_released]'))")
+        assert "alice" in text and "by carl" in text
+        assert page.errors == []

@@ -214,13 +214,15 @@ async def renew_lock(req: RenewRequest, caller: CallerDep) -> RenewResponse:
 )
 async def force_release(req: ForceReleaseRequest, caller: CallerDep) -> ForceReleaseResponse:
     """Remove every lock, active and preempted, on exactly ``device_name``; preempted locks
-    on overlapping names are then restored as after a release. Needs the admin role."""
+    on overlapping names are then restored as after a release. Needs the admin role. Each
+    ``force_released`` event names who did it as its ``actor`` (the API key's principal, or
+    ``user_id`` with authentication off)."""
     store, principal = caller.store, caller.principal
     require(principal, Role.ADMIN, what="this operation")
-    actor = None if principal is None else principal.name
+    actor = req.user_id if principal is None else principal.name
     released = await store.force_release(req.device_name, actor=actor)
-    log.warning("force-released %d lock(s) on %r, reason: %r", len(released), req.device_name,
-                req.reason)
+    log.warning("force-released %d lock(s) on %r, reason: %r (by %r)", len(released),
+                req.device_name, req.reason, actor)
     return ForceReleaseResponse(
         success=True,
         message=f"Force-released {len(released)} lock(s) on {req.device_name!r}",
