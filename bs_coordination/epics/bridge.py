@@ -219,9 +219,13 @@ class EpicsBridge:
             if self._valid:
                 await self._lose()
             return
-        locks = self.client.get_all_cached_locks()
+        locks: dict[str, DeviceLock] | None = None
         for device in devices:
-            await self.pvs.show(device, lock_shown(locks, device))
+            lock = self.client.get_cached_lock_status(device)
+            if lock is None:  # free, or only components locked: look at every lock, once
+                locks = self.client.get_all_cached_locks() if locks is None else locks
+                lock = lock_shown(locks, device)
+            await self.pvs.show(device, lock)
         if not self._valid:
             self._valid = True
             log.info("in step with the coordination service at %s: %d lock PVs valid",
