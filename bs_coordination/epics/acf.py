@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bs_coordination.epics.pvnames import check_epics_device_name, lock_pv
+from bs_coordination.epics.pvnames import check_epics_device_name, check_prefix, lock_pv
 
 #: An EPICS record's ``ASG`` field holds at most 28 characters (DBF_STRING of 29 bytes).
 MAX_ASG_NAME = 28
@@ -154,6 +154,7 @@ def render_acf(devices: Mapping[str, Sequence[str]], prefix: str, accounts: Acco
     Raises ``ValueError`` for a bad device, record, account or host name (nothing is written).
     """
     accounts.check()
+    check_prefix(prefix)
     checked = check_devices(devices)
     lines = [
         f"# EPICS access security for coordinated devices, written by `{source}`.",

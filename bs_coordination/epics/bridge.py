@@ -45,7 +45,7 @@ from caproto import (
 from caproto.asyncio.server import Context
 
 from bs_coordination.client import DeviceCoordinationClient
-from bs_coordination.epics.pvnames import FREE, check_epics_device_name, holder_pv, lock_pv
+from bs_coordination.epics.pvnames import FREE, check_epics_device_name, check_prefix, holder_pv, lock_pv
 from bs_coordination.errors import CoordinationError
 from bs_coordination.models import DeviceLock
 
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 #: How often the bridge checks its WebSocket connection (seconds): the longest a lost
 #: connection goes unnoticed once the socket has closed.
 WATCH_INTERVAL = 0.05
+#: The longest ``:HOLDER`` value: a DBR_STRING holds 39 bytes and a terminating NUL.
+MAX_HOLDER = 39
 
 
 class _ReadOnlyInteger(ChannelInteger):
@@ -72,6 +74,12 @@ class _ReadOnlyString(ChannelString):
 
 def _invalid() -> ChannelAlarm:
     return ChannelAlarm(status=AlarmStatus.COMM, severity=AlarmSeverity.INVALID_ALARM)
+
+
+def holder_text(user_id: str) -> str:
+    """``user_id`` as a Channel Access string holds it: Latin-1 (other characters become
+    ``?``), at most ``MAX_HOLDER`` bytes."""
+    return user_id.encode("latin-1", "replace")[:MAX_HOLDER].decode("latin-1")
 
 
 def lock_shown(locks: Mapping[str, DeviceLock], device: str) -> DeviceLock | None:
@@ -93,7 +101,7 @@ class LockPVs:
             raise ValueError("no devices to serve")
         for device in devices:
             check_epics_device_name(device)
-        self.prefix = prefix
+        self.prefix = check_prefix(prefix)
         self.devices = list(dict.fromkeys(devices))
         self.lock = {d: _ReadOnlyInteger(value=FREE, alarm=_invalid(),
                                          reported_record_type="longin") for d in self.devices}
@@ -115,7 +123,7 @@ class LockPVs:
 
     async def show(self, device: str, lock: DeviceLock | None) -> None:
         """Publish ``lock`` (``None``: free) on the device's PVs, valid; no-op if unchanged."""
-        value = (lock.priority, lock.user_id) if lock is not None else (FREE, "")
+        value = (lock.priority, holder_text(lock.user_id)) if lock is not None else (FREE, "")
         if self.shown.get(device) == value:
             return
         self.shown[device] = value
@@ -242,4 +250,4 @@ class EpicsBridge:
             await self._refresh([root])
 
 
-__all__ = ["WATCH_INTERVAL", "EpicsBridge", "LockPVs", "lock_shown"]
+__all__ = ["MAX_HOLDER", "WATCH_INTERVAL", "EpicsBridge", "LockPVs", "holder_text", "lock_shown"]

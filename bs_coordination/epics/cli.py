@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from bs_coordination._cli._errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, cli_error
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.epics.acf import Accounts, check_record_name, records_from_discovery, render_acf
-from bs_coordination.epics.pvnames import check_epics_device_name
+from bs_coordination.epics.pvnames import check_epics_device_name, check_prefix
 from bs_coordination.errors import CoordinationError
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,10 @@ async def _discovered(client: DeviceCoordinationClient) -> list[dict[str, Any]]:
 # -- epics-bridge -----------------------------------------------------------------------------
 def cmd_epics_bridge(args: argparse.Namespace, out: TextIO) -> int:
     """``epics-bridge``: serve the lock PVs until Ctrl-C or SIGTERM."""
+    try:
+        check_prefix(args.prefix)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     try:
         for device in args.devices:
             check_epics_device_name(device)

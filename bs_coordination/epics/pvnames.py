@@ -3,6 +3,8 @@ generator and the resume gate)."""
 
 from __future__ import annotations
 
+import re
+
 from bs_coordination.models import check_device_name
 
 #: ``:LOCK`` value of a free device (no active lock).
@@ -23,6 +25,18 @@ def check_epics_device_name(name: str) -> str:
     return name
 
 
+# What a PV name prefix may hold: no spaces, quotes, backslashes, '.' (a field) or controls.
+_PREFIX_RE = re.compile(r'^[^."\\\s\x00-\x1f\x7f$]*$')
+
+
+def check_prefix(prefix: str) -> str:
+    """Return ``prefix`` if PV names can start with it; ``ValueError`` naming the rule."""
+    if not _PREFIX_RE.match(prefix) or len(prefix) > 40:
+        raise ValueError(f"--prefix {prefix!r}: at most 40 characters, without spaces, quotes, "
+                         "backslashes, '.' or '$'")
+    return prefix
+
+
 def lock_pv(prefix: str, device: str) -> str:
     """``<prefix><device>:LOCK``: the active lock's priority, -1 when free."""
     return f"{prefix}{device}:LOCK"
@@ -33,4 +47,4 @@ def holder_pv(prefix: str, device: str) -> str:
     return f"{prefix}{device}:HOLDER"
 
 
-__all__ = ["FREE", "check_epics_device_name", "holder_pv", "lock_pv"]
+__all__ = ["FREE", "check_epics_device_name", "check_prefix", "holder_pv", "lock_pv"]

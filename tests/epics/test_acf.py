@@ -64,10 +64,12 @@ def test_host_groups_restrict_their_role_only():
     ({"DEFAULT": ["R1"]}, ACCOUNTS, "DEFAULT"),
     ({"m1": ['R"1']}, ACCOUNTS, "invalid EPICS record name"),
     ({}, ACCOUNTS, "no devices"),
+    ({"m1": ["R1"]}, ACCOUNTS, "--prefix 'BL LOCKS:'"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(devices, accounts, error):
+    prefix = "BL LOCKS:" if "--prefix" in error else "P:"
     with pytest.raises(ValueError, match=re.escape(error)):
-        render_acf(devices, "P:", accounts)
+        render_acf(devices, prefix, accounts)
 
 
 def test_records_from_the_service_device_list():

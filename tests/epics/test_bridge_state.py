@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from bs_coordination.epics.bridge import LockPVs, lock_shown
+from bs_coordination.epics.bridge import LockPVs, holder_text, lock_shown
 from bs_coordination.models import DeviceLock, LockType
 
 pytestmark = pytest.mark.epics
@@ -37,3 +37,10 @@ def test_pvs_names_and_refusals():
         LockPVs("BL:", ["m1.user_setpoint"])
     with pytest.raises(ValueError, match="no devices"):
         LockPVs("BL:", [])
+
+
+def test_holder_fits_a_channel_access_string():
+    assert holder_text("queue_server") == "queue_server"
+    assert holder_text("x" * 100) == "x" * 39
+    assert holder_text("José") == "José"  # Latin-1
+    assert holder_text("李雷") == "??"

@@ -76,6 +76,8 @@ def test_acf_says_when_the_service_knows_no_epics_device(live_service, capsys):
     assert "knows no device with EPICS write PVs" in capsys.readouterr().err
 
 
-def test_bridge_refuses_bad_devices_before_serving(capsys):
+def test_bridge_refuses_bad_devices_and_prefixes_before_serving(capsys):
     assert main(["epics-bridge", "--device", "m1.user_setpoint"]) == 64
     assert "component" in capsys.readouterr().err
+    assert main(["epics-bridge", "--device", "m1", "--prefix", 'BL"']) == 64
+    assert "--prefix 'BL\"'" in capsys.readouterr().err
