@@ -90,10 +90,9 @@ class PreflightRunner:
 
     async def _get(self) -> _Worker:
         """The running child; started (or restarted for a new device list) when needed."""
+        await self._discovery_settled()
         loaded_at = self._loaded_at()
         w = self._worker
-        if w is not None and w.catalog_at is None:
-            w.catalog_at = loaded_at  # started before the first discovery ended: same code
         if w is not None and (w.proc.returncode is not None or w.catalog_at != loaded_at):
             await self._stop()
         if self._worker is None:
@@ -107,6 +106,13 @@ class PreflightRunner:
                 if starting.done():
                     self._starting = None
         return self._worker
+
+    async def _discovery_settled(self) -> None:
+        """Wait (up to the load time limit) for the first discovery to end, so that the child
+        knows which device list it was started with: a later one restarts it."""
+        deadline = time.monotonic() + self.load_timeout
+        while not self.registry.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def _loaded_at(self) -> datetime | None:
         """When discovery loaded the device list served now: a newer list restarts the child."""

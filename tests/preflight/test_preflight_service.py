@@ -186,3 +186,24 @@ async def test_with_api_keys_preflight_needs_a_key_and_the_read_role_suffices(ap
                        headers={"Authorization": "ApiKey read-key"})
     assert r.status_code == 200, r.text
     assert sources(r.json()) == {"det1": "argument", "motor1": "argument"}
+
+
+async def test_a_reloaded_collection_is_dry_run_with_its_new_plans(api_of, tmp_path: Path):
+    import shutil
+
+    from preflight_collection import EXAMPLE
+
+    collection = tmp_path / "collection"
+    shutil.copytree(EXAMPLE / "startup", collection / "startup")
+    api = api_of(collection)
+    r = await api.post("/api/preflight", json={"item": {"name": "home_motor1", "args": []}})
+    assert r.status_code == 422 and "home_motor1" in r.json()["message"]
+
+    (collection / "startup" / "20-more-plans.py").write_text(
+        "def home_motor1():\n"
+        "    '''Move motor1 home.'''\n"
+        "    yield from bps.mv(motor1, 0)\n")
+    r = await api.post("/api/device-config/reload")
+    assert r.status_code == 200, r.text
+    answer = await preflight(api, "home_motor1")
+    assert sources(answer) == {"motor1": "dry_run"} and answer["complete"] is True
