@@ -76,7 +76,12 @@ class Collection:
     """The loaded startup namespace and what the queue server knows of it."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from bluesky_queueserver.manager import profile_ops
+        try:
+            from bluesky_queueserver.manager import profile_ops
+        except ModuleNotFoundError as ex:
+            raise RuntimeError(
+                f"a dry run needs bluesky-queueserver's loader, which is not installed ({ex}): "
+                f"pip install 'bs-coordination[discovery]'") from None
 
         _note_value_reads()  # before the startup code imports bluesky.plan_stubs.rd
         _no_stack_capture()
