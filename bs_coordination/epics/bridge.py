@@ -198,13 +198,17 @@ class EpicsBridge:
 
     async def _connect(self) -> None:
         """Start monitoring, retrying while the service cannot be reached."""
+        last = None
         while True:
             try:
                 await self.client.start_websocket_monitoring()
                 return
             except CoordinationError as exc:
-                log.warning("cannot follow the coordination service (%s); lock PVs stay "
-                            "INVALID; retrying in %.1f s", exc, self.retry_delay)
+                # Warn once per distinct failure, not at every retry of a long outage.
+                level = logging.WARNING if str(exc) != last else logging.DEBUG
+                last = str(exc)
+                log.log(level, "cannot follow the coordination service (%s); lock PVs stay "
+                        "INVALID; retrying every %.1f s", exc, self.retry_delay)
             await asyncio.sleep(self.retry_delay)
 
     async def _watch(self) -> None:

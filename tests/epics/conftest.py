@@ -129,12 +129,12 @@ def ioc_factory(ca: CaPorts, procs: list[Proc], tmp_path: Path) -> Any:
 
 @pytest.fixture
 def bridge_factory(ca: CaPorts, procs: list[Proc]) -> Any:
-    """``bridge_factory(url, prefix, devices) -> Proc``: ``bs-coordination epics-bridge``
-    (started: its CA server listens)."""
+    """``bridge_factory(url, prefix, devices, *more_args) -> Proc``: ``bs-coordination
+    epics-bridge`` (started: its CA server listens)."""
 
-    def start(url: str, prefix: str, devices: list[str]) -> Proc:
+    def start(url: str, prefix: str, devices: list[str], *extra: str) -> Proc:
         args = [sys.executable, "-m", "bs_coordination.cli", "epics-bridge", "--url", url,
-                "--prefix", prefix]
+                "--prefix", prefix, *extra]
         for device in devices:
             args += ["--device", device]
         proc = Proc(args, ca.bridge_env(), "lock PVs over Channel Access")
