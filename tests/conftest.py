@@ -42,7 +42,7 @@ def _redis_store_available() -> bool:
     return True
 
 
-STORE_PARAMS = ["memory", "redis"] if _redis_store_available() else ["memory"]
+STORE_PARAMS = (["memory", "redis"] if _redis_store_available() else ["memory"]) + ["etcd"]
 
 
 class ThreadedServer(uvicorn.Server):
@@ -195,8 +195,9 @@ _etcd_prefixes = itertools.count()
 
 @pytest.fixture
 def etcd_url(etcd_server: EtcdCluster) -> str:
-    """``etcd://127.0.0.1:PORT/<a key prefix of this test's own>`` on the session's etcd."""
-    return f"{etcd_server.url}/test{next(_etcd_prefixes)}-{time.time_ns()}"
+    """``etcd://127.0.0.1:PORT/<a key prefix of this test's own>?max_txn_ops=1024`` on the
+    session's etcd."""
+    return f"{etcd_server.url}/test{next(_etcd_prefixes)}-{time.time_ns()}{etcd_server.options}"
 
 
 @pytest.fixture(params=STORE_PARAMS)
@@ -205,6 +206,8 @@ def store_url(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         return str(server.url)
+    if request.param == "etcd":
+        return str(request.getfixturevalue("etcd_url"))
     return "memory"
 
 

@@ -27,6 +27,9 @@ import pytest
 REQUIRE_ETCD = os.environ.get("BS_COORDINATION_REQUIRE_ETCD") == "1"
 #: etcd's election timeout in these tests (ms); the heartbeat is a tenth of it.
 ELECTION_MS = 500
+#: etcd's --max-txn-ops in these tests (default 128): the service suite locks 100 devices in
+#: one request. Store URLs say so with ``?max_txn_ops=`` (``EtcdCluster.url``).
+MAX_TXN_OPS = 1024
 
 
 def etcd_binary() -> str | None:
@@ -85,6 +88,7 @@ class EtcdNode:
              "--initial-cluster-token", self.dir.name,
              "--heartbeat-interval", str(ELECTION_MS // 10), "--election-timeout", str(ELECTION_MS),
              "--auto-compaction-mode", "revision", "--auto-compaction-retention", "100000",
+             "--max-txn-ops", str(MAX_TXN_OPS),
              "--log-level", "warn", "--logger", "zap"],
             stdout=log, stderr=log)
         log.close()
@@ -127,7 +131,10 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
+        """``etcd://`` and every member; a key prefix may follow, then ``options``."""
         return "etcd://" + ",".join(n.endpoint for n in self.nodes)
+
+    options = f"?max_txn_ops={MAX_TXN_OPS}"
 
     def start(self, timeout: float = 20.0) -> None:
         for n in self.nodes:

@@ -1,6 +1,8 @@
 """The etcd store: the lock table in etcd v3, for sites that need no lost lock across a failover.
 
-``--store etcd://HOST:PORT[,HOST:PORT...][/KEY_PREFIX]`` (default prefix ``bs-coordination``).
+``--store etcd://HOST:PORT[,HOST:PORT...][/KEY_PREFIX][?max_txn_ops=N]`` (default prefix
+``bs-coordination``; ``max_txn_ops``: the members' ``--max-txn-ops``, default 128, which bounds
+how many devices one request may name: about 2 operations per device).
 etcd replicates every write through Raft before it answers, so an acknowledged lock survives
 the loss of any minority of members, leader included; reads are linearizable.
 
@@ -67,14 +69,34 @@ MAX_CLOCK_SKEW = 0.5
 DEFAULT_EVENT_LOG_SIZE = 10_000
 #: Seconds a request to etcd is awaited at most.
 TIMEOUT = 2.0
+#: Operations one etcd transaction may hold (etcd's ``--max-txn-ops``, 128 by default): about
+#: 2 per device of a request, so a request may name some 60 devices unless it is raised (on
+#: every member, and with ``?max_txn_ops=N`` in the store URL).
+MAX_TXN_OPS = 128
 
 
 def parse_url(url: str) -> tuple[list[tuple[str, int]], str]:
     """``etcd://h1:p1,h2:p2/prefix`` -> endpoints and key prefix; ``ValueError`` naming the
     problem."""
+    return _parse(url)[:2]  # type: ignore[return-value]
+
+
+def max_txn_ops(url: str) -> int:
+    """The URL's ``?max_txn_ops=N`` (etcd's ``--max-txn-ops`` of the members), else 128."""
+    return int(_parse(url)[2])
+
+
+def _parse(url: str) -> tuple[list[tuple[str, int]], str, int]:
     if not url.startswith("etcd://"):
         raise ValueError(f"store: {url[:80]!r} is not an etcd:// URL")
-    rest = url[len("etcd://"):]
+    rest, _, query = url[len("etcd://"):].partition("?")
+    ops = MAX_TXN_OPS
+    for option in filter(None, query.split("&")):
+        name, _, value = option.partition("=")
+        if name != "max_txn_ops" or not value.isdigit() or not 16 <= int(value) <= 1_000_000:
+            raise ValueError(f"store: etcd URL option {option[:40]!r} is not max_txn_ops=N "
+                             f"(16..1000000)")
+        ops = int(value)
     hosts, _, prefix = rest.partition("/")
     endpoints = []
     for part in hosts.split(","):
@@ -87,7 +109,14 @@ def parse_url(url: str) -> tuple[list[tuple[str, int]], str]:
             raise ValueError(f"store: etcd endpoint {part[:80]!r} is not HOST:PORT")
         endpoints.append((parsed.hostname, port))
     prefix = prefix.strip("/") or DEFAULT_PREFIX
-    return endpoints, prefix
+    return endpoints, prefix, ops
+
+
+class _Lost(Exception):
+    """The table's meta is not the one this store attached to."""
+
+    def __init__(self, meta: str) -> None:
+        self.meta = meta
 
 
 def _micros(t: float) -> str:
@@ -109,14 +138,15 @@ class EtcdStore(Store):
                  max_clock_skew: float = MAX_CLOCK_SKEW, clock: Clock | None = None) -> None:
         super().__init__()
         self.clock = clock or SystemClock()
-        endpoints, prefix = parse_url(url)
+        endpoints, prefix, self.max_txn_ops = _parse(url)
         self.client = EtcdClient(endpoints, timeout=timeout)
         self.where = self.client.where
         self.prefix = prefix + "/"
         self.event_log_size = event_log_size
         self.max_clock_skew = max_clock_skew
         self._last_now = 0.0
-        self.engine = Engine(self, self._clock, on_commit=self._committed)
+        # Room for the meta and clock checks and the clock and event-log writes.
+        self.engine = Engine(self, self._clock, on_commit=self._committed, max_ops=self.max_txn_ops - 4)
         #: The table's meta text (generation and epoch) this store works on; None until attached.
         self._meta: str | None = None
         self.epoch = 0
@@ -243,9 +273,19 @@ class EtcdStore(Store):
         keys = list(keys)
         reply = await self._call("kv/txn", {"success": [
             {"request_range": {"key": b64(self._key(k))}} for k in keys]})
-        return {k: self._stored(r) for k, r in zip(keys, reply.get("responses", []), strict=True)}
+        responses = reply.get("responses", [])
+        return {k: self._stored(r) for k, r in zip(keys, responses, strict=True)}
 
     async def commit(self, commit: Commit) -> Outcome:
+        try:
+            return await self._commit(commit)
+        except _Lost as lost:
+            await self._attach(lost.meta)
+            raise Restart from None
+
+    async def _commit(self, commit: Commit) -> Outcome:
+        """One etcd transaction: the checks, the table's meta and the clock compared; the
+        writes, events and expiry index on success; the checked keys read back on failure."""
         meta = await self._attached()
         now = self._clock()
         compare = [{"key": b64(self._key(k)), "target": "MOD", "result": "EQUAL",
@@ -271,17 +311,28 @@ class EtcdStore(Store):
         failure = [{"request_range": {"key": b64(self._key(k))}} for k in checked]
         failure += [{"request_range": {"key": b64(self._meta_key)}},
                     {"request_range": {"key": b64(self._clock_key)}}]
+        size = max(len(compare), len(success))
+        if size > self.max_txn_ops:  # the engine commits such an operation alone
+            raise InvalidRequestError(
+                f"this request needs {size} operations in one etcd transaction, more than the "
+                f"{self.max_txn_ops} etcd allows (--max-txn-ops): lock fewer devices at once, "
+                f"or raise --max-txn-ops on every etcd member and add ?max_txn_ops=N to the "
+                f"store URL")
         reply = await self._call("kv/txn", {"compare": compare, "success": success, "failure": failure})
-        if reply.get("succeeded"):
-            revision = int(reply["header"]["revision"])
-            versions = {k: (ABSENT if text is None else revision) for k, text in commit.writes.items()}
-            return Outcome(True, versions=versions,
-                           event_ids=[f"{self.epoch}-{n}" for n, _ in commit.events])
-        responses = reply.get("responses", [])
+        if not reply.get("succeeded"):
+            return self._refused(meta, now, checked, reply.get("responses", []))
+        revision = int(reply["header"]["revision"])
+        versions = {k: (ABSENT if text is None else revision) for k, text in commit.writes.items()}
+        return Outcome(True, versions=versions,
+                       event_ids=[f"{self.epoch}-{n}" for n, _ in commit.events])
+
+    def _refused(self, meta: str, now: float, keys: list[str], responses: list[dict[str, Any]]
+                 ) -> Outcome:
+        """A commit whose checks failed: the snapshot of the checked keys, or the table lost
+        (``Restart`` after attaching anew), or this replica's clock behind."""
         found_meta, found_clock = self._stored(responses[-2])[1], self._stored(responses[-1])[1]
         if found_meta != meta:
-            await self._attach(meta)
-            raise Restart
+            raise _Lost(meta)
         if found_clock is not None and found_clock >= _micros(now + self.max_clock_skew):
             behind = int(found_clock) / 1e6 - now
             log.error("clock of this replica is %.3f s behind the time another replica of the "
@@ -290,7 +341,7 @@ class EtcdStore(Store):
             raise StoreUnavailableError(
                 f"lock store unavailable: this replica's clock is {behind:.3f} s behind another "
                 f"replica's (allowed {self.max_clock_skew:g} s); synchronise the clocks (NTP)")
-        return Outcome(False, snapshot={k: self._stored(r) for k, r in zip(checked, responses, strict=False)})
+        return Outcome(False, snapshot={k: self._stored(r) for k, r in zip(keys, responses, strict=False)})
 
     def _committed(self, messages: list[LockUpdateMessage]) -> None:
         for msg in messages:

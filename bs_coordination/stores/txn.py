@@ -57,6 +57,7 @@ drop its cache and run the batch again (e.g. after it re-attached to a table tha
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import random
@@ -361,9 +362,6 @@ class Engine:
             batch = [op for op in batch if not op.future.done()]  # cancelled callers
             try:
                 rest = await self._commit(batch)
-            except StoreUnavailableError as exc:
-                self._fail(batch, exc)
-                continue
             except asyncio.CancelledError:
                 self._fail(batch, StoreUnavailableError("lock store closed"))
                 raise
@@ -377,9 +375,8 @@ class Engine:
     def _fail(ops: list[_Op], exc: BaseException) -> None:
         for op in ops:
             if not op.future.done():
-                # each caller its own exception (a traceback is added to where it is raised)
-                one = StoreUnavailableError(exc.message) if isinstance(exc, StoreUnavailableError) else exc
-                op.future.set_exception(one)
+                # each caller its own exception (a traceback is added where it is raised)
+                op.future.set_exception(copy.copy(exc))
 
     def _too_large(self, view: _BatchView, events: int) -> bool:
         """Whether a commit of ``view`` could pass the backend's limits (``max_ops``): the
@@ -389,7 +386,17 @@ class Engine:
                 or len(view.written) + events + 2 * records > self.max_ops)
 
     async def _commit(self, batch: list[_Op]) -> list[_Op]:
-        """Run ``batch`` until one commit of it holds; returns the operations left out."""
+        """Run ``batch`` until one commit of it holds (or fail its operations with the
+        backend's error); returns the operations left out, for the next commit."""
+        state: list[list[_Op]] = [batch, []]
+        try:
+            return await self._attempts(state)
+        except CoordinationError as exc:  # unavailable, busy, or refused by the backend
+            self._fail(state[0], exc)
+            return state[1]
+
+    async def _attempts(self, state: list[list[_Op]]) -> list[_Op]:
+        batch = state[0]
         snapshot: dict[str, tuple[Any, Any]] = {}
         attempts = 0
         while True:
@@ -402,7 +409,6 @@ class Engine:
             done: list[_Done] = []
             events: list[tuple[int, Event]] = []
             unsure = False
-            rest: list[_Op] = []
             for i, op in enumerate(batch):
                 written_before = dict(view.written)
                 txn = Txn(view, now, op.actor)
@@ -421,7 +427,8 @@ class Engine:
                     error = exc
                 if i and self._too_large(view, len(events) + len(numbered)):
                     view.written = written_before  # this one goes with the next commit
-                    batch, rest = batch[:i], batch[i:]
+                    batch, state[1] = batch[:i], batch[i:] + state[1]
+                    state[0] = batch
                     break
                 done.append(_Done(op, result, error, numbered))
                 events.extend(numbered)
@@ -430,7 +437,7 @@ class Engine:
                 continue
             if not view.written and view.fresh:
                 self._settle(done, {})  # decided on one snapshot taken during the requests
-                return rest
+                return state[1]
             commit = view.commit(events, [d.op.tag for d in done])
             try:
                 outcome = await self.backend.commit(commit)
@@ -452,7 +459,7 @@ class Engine:
             messages = self._settle(done, ids)
             if messages and self.on_commit is not None:
                 self.on_commit(messages)
-            return rest
+            return state[1]
 
     @staticmethod
     def _settle(done: list[_Done], ids: dict[int, str]) -> list[LockUpdateMessage]:

@@ -16,12 +16,12 @@ import pytest
 from etcd_nodes import EtcdCluster, etcd_cluster
 
 from bs_coordination import locktable
-from bs_coordination.errors import LockConflictError, StoreUnavailableError
+from bs_coordination.errors import InvalidRequestError, LockConflictError, StoreUnavailableError
 from bs_coordination.models import LockRequest, LockType, LockUpdateMessage
 from bs_coordination.service.config import SettingsError, settings_from
 from bs_coordination.stores import EventGap, ManualClock, open_store
 from bs_coordination.stores.base import event_order
-from bs_coordination.stores.etcd import EtcdStore, parse_url
+from bs_coordination.stores.etcd import EtcdStore, max_txn_ops, parse_url
 from bs_coordination.stores.etcd_client import b64, prefix_end
 
 OP = LockType.MANUAL_OPERATOR
@@ -218,3 +218,41 @@ def test_urls_and_settings_name_etcd() -> None:
         settings_from(["--store", "zookeeper://h:1"], {})
     with pytest.raises(ValueError, match="etcd://"):
         open_store("consul://h:1")
+
+
+async def test_two_hundred_devices_in_one_request_are_all_or_nothing(replicas) -> None:
+    """More checks than one etcd transaction takes (128 by default): nested transactions,
+    still atomic, and a conflict in a nested level is found."""
+    a, b = replicas
+    devices = [f"dev{i:03d}" for i in range(200)]
+    await b.request(ask("dev150", user="bob"))  # a has never read dev150
+    with pytest.raises(LockConflictError) as refused:
+        await a.request(ask(devices))
+    assert "bob" in refused.value.message
+    assert [lock.device_name for lock in await a.all_locks()] == ["dev150"]
+    grant = await a.request(ask([d for d in devices if d != "dev150"]))
+    assert len(grant.locks) == 199 and len({lock.token for lock in grant.locks}) == 1
+    assert len(await b.all_locks()) == 200
+    assert len(await a.release(grant.lock_key)) == 199
+
+
+async def test_a_request_larger_than_one_etcd_transaction_is_refused_whole(etcd_url: str) -> None:
+    """With etcd's default --max-txn-ops (128), a request naming 100 devices cannot be one
+    transaction: 422 naming the limit and what to do, nothing locked, other requests unaffected."""
+    url = etcd_url.partition("?")[0]  # the default limit
+    assert max_txn_ops(url) == 128 and max_txn_ops(etcd_url) == 1024
+    store = EtcdStore(url)
+    await store.start()
+    try:
+        small = asyncio.ensure_future(store.request(ask("other")))
+        with pytest.raises(InvalidRequestError, match="max-txn-ops") as refused:
+            await store.request(ask([f"dev{i:03d}" for i in range(100)]))
+        assert "lock fewer devices" in refused.value.message
+        await small
+        assert [lock.device_name for lock in await store.all_locks()] == ["other"]
+        grant = await store.request(ask([f"dev{i:03d}" for i in range(40)]))
+        assert len(grant.locks) == 40
+    finally:
+        await store.close()
+    with pytest.raises(ValueError, match="max_txn_ops=N"):
+        parse_url("etcd://h:1/x?max_txn_ops=lots")

@@ -193,9 +193,22 @@ async def test_concurrent_replicas_match_the_memory_store_run_serially(seed: int
         await engine.close()
 
 
+class Refusing(Model):
+    """A model that refuses every other commit (as if another replica had just written)."""
+
+    refuse = False
+
+    async def commit(self, commit: Commit) -> Outcome:
+        self.refuse = not self.refuse
+        if self.refuse:
+            return Outcome(False, snapshot={k: self.data.get(k, (ABSENT, None)) for k in commit.checks})
+        return await super().commit(commit)
+
+
 async def test_a_batch_larger_than_a_commit_is_split() -> None:
-    """Many concurrent grants on one process: committed in several commits, each small."""
-    model = Model(random.Random(0))
+    """Many concurrent grants on one process: committed in several commits, each small, every
+    one of them after a refused attempt; none is lost."""
+    model = Refusing(random.Random(0))
     clock = ManualClock()
     engine = Engine(model, clock.now, max_ops=20)
     names = [f"dev{i}" for i in range(40)]
