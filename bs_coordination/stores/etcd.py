@@ -48,16 +48,17 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
-from bs_coordination.locktable import TOKEN_COUNTER, Event, LockRecord, RecordId, Txn
-from bs_coordination.models import LockAction, LockUpdateMessage
-from bs_coordination.stores.base import Clock, EventGap, Store, SystemClock, to_message
+from bs_coordination.locktable import TOKEN_COUNTER, LockRecord, RecordId, Txn
+from bs_coordination.models import LockUpdateMessage
+from bs_coordination.stores.base import Clock, Store, SystemClock
 from bs_coordination.stores.etcd_client import EtcdClient, EtcdUnavailable, b64, prefix_end, unb64
-from bs_coordination.stores.txn import ABSENT, EVENT_COUNTER, Commit, Engine, Outcome, Restart, Stored
+from bs_coordination.stores.etcd_events import EtcdEventLog, event_json
+from bs_coordination.stores.txn import ABSENT, Commit, Engine, Outcome, Restart, Stored
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,7 @@ def _micros(t: float) -> str:
     return f"{int(t * 1_000_000):020d}"
 
 
-def _event_json(n: int, e: Event) -> list[Any]:
-    return [n, e.action.value, e.record.to_dict(), e.timestamp, e.actor]
-
-
-class EtcdStore(Store):
+class EtcdStore(EtcdEventLog, Store):
     """The lock table in etcd. ``EtcdStore("etcd://127.0.0.1:2379")``; ``clock``: this
     replica's clock (the system clock unless a test gives one)."""
 
@@ -164,9 +161,6 @@ class EtcdStore(Store):
     @property
     def _clock_key(self) -> str:
         return f"{self.prefix}clock"
-
-    def _event_key(self, n: int) -> str:
-        return f"{self.prefix}e/{n:020d}"
 
     def _expiry_key(self, name: str, key_hash: str, expires_at: float) -> str:
         return f"{self.prefix}x/{_micros(expires_at)}/{name}/{key_hash}"
@@ -298,7 +292,7 @@ class EtcdStore(Store):
         for k, text in commit.writes.items():
             success.append(self._delete(self._key(k)) if text is None else self._put(self._key(k), text))
         if commit.events:
-            body = json.dumps([_event_json(n, e) for n, e in commit.events], separators=(",", ":"))
+            body = json.dumps([event_json(n, e) for n, e in commit.events], separators=(",", ":"))
             success.append(self._put(self._event_key(commit.events[-1][0]), body))
         for name, key_hash, old, new in commit.expiry:
             if old is not None:
@@ -378,113 +372,6 @@ class EtcdStore(Store):
         gone = await super().sweep(limit)
         await self._trim()
         return gone
-
-    async def _trim(self) -> None:
-        last = await self._last_seq()
-        below = last - self.event_log_size
-        if below > self._trimmed_to + max(1, self.event_log_size // 10):
-            start = f"{self.prefix}e/"
-            await self._call("kv/deleterange", {"key": b64(start), "range_end": b64(self._event_key(below))})
-            self._trimmed_to = below
-
-    # -- the event log -------------------------------------------------------------------------
-    async def _last_seq(self) -> int:
-        reply = await self._range(self._key(f"c:{EVENT_COUNTER}"))
-        kvs = reply.get("kvs")
-        return int(unb64(kvs[0]["value"])) if kvs else 0
-
-    def _seq(self, event_id: str) -> int:
-        """The number of ``event_id`` in this table (``0``: before the first); ``EventGap`` for
-        another table's id."""
-        if event_id in ("0", "0-0"):
-            return 0
-        try:
-            epoch, seq = (int(p) for p in event_id.split("-"))
-        except (ValueError, AttributeError):
-            raise InvalidRequestError(
-                f"since: {str(event_id)[:40]!r} is not an event id of this service", field="since") from None
-        if epoch != self.epoch:
-            raise EventGap(f"event {event_id} belongs to another lock table")
-        return seq
-
-    def _decode(self, kvs: list[dict[str, Any]], after: int) -> list[LockUpdateMessage]:
-        out = []
-        for kv in kvs:
-            for n, action, rec, ts, actor in json.loads(unb64(kv["value"])):
-                if n > after:
-                    event = Event(LockAction(action), LockRecord.from_dict(rec), ts, actor)
-                    out.append(to_message(event, f"{self.epoch}-{n}"))
-        return out
-
-    async def _after(self, seq: int, limit: int) -> tuple[list[LockUpdateMessage], int]:
-        """Events numbered above ``seq`` (at most ``limit``) and the revision they were read at."""
-        start = f"{self.prefix}e/"
-        reply = await self._range(self._event_key(seq + 1), prefix_end(start), limit=str(limit))
-        kvs = reply.get("kvs", [])
-        events = self._decode(kvs, seq)[:limit]
-        if kvs:
-            first = int(json.loads(unb64(kvs[0]["value"]))[0][0])
-            if first > seq + 1:
-                raise EventGap(f"event {self.epoch}-{seq} is older than the retained log")
-        elif seq < self._trimmed_to:
-            raise EventGap(f"event {self.epoch}-{seq} is older than the retained log")
-        return events, int(reply["header"]["revision"])
-
-    async def events_after(self, since: str | None, limit: int = 1000) -> list[LockUpdateMessage]:
-        await self._attached()
-        if since is None:
-            start = f"{self.prefix}e/"
-            reply = await self._range(start, prefix_end(start), limit=str(limit),
-                                      sort_order="DESCEND", sort_target="KEY")
-            kvs = list(reversed(reply.get("kvs", [])))
-            return self._decode(kvs, 0)[-limit:]
-        seq = self._seq(since)
-        events, _ = await self._after(seq, limit)
-        return events
-
-    async def last_event_id(self) -> str | None:
-        await self._attached()
-        last = await self._last_seq()
-        return f"{self.epoch}-{last}" if last else None
-
-    async def tail(self, since: str | None) -> AsyncIterator[LockUpdateMessage]:
-        """Every event after ``since``: read the log from there, then watch it. A lost
-        connection is retried with backoff, resuming from the last event seen."""
-        last: int | None = None
-        delay = 0.1
-        start = f"{self.prefix}e/"
-        while True:
-            try:
-                await self._attached()
-                if last is None:
-                    last = self._seq(since) if since is not None else await self._last_seq()
-                events, revision = await self._after(last, 10_000)
-                for msg in events:
-                    last = int(msg.event_id.split("-")[1])  # type: ignore[union-attr]
-                    self.engine.saw_token(msg.lock.token)
-                    yield msg
-                if len(events) == 10_000:
-                    continue
-                async for result in self.client.watch(start, prefix_end(start), revision + 1):
-                    if delay > 0.1:
-                        log.info("event tail: etcd at %s is back; resuming after %s-%s",
-                                 self.where, self.epoch, last)
-                        delay = 0.1
-                    if result.get("compact_revision") or result.get("canceled"):
-                        break  # read the log again from ``last``
-                    for ev in result.get("events", []):
-                        if ev.get("type") == "DELETE":
-                            continue
-                        for msg in self._decode([ev["kv"]], last):
-                            last = int(msg.event_id.split("-")[1])  # type: ignore[union-attr]
-                            self.engine.saw_token(msg.lock.token)
-                            yield msg
-            except (StoreUnavailableError, EtcdUnavailable) as exc:
-                if delay == 0.1:
-                    log.warning("event tail: etcd at %s unavailable (%s); retrying", self.where,
-                                getattr(exc, "message", None) or exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore", "parse_url"]

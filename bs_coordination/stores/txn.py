@@ -48,7 +48,8 @@ commit; the backend stores them under those numbers and names their ids.
 **Time** is the store's: ``clock()`` is called once per attempt (see the store's docstring for
 where its time comes from).
 
-A backend implements ``Backend``: ``read(keys)`` (a consistent snapshot) and ``commit(commit)``
+A backend implements ``Backend`` (``txn_backend``, with the keys, their texts, ``Commit`` and
+``Outcome``): ``read(keys)`` (a consistent snapshot) and ``commit(commit)``
 (``Outcome``), raising ``StoreUnavailableError`` when the service cannot be used (the operations
 of that batch fail with it; nothing is known to be written) or ``Restart`` to make the engine
 drop its cache and run the batch again (e.g. after it re-attached to a table that was lost).
@@ -58,12 +59,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import random
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from bs_coordination.errors import CoordinationError, StoreUnavailableError
 from bs_coordination.locktable import (
@@ -77,11 +77,25 @@ from bs_coordination.locktable import (
 )
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores.base import to_message
+from bs_coordination.stores.txn_backend import (
+    ABSENT,
+    EVENT_COUNTER,
+    WAITERS_KEY,
+    Backend,
+    Commit,
+    Outcome,
+    Restart,
+    Stored,
+    counter_key,
+    decode,
+    encode,
+    key_names_key,
+    records_key,
+    under_key,
+)
 
 log = logging.getLogger(__name__)
 
-#: The version of a key that does not exist.
-ABSENT = 0
 #: Attempts of one batch before its operations fail as "store busy".
 MAX_ATTEMPTS = 32
 #: Operations committed together at most.
@@ -92,102 +106,6 @@ MAX_BATCH = 64
 MAX_OPS = 100
 #: Cache entries before the cache is dropped (it is only a guess, never trusted).
 CACHE_LIMIT = 50_000
-EVENT_COUNTER = "event"
-
-#: (version, text or None when absent), as a backend stores it.
-Stored = tuple[Any, str | None]
-
-
-def records_key(name: str) -> str:
-    return f"r:{name}"
-
-
-def under_key(name: str) -> str:
-    return f"u:{name}"
-
-
-def key_names_key(key_hash: str) -> str:
-    return f"k:{key_hash}"
-
-
-WAITERS_KEY = "w"
-
-
-def counter_key(name: str) -> str:
-    return f"c:{name}"
-
-
-# -- values as text --------------------------------------------------------------------------
-
-def decode(key: str, text: str | None) -> Any:
-    """The parsed value of a logical key (its empty value when absent)."""
-    kind = key[0]
-    if kind == "r":
-        return {} if text is None else {r.key_hash: r for r in map(LockRecord.from_dict, json.loads(text))}
-    if kind in "uk":
-        return frozenset() if text is None else frozenset(json.loads(text))
-    if kind == "w":
-        return {} if text is None else {w.ticket: w for w in map(Waiter.from_dict, json.loads(text))}
-    return 0 if text is None else int(text)
-
-
-def encode(key: str, value: Any) -> str | None:
-    """The text of a logical key's value; ``None`` (delete the key) when it is empty."""
-    if not value:
-        return None
-    kind = key[0]
-    if kind == "r":
-        return json.dumps([r.to_dict() for r in value.values()], separators=(",", ":"))
-    if kind in "uk":
-        return json.dumps(sorted(value), separators=(",", ":"))
-    if kind == "w":
-        return json.dumps([w.to_dict() for w in value.values()], separators=(",", ":"))
-    return str(value)
-
-
-# -- the backend interface --------------------------------------------------------------------
-
-@dataclass
-class Commit:
-    """One atomic write, conditional on ``checks``."""
-
-    #: logical key -> the version it was read at (``ABSENT``: it must not exist).
-    checks: dict[str, Any]
-    #: logical key -> its new text, ``None`` to delete it.
-    writes: dict[str, str | None]
-    #: (event number, event), to append to the log.
-    events: list[tuple[int, Event]]
-    #: (device name, key hash, expires_at before, expires_at after) for each record whose
-    #: lease end changed (``None``: none, or no record): the expiry index to update.
-    expiry: list[tuple[str, str, float | None, float | None]]
-    #: What each operation of the batch was (the tag given to ``Engine.run``), in the order
-    #: they ran: for logs and tests.
-    tags: list[Any] = field(default_factory=list)
-
-
-@dataclass
-class Outcome:
-    """A backend's answer to ``commit``: written (``ok``) or not (a check failed)."""
-
-    ok: bool
-    #: When ok: logical key -> the new version of each key written (deleted keys: ABSENT).
-    versions: dict[str, Any] = field(default_factory=dict)
-    #: When ok: the id of each event, in order.
-    event_ids: list[str] = field(default_factory=list)
-    #: When not ok: the current value of every checked key, read at one instant.
-    snapshot: dict[str, Stored] = field(default_factory=dict)
-
-
-class Backend(Protocol):
-    async def read(self, keys: Collection[str]) -> dict[str, Stored]:
-        """The current version and text of ``keys``, all at one instant (linearizable)."""
-
-    async def commit(self, commit: Commit) -> Outcome:
-        """Write ``commit`` atomically if every check holds; else answer a snapshot."""
-
-
-class Restart(Exception):
-    """Raised by a backend: drop the cache and run the batch again."""
 
 
 # -- the view the lock table runs on -------------------------------------------------------
@@ -492,4 +410,6 @@ class Engine:
             self.floor[TOKEN_COUNTER] = token
 
 
-__all__ = ["ABSENT", "Backend", "Commit", "Engine", "Outcome", "Restart", "Stored", "decode", "encode"]
+# The backend's side is re-exported: a store needs only this module.
+__all__ = ["ABSENT", "EVENT_COUNTER", "Backend", "Commit", "Engine", "Outcome", "Restart", "Stored", "decode",
+           "encode"]
