@@ -58,6 +58,9 @@ _READ_COMMANDS = ("read", "locate")
 _USES_READING = (TypeError, KeyError, IndexError, AttributeError, ValueError, ArithmeticError)
 #: At most this many messages per dry run (a plan that never ends is cut, not run out of memory).
 MAX_MESSAGES = 2_000_000
+#: Address space of this process: a plan that allocates without bound (``scan(..., 10**9)``
+#: builds its positions first) gets MemoryError instead of taking the machine's memory.
+MEMORY_LIMIT_BYTES = 8 << 30
 
 #: Why a dry run is incomplete (the ``incomplete`` field of an answer).
 NEEDS_READINGS, TIME_LIMIT, EXCEPTION = "needs_readings", "time_limit", "exception"
@@ -379,6 +382,7 @@ def serve(collection: Collection, requests: Any, out: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Load the collection, say whether it loaded, serve dry runs; exit when stdin closes."""
     _exit_with_parent()
+    _limit_memory()
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever the startup code or a plan prints goes to stderr
     sys.stdout = sys.stderr
@@ -402,6 +406,20 @@ def main(argv: list[str] | None = None) -> None:
         serve(collection, sys.stdin.buffer, out)
     finally:
         os._exit(0)  # threads the startup code started must not keep this process alive
+
+
+def _limit_memory() -> None:
+    """At most ``MEMORY_LIMIT_BYTES`` or half the machine's memory, whichever is less."""
+    try:
+        import resource
+
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = max(2 << 30, min(MEMORY_LIMIT_BYTES, physical // 2))
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard == resource.RLIM_INFINITY or hard > limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, ValueError, OSError) as ex:  # not on this platform: no limit
+        log.warning("no memory limit for dry runs: %s", ex)
 
 
 def _exit_with_parent() -> None:

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bs_coordination.errors import DiscoveryError, InvalidRequestError
 from bs_coordination.models import MAX_NAME_LENGTH, DeviceLock, LockType
@@ -39,6 +39,23 @@ from bs_coordination.stores import Store
 from .preflight_runner import DEFAULT_PREFLIGHT_TIMEOUT, PreflightRunner
 
 log = logging.getLogger(__name__)
+
+#: Deepest nesting of lists and objects accepted in an item's arguments (plans take lists of
+#: devices, perhaps of lists: a few levels).
+MAX_ARGUMENT_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (0 for a plain value), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (list, dict)):
+            if d + 1 > MAX_ARGUMENT_DEPTH:
+                return d + 1
+            deepest = max(deepest, d + 1)
+            todo.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 # --------------------------------------------------------------------------- models
@@ -55,6 +72,13 @@ class QueueItem(BaseModel):
                             "names are resolved to devices as the queue server does.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
     item_type: str = Field(default="plan", description="Only `plan` items can be dry-run.")
+
+    @field_validator("args", "kwargs")
+    @classmethod
+    def _not_too_deep(cls, value: Any) -> Any:
+        if _depth(value) > MAX_ARGUMENT_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_ARGUMENT_DEPTH} levels")
+        return value
     item_uid: str | None = Field(
         default=None, max_length=MAX_NAME_LENGTH,
         description="The queue item's uid: the answer is remembered for a while and listed by "
@@ -206,7 +230,8 @@ async def preflight(runner: PreflightRunner, store: Store, item: QueueItem,
     if item.item_type != "plan":
         raise InvalidRequestError(f"item.item_type: only plans can be dry-run, got "
                                   f"{item.item_type!r}")
-    answer = await runner.dry_run(item.model_dump(mode="json"))
+    # Only what the dry run uses (extra fields of the item, such as `meta`, are not serialized).
+    answer = await runner.dry_run({"name": item.name, "args": item.args, "kwargs": item.kwargs})
     devices = [PredictedDevice.model_validate(d) for d in answer.get("devices") or []]
     conflicts = await conflicts_for(store, [d.device_name for d in devices])
     incomplete = answer.get("incomplete")

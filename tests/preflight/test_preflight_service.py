@@ -207,3 +207,16 @@ async def test_a_reloaded_collection_is_dry_run_with_its_new_plans(api_of, tmp_p
     assert r.status_code == 200, r.text
     answer = await preflight(api, "home_motor1")
     assert sources(answer) == {"motor1": "dry_run"} and answer["complete"] is True
+
+
+async def test_arguments_nested_too_deep_are_refused(api_of):
+    api = api_of()
+    deep: Any = "det1"
+    for _ in range(40):
+        deep = [deep]
+    r = await api.post("/api/preflight", json={"item": {"name": "count", "args": [deep]}})
+    assert r.status_code == 422 and "nested deeper than 32 levels" in r.json()["message"]
+    # A plan that allocates without bound fails in its own process, with the reason.
+    answer = await preflight(api, "scan", ["det1"], "motor1", -1, 1, 10**10)
+    assert answer["complete"] is False and "MemoryError" in answer["reason"]
+    assert sources(answer) == {"det1": "argument", "motor1": "argument"}
