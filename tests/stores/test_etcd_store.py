@@ -8,23 +8,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import test_differential as differential
 from etcd_nodes import EtcdCluster, etcd_cluster
+from hypothesis import HealthCheck, given, settings
 
 from bs_coordination import locktable
 from bs_coordination.errors import InvalidRequestError, LockConflictError, StoreUnavailableError
 from bs_coordination.models import LockRequest, LockType, LockUpdateMessage
 from bs_coordination.service.config import SettingsError, settings_from
-from bs_coordination.stores import EventGap, ManualClock, open_store
+from bs_coordination.stores import EventGap, ManualClock, MemoryStore, open_store
 from bs_coordination.stores.base import event_order
 from bs_coordination.stores.etcd import EtcdStore, max_txn_ops, parse_url
 from bs_coordination.stores.etcd_client import b64, prefix_end
 
 OP = LockType.MANUAL_OPERATOR
+_prefixes = itertools.count()
 
 
 def ask(name: str | list[str], user: str = "alice", lock_type: LockType = OP, **fields: object) -> LockRequest:
@@ -256,3 +261,34 @@ async def test_a_request_larger_than_one_etcd_transaction_is_refused_whole(etcd_
         await store.close()
     with pytest.raises(ValueError, match="max_txn_ops=N"):
         parse_url("etcd://h:1/x?max_txn_ops=lots")
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=differential.operations)
+def test_etcd_matches_memory(etcd_server: EtcdCluster, ops) -> None:  # type: ignore[no-untyped-def]
+    """Random operation sequences (hierarchy, preemption, upgrades, atomic sets, releases,
+    renewals, force releases) give the same outcomes, locks and events on etcd as in memory
+    (``test_differential`` has the sequences and the comparison)."""
+    url = f"{etcd_server.url}/diff{next(_prefixes)}-{time.time_ns()}"
+
+    async def run() -> None:
+        memory = MemoryStore()
+        etcd = EtcdStore(url)
+        try:
+            expected = await differential._apply(memory, ops, [])
+            got = await differential._apply(etcd, ops, [])
+            assert got == expected
+            assert differential._shape(await etcd.all_locks()) == differential._shape(await memory.all_locks())
+            for name in differential.NAMES:
+                m, e = await memory.device_status(name), await etcd.device_status(name)
+                assert (e.locked, differential._shape(e.preempted)) == (m.locked, differential._shape(m.preempted))
+            m_events = [(e.device_name, e.action, e.lock.user_id) for e in await memory.events_after(None)]
+            e_events = [(e.device_name, e.action, e.lock.user_id) for e in await etcd.events_after(None)]
+            for name in differential.NAMES:
+                assert [e for e in e_events if e[0] == name] == [e for e in m_events if e[0] == name]
+            assert len(e_events) == len(m_events)
+        finally:
+            await etcd.close()
+
+    asyncio.run(run())
