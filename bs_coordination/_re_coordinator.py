@@ -33,7 +33,8 @@ from bs_coordination.errors import (
     LockNotFoundError,
     ServiceError,
 )
-from bs_coordination.models import DeviceLock, LockState, LockType, names_overlap
+from bs_coordination.models import DeviceLock, LockState, LockType, PreemptionAck, names_overlap
+from bs_coordination.suspender import LockPreemptedSuspender
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ class PlanCoordinator:
         # The service said its store lost its data (every lock gone): the running plan is
         # suspended until the table is read again, then asks for its locks anew.
         self._lost_reason: str | None = None
+        #: Take the plans' locks with the preemption handshake (when a suspender listens, the
+        #: one that says when the RunEngine has stopped: see ``add_preemption_listener``).
+        self.acknowledge_preemption = True
+        self._acknowledger = False  # a listening suspender acknowledges for us
+        self._acked: set[tuple[str, int]] = set()  # (device, token) acknowledged (client thread)
 
     def __repr__(self) -> str:
         return f"<PlanCoordinator {self.url} user={self.user_id!r}>"
@@ -209,8 +215,53 @@ class PlanCoordinator:
     def add_preemption_listener(self, listener: PreemptionListener) -> None:
         """``listener(preempted, offline)`` is called on the client thread with a copy of
         ``{device_name: our preempted lock}`` and the offline reason (``None``: the event
-        stream is up, or no plan runs) every time either changes."""
+        stream is up, or no plan runs) every time either changes.
+
+        A ``LockPreemptedSuspender``'s ``update`` is also the party of the preemption
+        handshake: it is given ``acknowledge_preemptions`` and calls it once the RunEngine has
+        suspended, and the plans' locks are taken asking for the handshake."""
         self._listeners.append(listener)
+        owner = getattr(listener, "__self__", None)
+        if isinstance(owner, LockPreemptedSuspender):
+            owner.acknowledge = self.acknowledge_preemptions
+            self._acknowledger = True
+
+    def acknowledge_preemptions(self) -> None:
+        """Any thread: the RunEngine has stopped using its devices (suspended, movers
+        stopped): acknowledge every preemption of the plans' locks that waits for it, so
+        maintenance is answered now. Returns at once (the requests run on the client
+        thread)."""
+        thread = self._thread
+        if thread is not None:
+            thread.submit(self._acknowledge()).add_done_callback(_log_failure)
+
+    async def _acknowledge(self) -> None:
+        assert self.client is not None
+        due_keys: list[str] = []
+        live: set[tuple[str, int]] = set()
+        for session in list(self.tracker.sessions.values()):
+            key = session._key
+            due = False
+            for name, lock in session.held.items():
+                if lock.state is LockState.PREEMPTED:
+                    live.add((name, lock.token))
+                    if lock.preemption_ack is PreemptionAck.PENDING \
+                            and (name, lock.token) not in self._acked:
+                        self._acked.add((name, lock.token))
+                        due = True
+            if due and key is not None:
+                due_keys.append(key)
+        self._acked &= live  # forget locks restored or gone
+        for key in due_keys:
+            try:
+                answer = await self.client.acknowledge_preemption(key)
+            except CoordinationError as exc:
+                log.warning("could not acknowledge the preemption of the plan's locks (%s); "
+                            "maintenance is answered at the service's deadline", exc.message)
+                continue
+            names = ", ".join(repr(lk.device_name) for lk in answer.acknowledged)
+            log.info("acknowledged the preemption of %s: the RunEngine is suspended",
+                     names or "nothing (already answered)")
 
     def add_resume_hook(self, hook: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """``await hook()`` runs on the RunEngine loop whenever the RunEngine resumes a plan
@@ -334,7 +385,8 @@ class PlanCoordinator:
             await keeper.stop()
         response = await self.client.request_locks(
             want, LockType.QUEUE_EXECUTING, self.user_id, timeout=self.lease,
-            reason=session.reason, plan_uid=session.plan_uid, wait=wait, lock_key=key)
+            reason=session.reason, plan_uid=session.plan_uid, wait=wait, lock_key=key,
+            acknowledge_preemption=self.acknowledge_preemption and self._acknowledger)
         if not response.success:
             session.failed = True
             err = self._conflict_error(want, response.message, response.conflicts, wait)
@@ -436,6 +488,11 @@ class PlanCoordinator:
                 listener(snapshot, offline)
             except Exception:
                 log.exception("preemption listener %r failed", listener)
+
+
+def _log_failure(fut: Any) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("acknowledging a preemption failed", exc_info=fut.exception())
 
 
 __all__ = ["PlanCoordinator", "PreemptionListener"]

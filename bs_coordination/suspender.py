@@ -20,20 +20,35 @@ Two cases ``SuspenderBase`` alone gets wrong:
   then, after the RunEngine has rewound and before it runs a message;
 - after a WebSocket reconnect the coordinator resynchronises from the full status and calls
   ``update()`` with the result, so a preemption or restore missed meanwhile still counts.
+
+The preemption handshake: the plan's locks ask for it, so maintenance is answered only once
+this RunEngine has stopped using the device. The suspender says when: ``acknowledge`` (set by
+the ``PlanCoordinator`` it listens to) is called on the RunEngine loop once the RunEngine has
+suspended (its suspension's ``pre_plan`` runs after ``stop()`` was called on every mover the
+plan touched and ``pause()`` on its devices, and nothing of the plan runs until the
+suspension ends), or at once when the RunEngine is idle or paused or already suspended.
+Meanwhile the plan's messages on the preempted device are held by the RunEngine hooks (the
+lock is no longer "covered"), so no device message runs between the preemption and the
+acknowledgement that the suspension did not stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bluesky.suspenders import SuspenderBase
 
-from bs_coordination.models import DeviceLock
+from bs_coordination.models import DeviceLock, PreemptionAck
 
 log = logging.getLogger(__name__)
+
+#: RunEngine states in which it runs no plan message: a preemption is acknowledged at once.
+_QUIET_STATES = frozenset({"idle", "paused", "panicked"})
+#: How often a preemption waiting for a quiet RunEngine looks again (pausing, aborting...).
+_ACK_POLL_SECONDS = 0.01
 
 
 class _NoSignal:
@@ -77,11 +92,20 @@ class LockPreemptedSuspender(SuspenderBase):
     ``why`` says what keeps it tripped.
     """
 
-    def __init__(self, *, sleep: float = 0, pre_plan: Any = None, post_plan: Any = None) -> None:
-        super().__init__(_NoSignal(), sleep=sleep, pre_plan=pre_plan, post_plan=post_plan)
+    def __init__(self, *, sleep: float = 0, pre_plan: Any = None, post_plan: Any = None,
+                 acknowledge: Callable[[], None] | None = None) -> None:
+        # Our own pre_plan runs first: the moment the RunEngine has suspended.
+        super().__init__(_NoSignal(), sleep=sleep, pre_plan=self._suspended_now,
+                         post_plan=post_plan)
+        self._user_pre_plan = pre_plan
         self.preempted: dict[str, DeviceLock] = {}
         self.offline: str | None = None
+        #: Called (RunEngine loop) when the RunEngine stopped using its devices and a
+        #: preemption handshake waits: the coordinator acknowledges every pending one.
+        self.acknowledge = acknowledge
         self._requested = False  # a suspension was requested for the current trip (loop only)
+        self._suspended = False  # our suspension's pre_plan ran and it has not ended (loop only)
+        self._ack_polling = False  # a look at a RunEngine in transition is scheduled (loop only)
 
     def __repr__(self) -> str:
         return f"LockPreemptedSuspender(tripped={self.tripped})"
@@ -112,14 +136,69 @@ class LockPreemptedSuspender(SuspenderBase):
             self._tripped_message = "; ".join(reasons)
             if not self.tripped:
                 # SuspenderBase requests the suspension only when the RunEngine is running.
-                self._requested = bool(self.RE.state.is_running)
+                state = str(self.RE.state)
+                self._requested = state == "running"
                 log.warning("suspending the RunEngine: %s", self._tripped_message)
                 self(True)
+                if state == "suspending" and self.tripped:
+                    # Another suspension is under way: ours goes on top of it, so that our
+                    # pre_plan says when the RunEngine has stopped.
+                    self._request_now(self._get_justification())
+            self._acknowledge_when_stopped()
         elif self.tripped:
             log.info("every lock is restored and the event stream is up: the RunEngine may "
                      "resume")
             self._requested = False
+            self._suspended = False
             self(False)
+
+    # -- the preemption handshake (RunEngine loop) ----------------------------------------
+    def _handshake_due(self) -> bool:
+        return self.acknowledge is not None and any(
+            lock.preemption_ack is PreemptionAck.PENDING for lock in self.preempted.values())
+
+    def _acknowledge_when_stopped(self) -> None:
+        """Acknowledge the pending preemptions now if the RunEngine runs no plan message
+        (idle, paused, or suspended by us); else our suspension's pre_plan will, or a later
+        look (a RunEngine pausing or ending its plan)."""
+        if not self._handshake_due() or self.RE is None:
+            return
+        state = str(self.RE.state)
+        if self._suspended or state in _QUIET_STATES:
+            self._send_acknowledgement()
+        elif not (self._requested and state in ("running", "suspending")) \
+                and not self._ack_polling:
+            self._ack_polling = True
+            self.RE.loop.call_later(_ACK_POLL_SECONDS, self._poll_acknowledgement)
+
+    def _poll_acknowledgement(self) -> None:
+        self._ack_polling = False
+        self._acknowledge_when_stopped()
+
+    def _send_acknowledgement(self) -> None:
+        assert self.acknowledge is not None
+        try:
+            self.acknowledge()
+        except Exception:  # the deadline answers maintenance anyway
+            log.exception("could not acknowledge the preemption")
+
+    def _suspended_now(self) -> Any:
+        """Our suspension's pre_plan, called by the RunEngine once it has called ``stop()``
+        on the plan's movers and ``pause()`` on its devices, before it waits: the devices
+        are no longer in use."""
+        self._suspended = True
+        if self._handshake_due():
+            self._send_acknowledgement()
+        pre_plan = self._user_pre_plan
+        return pre_plan() if callable(pre_plan) else pre_plan
+
+    def _request_now(self, why: str) -> None:
+        futures, _ = self.get_futures()
+        if not futures or self.RE is None:
+            return
+        self._requested = True
+        self.RE.request_suspend(futures[0], pre_plan=self._pre_plan, post_plan=self._post_plan,
+                                justification=why)
 
     async def recheck(self) -> None:
         """On the RunEngine loop, when it resumes a plan: a trip it did not act on (it was
@@ -129,10 +208,8 @@ class LockPreemptedSuspender(SuspenderBase):
         futures, why = self.get_futures()
         if not futures:
             return
-        self._requested = True
         log.warning("the RunEngine resumes while a lock is preempted: suspending again (%s)", why)
-        self.RE.request_suspend(futures[0], pre_plan=self._pre_plan, post_plan=self._post_plan,
-                                justification=why)
+        self._request_now(why)
         # request_suspend schedules its work with call_soon_threadsafe + create_task: let it
         # run now, so it is in place before the RunEngine takes its next message.
         for _ in range(3):
