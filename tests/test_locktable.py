@@ -24,7 +24,14 @@ from bs_coordination.errors import (
     LockNotOwnedError,
 )
 from bs_coordination.locktable import Txn, hash_key
-from bs_coordination.models import LockAction, LockRequest, LockState, LockType, names_overlap
+from bs_coordination.models import (
+    LockAction,
+    LockRequest,
+    LockState,
+    LockType,
+    PreemptionAck,
+    names_overlap,
+)
 from bs_coordination.stores import ManualClock, MemoryStore
 
 NAMES = ["a", "a.x", "a.y", "a.x.p", "b", "b.z"]
@@ -73,9 +80,10 @@ class Table:
         return [r for recs in self.store._records.values() for r in recs.values()]
 
 
-def req(names, lock_type, user="u", timeout=60.0, plan_uid=None, lock_key=None):
+def req(names, lock_type, user="u", timeout=60.0, plan_uid=None, lock_key=None, ack=False):
     return LockRequest(device_names=list(names), lock_type=lock_type, user_id=user,
-                       timeout=timeout, plan_uid=plan_uid, lock_key=lock_key)
+                       timeout=timeout, plan_uid=plan_uid, lock_key=lock_key,
+                       acknowledge_preemption=ack)
 
 
 # -- the plain model ---------------------------------------------------------------------
@@ -88,6 +96,9 @@ class M:
     active: bool
     expires: float | None
     plan_uid: str | None
+    ack_req: bool = False  # the holder asked for the preemption handshake
+    ack: str | None = None  # while preempted: pending, acknowledged, timed_out
+    acked_at: float | None = None
 
     @property
     def prio(self) -> int:
@@ -99,15 +110,16 @@ class Model:
         self.locks: list[M] = []
 
     def view(self):
-        return {(m.name, hash_key(m.key)): (m.lock_type, m.active, m.expires) for m in self.locks}
+        return {(m.name, hash_key(m.key)): (m.lock_type, m.active, m.expires, m.ack_req, m.ack,
+                                            m.acked_at) for m in self.locks}
 
     def settle(self) -> None:
         for m in sorted((m for m in self.locks if not m.active), key=lambda m: m.prio):
             if not any(o.key != m.key and names_overlap(o.name, m.name) and (o.prio < m.prio or o.active)
                        for o in self.locks):
-                m.active = True
+                m.active, m.ack, m.acked_at = True, None, None
 
-    def request(self, names, lock_type, key, presented, timeout, plan_uid, now):
+    def request(self, names, lock_type, key, presented, timeout, plan_uid, now, ack=False):
         p = lock_type.priority
         own = [m for m in self.locks if m.key == key]
         if presented and not own:
@@ -138,12 +150,13 @@ class Model:
                 if o.key != key and names_overlap(o.name, n):
                     if consumes(o):
                         self.locks.remove(o)
-                    else:
-                        o.active = False
+                    elif o.active:
+                        o.active, o.ack, o.acked_at = False, "pending" if o.ack_req else None, None
             if mine is None:
-                self.locks.append(M(n, key, lock_type, True, expires, plan_uid))
+                self.locks.append(M(n, key, lock_type, True, expires, plan_uid, ack))
             else:
                 mine.lock_type, mine.active, mine.expires = lock_type, True, expires
+                mine.ack_req, mine.ack, mine.acked_at = mine.ack_req or ack, None, None
         if timeout is not None:
             for _, mine in renewals:
                 mine.expires = expires
@@ -163,6 +176,23 @@ class Model:
         for m in targets:
             self.locks.remove(m)
         self.settle()
+
+    def acknowledge(self, key, name, now):
+        own = [m for m in self.locks if m.key == key and (name is None or m.name == name)]
+        if not own:
+            if name is not None and any(m.name == name for m in self.locks):
+                raise LockNotOwnedError("")
+            raise LockNotFoundError("")
+        for m in own:
+            if m.ack == "pending":
+                m.ack, m.acked_at = "acknowledged", now
+            elif m.ack == "timed_out" and m.acked_at is None:
+                m.acked_at = now
+
+    def time_out(self):
+        for m in self.locks:
+            if m.ack == "pending":
+                m.ack = "timed_out"
 
     def force_release(self, name):
         targets = [m for m in self.locks if m.name == name]
@@ -215,19 +245,28 @@ class LockTableMachine(RuleBasedStateMachine):
 
     @rule(names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True),
           lock_type=st.sampled_from(list(LockType)), key=st.sampled_from(KEYS),
-          timeout=st.sampled_from([None, 5.0, 50.0]), plan_uid=st.sampled_from([None, "p1", "p2"]))
-    def request(self, names, lock_type, key, timeout, plan_uid):
+          timeout=st.sampled_from([None, 5.0, 50.0]), plan_uid=st.sampled_from([None, "p1", "p2"]),
+          ack=st.booleans())
+    def request(self, names, lock_type, key, timeout, plan_uid, ack):
         if any(names_overlap(a, b) for i, a in enumerate(names) for b in names[i + 1:]):
             return  # refused by the request model itself (422)
         if timeout is None and lock_type.needs_lease:
             timeout = 5.0
         presented = key in self.used_keys
         r = req(names, lock_type, timeout=timeout, plan_uid=plan_uid,
-                lock_key=key if presented else None)
+                lock_key=key if presented else None, ack=ack)
         now = self.table.clock.now()
-        self._compare(
-            lambda txn: locktable.request(txn, r, hash_key(key), presented=presented),
-            lambda: self.model.request(names, lock_type, key, presented, timeout, plan_uid, now))
+        displaced: list[locktable.LockRecord] = []
+        events = self._compare(
+            lambda txn: locktable.request(txn, r, hash_key(key), presented=presented,
+                                          ack_timeout=2.0, displaced=displaced),
+            lambda: self.model.request(names, lock_type, key, presented, timeout, plan_uid, now,
+                                       ack))
+        # The grant's handshake waits for exactly the displaced holders that asked for it.
+        told = {e.lock.device_name for e in events if e.action is LockAction.PREEMPTED
+                and e.lock.preemption_ack is not None}
+        assert {d.device_name for d in displaced} == told
+        assert all(d.ack_deadline == now + 2.0 for d in displaced)
         if any(m.key == key for m in self.model.locks):
             self.used_keys.add(key)
 
@@ -235,6 +274,22 @@ class LockTableMachine(RuleBasedStateMachine):
     def release(self, key, name):
         self._compare(lambda txn: locktable.release(txn, hash_key(key), name),
                       lambda: self.model.release(key, name))
+
+    @rule(key=st.sampled_from(KEYS), name=st.one_of(st.none(), st.sampled_from(NAMES)))
+    def acknowledge(self, key, name):
+        now = self.table.clock.now()
+        events = self._compare(lambda txn: locktable.acknowledge(txn, hash_key(key), name),
+                               lambda: self.model.acknowledge(key, name, now))
+        assert all(e.action is LockAction.ACKNOWLEDGED and not e.lock.is_active for e in events)
+
+    @rule()
+    def handshake_deadline(self):
+        """The waiting preemptors' deadlines come: pending handshakes time out."""
+        pending = [r for r in self.table.records() if r.ack is PreemptionAck.PENDING]
+        events = self._compare(lambda txn: locktable.time_out_acks(txn, pending),
+                               lambda: self.model.time_out())
+        assert all(e.action is LockAction.ACK_TIMEOUT for e in events)
+        assert len(events) == len(pending)
 
     @rule(name=st.sampled_from(NAMES))
     def force_release(self, name):
@@ -276,8 +331,20 @@ class LockTableMachine(RuleBasedStateMachine):
 
     @invariant()
     def matches_model(self):
-        sut = {rid: (t, s is LockState.ACTIVE, e) for rid, (t, s, e, _) in self.table.snapshot().items()}
+        sut = {r.id: (r.lock_type, r.active, r.expires_at, r.ack_requested,
+                      None if r.ack is None else r.ack.value, r.acknowledged_at)
+               for r in self.table.records()}
         assert sut == self.model.view()
+
+    @invariant()
+    def handshake_only_while_preempted(self):
+        for r in self.table.records():
+            if r.active or not r.ack_requested:
+                assert (r.ack, r.ack_deadline, r.acknowledged_at) == (None, None, None)
+            else:
+                assert r.ack is not None and r.ack_deadline is not None
+                assert (r.acknowledged_at is not None) == (r.ack is PreemptionAck.ACKNOWLEDGED) \
+                    or r.ack is PreemptionAck.TIMED_OUT
 
     @invariant()
     def no_two_active_overlapping(self):
