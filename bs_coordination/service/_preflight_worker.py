@@ -204,6 +204,7 @@ class _Devices:
         self._names: dict[int, tuple[Any, str | None]] = {}  # id -> (object kept alive, name)
         self.commands: dict[str, set[str]] = {}
         self.reads: list[str] = []
+        self.messages = 0
 
     def name_of(self, obj: Any) -> str | None:
         hit = self._names.get(id(obj))
@@ -213,6 +214,7 @@ class _Devices:
         return hit[1]
 
     def note(self, msg: Any) -> None:
+        self.messages += 1
         objs = [msg.obj]
         if msg.command in _ARGS_DEVICE_COMMANDS:
             objs.extend(msg.args)
@@ -253,14 +255,12 @@ def _argument_devices(value: Any, devices: _Devices, found: dict[str, None]) -> 
 def _recorded(plan: Generator[Any, Any, Any], devices: _Devices) -> Generator[Any, Any, Any]:
     """``plan``, noting the devices of every message it yields."""
     reply: Any = None
-    count = 0
     while True:
         try:
             msg = plan.send(reply)
         except StopIteration as stop:
             return stop.value
-        count += 1
-        if count > MAX_MESSAGES:
+        if devices.messages >= MAX_MESSAGES:
             raise _TooLong()
         devices.note(msg)
         reply = yield msg
@@ -297,15 +297,13 @@ def dry_run(collection: Collection, item: dict[str, Any], time_limit: float,
         report({"stage": "arguments", "devices": [
             {"device_name": n, "source": "argument", "commands": []} for n in arguments]})
     complete, incomplete, reason = True, None, None
-    messages = 0
     _value_reads.clear()
     try:
         with _time_limit(time_limit):
             plan = ensure_generator(prepared["callable"](*prepared["args"], **prepared["kwargs"]))
             for pp in collection.preprocessors():
                 plan = pp(plan)
-            sim = RunEngineSimulator()
-            messages = len(sim.simulate_plan(_recorded(plan, devices)))
+            RunEngineSimulator().simulate_plan(_recorded(plan, devices))
     except DryRunTimeLimit:
         complete, incomplete = False, TIME_LIMIT
         reason = (f"time-out: the dry run did not finish within its time limit of "
@@ -320,23 +318,24 @@ def dry_run(collection: Collection, item: dict[str, Any], time_limit: float,
         what = f"{type(ex).__name__}: {ex}".strip()
         if devices.reads and isinstance(ex, _USES_READING):
             incomplete = NEEDS_READINGS
-            read = ", ".join(sorted(set(devices.reads)))
-            reason = (f"adaptive plan: it needs real readings (it read {read}, which has no "
-                      f"value in a dry run, and then raised {what})")
+            read = sorted(set(devices.reads))
+            reason = (f"adaptive plan: it needs real readings (it read {', '.join(read)}, "
+                      f"{'which has' if len(read) == 1 else 'which have'} no value in a dry "
+                      f"run, and then raised {what})")
         else:
             incomplete = EXCEPTION
             reason = f"exception: the plan raised {what} in its dry run"
     if complete and _value_reads:
         complete, incomplete = False, NEEDS_READINGS
-        read = ", ".join(sorted(set(_value_reads)))
-        reason = (f"adaptive plan: it decides on readings of {read} (bps.rd/bps.locate), which "
+        values = ", ".join(sorted(set(_value_reads)))
+        reason = (f"adaptive plan: it decides on readings of {values} (bps.rd/bps.locate), which "
                   f"have no real value in a dry run, so it may touch other devices when it runs")
     found = [{"device_name": n, "source": "argument",
               "commands": sorted(devices.commands.get(n, ()))} for n in arguments]
     found += [{"device_name": n, "source": "dry_run", "commands": sorted(c)}
               for n, c in devices.commands.items() if n not in arguments]
     return {"ok": True, "devices": found, "complete": complete, "incomplete": incomplete,
-            "reason": reason, "messages": messages,
+            "reason": reason, "messages": devices.messages,
             "duration_s": round(time.perf_counter() - started, 6)}
 
 

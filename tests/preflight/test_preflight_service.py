@@ -121,6 +121,7 @@ async def test_plans_that_hang_raise_or_crash_do_not_harm_the_service(api_of, te
     answer = await preflight(api, "raising_plan", ["det1"])
     assert answer["complete"] is False and answer["incomplete"] == "exception"
     assert "RuntimeError: the beam is down" in answer["reason"]
+    assert answer["messages"] >= 2  # the move of motor1 before it raised
     assert sources(answer) == {"det1": "argument", "motor1": "dry_run"}
 
     # A dry run that hangs: the service answers other requests meanwhile, and the dry run is
