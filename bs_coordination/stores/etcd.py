@@ -338,8 +338,7 @@ class EtcdStore(EtcdEventLog, Store):
                 f"replica's (allowed {self.max_clock_skew:g} s); synchronise the clocks (NTP)")
 
     def _committed(self, messages: list[LockUpdateMessage]) -> None:
-        for msg in messages:
-            self.engine.saw_token(msg.lock.token)
+        self._saw(messages)
         self.notify_changed()
 
     # -- Store primitives --------------------------------------------------------------------

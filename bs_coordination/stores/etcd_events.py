@@ -40,6 +40,16 @@ class EtcdEventLog:
     client: EtcdClient
     engine: Engine
     _trimmed_to: int
+    #: The number of the newest event this replica appended or read.
+    _newest: int = 0
+
+    def _saw(self, messages: list[LockUpdateMessage]) -> None:
+        """Events appended here or read from the log: tokens raise the floor, and the newest
+        number is remembered."""
+        for msg in messages:
+            self.engine.saw_token(msg.lock.token)
+        if messages and messages[-1].event_id:
+            self._newest = max(self._newest, int(messages[-1].event_id.split("-")[1]))
 
     async def _range(self, key: str, range_end: str | None = None, **options: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -57,9 +67,9 @@ class EtcdEventLog:
         return f"{self.prefix}e/{n:020d}"
 
     async def _trim(self) -> None:
-        """Drop the oldest events beyond ``event_log_size`` (in steps of a tenth of it)."""
-        last = await self._last_seq()
-        below = last - self.event_log_size
+        """Drop the oldest events beyond ``event_log_size`` (in steps of a tenth of it), judged
+        by the newest event this replica saw (so an idle sweep asks etcd nothing)."""
+        below = self._newest - self.event_log_size
         if below > self._trimmed_to + max(1, self.event_log_size // 10):
             start = f"{self.prefix}e/"
             await self._call("kv/deleterange", {"key": b64(start), "range_end": b64(self._event_key(below))})
@@ -138,7 +148,7 @@ class EtcdEventLog:
                 events, revision = await self._after(last, PAGE)
                 for msg in events:
                     last = int(msg.event_id.split("-")[1])  # type: ignore[union-attr]
-                    self.engine.saw_token(msg.lock.token)
+                    self._saw([msg])
                     yield msg
                 if len(events) == PAGE:
                     continue
@@ -154,7 +164,7 @@ class EtcdEventLog:
                             continue
                         for msg in self._decode([ev["kv"]], last):
                             last = int(msg.event_id.split("-")[1])  # type: ignore[union-attr]
-                            self.engine.saw_token(msg.lock.token)
+                            self._saw([msg])
                             yield msg
             except (StoreUnavailableError, EtcdUnavailable) as exc:
                 if delay == 0.1:
