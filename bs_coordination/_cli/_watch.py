@@ -16,12 +16,15 @@ from bs_coordination._cli._errors import EXIT_OK, cli_error
 from bs_coordination._cli._format import event_line, print_locks
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.errors import CoordinationError
+from bs_coordination.models import DeviceLock
 
 WATCHING = "-- watching lock events (Ctrl-C to stop) --"
 
 
 class _Printer:
-    """Prints the messages the monitor hands over, in order; counts the events."""
+    """Prints what the monitor hands over, in order: the current locks (from the status
+    callback: the whole table, however many messages it came in) and the events (from the
+    message callback, as the service sent them); counts the events."""
 
     def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
         self.args = args
@@ -31,21 +34,27 @@ class _Printer:
         #: Set when ``--count`` events were printed (or at once after the status for 0).
         self.done = asyncio.Event()
 
-    def __call__(self, message: dict[str, Any]) -> None:
+    def on_status(self, locks: list[DeviceLock]) -> None:
+        self.statuses += 1
+        if not self.args.json and self.statuses == 1 and not self.args.quiet:
+            print_locks([lock.model_dump(mode="json") for lock in locks], self.out)
+            if self.args.count != 0:
+                self.out.write(WATCHING + "\n")
+        self._flush()
+
+    def on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "initial_status":
-            self.statuses += 1
             if self.args.json:
                 self.out.write(json.dumps(message) + "\n")
-            elif self.statuses == 1 and not self.args.quiet:
-                print_locks((message.get("data") or {}).get("locks", []), self.out)
-                if self.args.count != 0:
-                    self.out.write(WATCHING + "\n")
         elif kind == "lock_update":
             if self.done.is_set():
                 return
             self.events += 1
             self.out.write((json.dumps(message) if self.args.json else event_line(message)) + "\n")
+        self._flush()
+
+    def _flush(self) -> None:
         self.out.flush()
         if self.args.count is not None and self.events >= self.args.count:
             self.done.set()
@@ -55,7 +64,8 @@ async def cmd_watch(client: DeviceCoordinationClient, args: argparse.Namespace, 
     """Print lock events until interrupted, or until ``--count`` events (0: only the current
     locks, then exit)."""
     printer = _Printer(args, out)
-    client.add_message_callback(printer)
+    client.add_status_callback(printer.on_status)
+    client.add_message_callback(printer.on_message)
     try:
         try:
             await client.start_websocket_monitoring()
