@@ -44,9 +44,10 @@ def release(url: str, device: str, key: str) -> None:
 
 
 def test_queue_operator_maintenance_and_a_lost_bridge(live_service, ioc_factory, bridge_factory,
-                                                      ca_users):
+                                                      ca_users, ca):
     ioc_factory(acf(), {M1: "m1", "TST:m2": "m2"})
     bridge = bridge_factory(live_service.url, PREFIX, ["m1", "m2"])
+    assert f"on port {ca.bridge} " in bridge.output()  # EPICS_CA_SERVER_PORT
     alice, queue, bob = ca_users("alice"), ca_users("queue_server"), ca_users("bob")
     # Free: operators and the queue write.
     wait_until(lambda: alice.can_write(M1), 15, "the IOC lets alice write the free m1")
