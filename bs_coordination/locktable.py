@@ -601,9 +601,11 @@ def request(
         txn.delete_waiter(ticket)
     held = txn.of_key(key_hash)
     out: list[LockRecord] = []
+    seen: set[int] = set()
     for n in names:
         covering = held.get(n) or next((held[a] for a in ancestors(n) if a in held), None)
-        if covering is not None and covering not in out:
+        if covering is not None and id(covering) not in seen:
+            seen.add(id(covering))
             out.append(covering)
     return out
 

@@ -234,10 +234,21 @@ class LockRequest(ConfinedModel):
         if (self.device_name is None) == (self.device_names is None):
             raise ValueError("give exactly one of device_name or device_names")
         names = self.names
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                if names_overlap(a, b):
-                    raise ValueError(f"device_names: {a!r} and {b!r} overlap; name each device once")
+        # Two names overlap when they are equal or one is an ancestor of the other: found
+        # through a set (a request may name hundreds of devices), reported in request order.
+        first: dict[str, int] = {}
+        for i, n in enumerate(names):
+            if n in first:
+                raise ValueError(f"device_names: {n!r} and {n!r} overlap; name each device once")
+            first[n] = i
+        for i, n in enumerate(names):
+            parts = n.split(".")
+            for k in range(1, len(parts)):
+                a = ".".join(parts[:k])
+                if a in first:
+                    x, y = (a, n) if first[a] < i else (n, a)
+                    raise ValueError(
+                        f"device_names: {x!r} and {y!r} overlap; name each device once")
         if self.timeout is None and self.lock_type.needs_lease:
             raise ValueError(
                 f"timeout: a {self.lock_type.value} lock must have a lease (timeout > 0); "

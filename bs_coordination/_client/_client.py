@@ -445,6 +445,8 @@ class DeviceCoordinationClient:
 
     @property
     def websocket_connected(self) -> bool:
+        """The WebSocket is up and its initial status has arrived (a large table comes in
+        pages: all of them): lock events are followed live from here."""
         return self._monitor.connected
 
     @property

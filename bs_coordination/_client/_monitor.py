@@ -83,6 +83,8 @@ class LockMonitor:
         self._stopping = False
         self._got_status = False  # the current connection delivered its initial_status
         self._resync_now = False  # reconnect at once, from the start of the log
+        # An initial_status arriving in pages: (the status so far, its first message).
+        self._paged: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     @property
     def running(self) -> bool:
@@ -90,7 +92,9 @@ class LockMonitor:
 
     @property
     def connected(self) -> bool:
-        return self._ws is not None and not self._ws.closed
+        """Connected, and this connection's initial status has arrived (every page of it):
+        the events read from now on are the ones after that status."""
+        return self._ws is not None and not self._ws.closed and self._got_status
 
     async def start(self, timeout: float) -> None:
         """Connect and return once the first ``initial_status`` has been applied."""
@@ -168,6 +172,7 @@ class LockMonitor:
                 first = False
                 self._ws = ws
                 self._got_status = False
+                self._paged = None
                 try:
                     await self._read(ws, ready)
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
@@ -222,8 +227,23 @@ class LockMonitor:
         if kind == "lock_update":
             self._on_event(data)
         elif kind == "initial_status":
-            self._on_initial_status(data.get("data") or {}, ready, data)
+            status = data.get("data") or {}
+            if int(status.get("pages") or 1) > 1:  # a large table: the rest follows in pages
+                self._paged = (dict(status, locks=list(status.get("locks") or [])), data)
+                return
+            self._paged = None
+            self._on_initial_status(status, ready, data)
             self._got_status = True
+        elif kind == "status_page":
+            if data.get("of") != "initial_status" or self._paged is None:
+                return  # a page of a get_status reply: this client never asks for one
+            status, first = self._paged
+            page = data.get("data") or {}
+            status["locks"].extend(page.get("locks") or [])
+            if int(page.get("page") or 0) >= int(page.get("pages") or 0):
+                self._paged = None
+                self._on_initial_status(status, ready, first)
+                self._got_status = True
         elif kind in ("pong", "ping"):
             pass
         elif kind == "store_data_lost":

@@ -4,7 +4,10 @@ Protocol (JSON text frames):
 
 - server -> client on connect: ``{"type": "initial_status", "data": {"locks": [...],
   "total_count": N, "timestamp": ..., "last_event_id": ...}}``; with ``?since=ID`` the events
-  after ``ID`` follow, then live ones, with no gap and no duplicate;
+  after ``ID`` follow, then live ones, with no gap and no duplicate. A table of more than
+  ``STATUS_PAGE`` (1000) locks comes in pages: ``data`` then also holds ``"page": 1,
+  "pages": N``, and ``{"type": "status_page", "of": "initial_status", "data": {"locks": [...],
+  "page": 2..N, "pages": N}}`` messages follow, before any event (the same for ``status``);
 - each change: ``{"type": "lock_update", "action": ..., "device_name": ..., "lock": {...},
   "timestamp": ..., "event_id": ...}``;
 - when the store lost its data (every lock gone, see ``Store.data_lost``):
@@ -25,12 +28,12 @@ import contextlib
 import json
 import logging
 from datetime import datetime, timezone
-from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from bs_coordination.errors import CoordinationError, InvalidRequestError
+from bs_coordination.models import LocksStatusResponse
 from bs_coordination.stores import EventGap, Store
 from bs_coordination.stores.base import event_order
 
@@ -47,6 +50,9 @@ MAX_INCOMING_CHARS = 4096
 CLOSE_SECONDS = 2.0
 #: Events read from the log per page while replaying ``since``.
 REPLAY_PAGE = 1000
+#: Locks per status message; a larger table goes out in pages (``Connection.send_status``).
+#: 1000 locks make about 400 kB, below every client's message limit (websockets: 1 MiB).
+STATUS_PAGE = 1000
 
 # Close codes (RFC 6455 / IANA registry).
 POLICY_VIOLATION = 1008
@@ -88,20 +94,41 @@ class Connection:
         async with self._send_lock:
             await self.ws.send_text(text)
 
-    async def status_data(self) -> dict[str, Any]:
-        status = await locks_status(self.store)
-        return status.model_dump(mode="json")
+    async def status_data(self) -> LocksStatusResponse:
+        return await locks_status(self.store)
+
+    async def send_status(self, kind: str, status: LocksStatusResponse) -> None:
+        """Send a status (``initial_status`` or ``status``). A table of more than
+        ``STATUS_PAGE`` locks goes out in pages: the first message holds the first page and
+        ``"page": 1, "pages": N``, then ``status_page`` messages (``"of": kind``) hold the rest,
+        so no message grows with the table. Serialised a page at a time, letting other work
+        of the service run between pages."""
+        locks = status.locks
+        pages = max(1, -(-len(locks) // STATUS_PAGE))
+        head = status.model_dump(mode="json", exclude={"locks"})
+        first = [lk.model_dump(mode="json") for lk in locks[:STATUS_PAGE]]
+        if pages == 1:
+            await self.send(json.dumps({"type": kind, "data": {"locks": first, **head}}))
+            return
+        await self.send(json.dumps({"type": kind, "data": {
+            "locks": first, **head, "page": 1, "pages": pages}}))
+        for page in range(2, pages + 1):
+            await asyncio.sleep(0)
+            chunk = locks[(page - 1) * STATUS_PAGE:page * STATUS_PAGE]
+            await self.send(json.dumps({"type": "status_page", "of": kind, "data": {
+                "locks": [lk.model_dump(mode="json") for lk in chunk],
+                "page": page, "pages": pages}}))
 
     async def open(self, since: str | None) -> bool:
         """Send the initial status and replay ``since``; False if the connection must end."""
         try:
-            data = await self.status_data()
+            status = await self.status_data()
         except CoordinationError as exc:
             await self.send(_error(f"status unavailable: {exc.message}"))
             await self.ws.close(TRY_AGAIN_LATER)
             return False
-        snapshot_id = data.get("last_event_id")
-        await self.send(json.dumps({"type": "initial_status", "data": data}))
+        snapshot_id = status.last_event_id
+        await self.send_status("initial_status", status)
         if since is None:
             if snapshot_id:
                 self.cursor = event_order(snapshot_id)
@@ -180,11 +207,11 @@ class Connection:
             await self.send(json.dumps({"type": "pong", "timestamp": _now()}))
         elif kind == "get_status":
             try:
-                data = await self.status_data()
+                status = await self.status_data()
             except CoordinationError as exc:
                 await self.send(_error(f"status unavailable: {exc.message}"))
                 return
-            await self.send(json.dumps({"type": "status", "data": data}))
+            await self.send_status("status", status)
         else:
             shown = kind if isinstance(kind, str) else None
             await self.send(_error(
