@@ -173,7 +173,8 @@ def report(from_answer: list[float], from_request: list[float]) -> None:
           f"(goal p99 <= {GOAL_P99_MS:.0f} ms: {verdict} it, {p99 / GOAL_P99_MS:.2f}x the goal)")
     print(f"  from sending the request:     p50 {percentile(ms_req, 50):.1f} ms, "
           f"p99 {percentile(ms_req, 99):.1f} ms")
-    print("  (negative: the IOC refused before the HTTP answer reached the client)")
+    if min(ms) < 0:
+        print("  (negative: the IOC refused before the HTTP answer reached the client)")
 
 
 if __name__ == "__main__":
