@@ -21,9 +21,9 @@ round with the median service/anchor ratio in full.
 Prints pairs/s, p50 and p99 latency of a pair, the ratio service/anchor (target >= 0.5), and
 the Redis round trips and commands per operation, counted in-process on a ``RedisStore``: a
 round trip is one script call the operation waits for (alone, with a warm cache: one per
-request and one per release; under load a call that found a changed key adds one more). The
-store writes the calls of concurrent operations together on one connection, so under load a
-network write carries many of them (printed as operations per write).
+request and one per release; under load a call that found a changed key adds one more), counted
+by Redis itself (``INFO commandstats``). The store's calls go through redis-py's connection
+pool, one connection per call in flight.
 Not a test: figures depend on the machine (load generator and service share it).
 """
 
@@ -115,32 +115,25 @@ async def bench_service(base: str, clients: int, seconds: float) -> tuple[float,
 
 
 class Counting:
-    """Counts a ``RedisStore``'s script calls (round trips of its operations) and its writes
-    to the socket (one write carries the calls of every operation ready at that moment)."""
+    """Counts the ``CAS`` script calls Redis ran (``INFO commandstats``: ``EVALSHA``), i.e. the
+    round trips of a ``RedisStore``'s operations while nothing else runs scripts."""
 
-    def __init__(self, store) -> None:  # type: ignore[no-untyped-def]
-        self.calls = self.writes = 0
-        link = store._link
-        call = link.call
+    def __init__(self, url: str) -> None:
+        self._info = aioredis.Redis.from_url(url)
+        self._start = 0
 
-        def counting_call(packed, on_reply=None):  # type: ignore[no-untyped-def]
-            self.calls += 1
-            conn_link = link._link
-            if conn_link is not None and not getattr(conn_link, "_counted", False):
-                conn_link._counted = True
-                flush = conn_link._flush
+    async def _evalsha(self) -> int:
+        stats = await self._info.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
-                def counting_flush():  # type: ignore[no-untyped-def]
-                    self.writes += 1
-                    return flush()
+    async def reset(self) -> None:
+        self._start = await self._evalsha()
 
-                conn_link._flush = counting_flush
-            return call(packed, on_reply)
+    async def calls(self) -> int:
+        return await self._evalsha() - self._start
 
-        link.call = counting_call
-
-    def reset(self) -> None:
-        self.calls = self.writes = 0
+    async def close(self) -> None:
+        await self._info.aclose()
 
 
 async def bench_store(url: str, clients: int, seconds: float
@@ -150,7 +143,7 @@ async def bench_store(url: str, clients: int, seconds: float
     from bs_coordination.stores.redis import RedisStore
 
     store = RedisStore(url, prefix="bench-direct")
-    counting = Counting(store)
+    counting = Counting(url)
     reqs = [LockRequest(device_name=f"direct{i}", lock_type=LockType.MANUAL_OPERATOR,
                         user_id="bench") for i in range(clients)]
     ops = 0
@@ -162,10 +155,11 @@ async def bench_store(url: str, clients: int, seconds: float
         ops += 2
 
     try:
+        await counting.reset()
         rate, lat = await run_clients(clients, seconds, pair)
-        return rate, lat, {"calls_per_op": counting.calls / ops,
-                           "ops_per_write": ops / max(counting.writes, 1)}
+        return rate, lat, {"calls_per_op": await counting.calls() / ops}
     finally:
+        await counting.close()
         await store.close()
 
 
@@ -188,7 +182,7 @@ async def round_trips(url: str, n: int = 200) -> dict[str, float]:
     from bs_coordination.stores.redis import RedisStore
 
     store = RedisStore(url, prefix="bench-rt")
-    counting = Counting(store)
+    counting = Counting(url)
     info = aioredis.Redis.from_url(url)
 
     async def commands() -> int:
@@ -199,25 +193,27 @@ async def round_trips(url: str, n: int = 200) -> dict[str, float]:
     await store.release(grant.lock_key, "rt")
     out: dict[str, float] = {}
     try:
-        counting.reset()
+        # Each INFO asked for is a command too: ``commands()`` and ``counting`` add 2 per read.
+        await counting.reset()
         c0 = await commands()
         for _ in range(n):
             g = await store.request(req)
             await store.release(g.lock_key, "rt")
-        out["pair_round_trips"] = counting.calls / n
-        out["pair_commands"] = (await commands() - c0 - 1) / n
+        out["pair_round_trips"] = await counting.calls() / n
+        out["pair_commands"] = (await commands() - c0 - 2) / n
         # Separate the two halves: a request alone, then a release alone.
-        counting.reset()
+        await counting.reset()
         c0 = await commands()
         g = await store.request(req)
-        out["request_round_trips"] = counting.calls
-        out["request_commands"] = await commands() - c0 - 1
-        counting.reset()
+        out["request_round_trips"] = await counting.calls()
+        out["request_commands"] = await commands() - c0 - 2
+        await counting.reset()
         c0 = await commands()
         await store.release(g.lock_key, "rt")
-        out["release_round_trips"] = counting.calls
-        out["release_commands"] = await commands() - c0 - 1
+        out["release_round_trips"] = await counting.calls()
+        out["release_commands"] = await commands() - c0 - 2
     finally:
+        await counting.close()
         await info.aclose()
         await store.close()
     return out
@@ -237,7 +233,7 @@ async def one_round(args: argparse.Namespace, url: str, services: dict[str, str]
     out["service"] = await bench_service(services["redis"], args.clients, args.seconds)
     rate, lat, load = await bench_store(url, args.clients, args.seconds)
     out["store"] = (rate, lat)
-    out["load"] = (load["calls_per_op"], [load["ops_per_write"]])
+    out["load"] = (load["calls_per_op"], [])
     out["memory"] = await bench_service(services["memory"], args.clients, args.seconds)
     return out
 
@@ -280,8 +276,7 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
           f"request {rt['request_round_trips']:g}, release {rt['release_round_trips']:g}, "
           f"mean per pair {rt['pair_round_trips']:.2f}; redis-py Lock: acquire 1, release 1")
     print(f"under load ({args.clients} clients, store alone): "
-          f"{r['load'][0]:.3f} round trips per operation, "
-          f"{r['load'][1][0]:.1f} operations per network write")
+          f"{r['load'][0]:.3f} round trips per operation")
     print("Redis commands executed per operation (including those run inside the CAS "
           f"script): request {rt['request_commands']:g}, release {rt['release_commands']:g}")
 

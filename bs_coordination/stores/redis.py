@@ -46,9 +46,10 @@ ahead or more than ``max_delay`` behind, so every replica decides expiry on Redi
 those bounds. ``max_delay`` is below the reply timeout, so a call that reaches Redis only
 after its caller gave up (a paused Redis) is refused, never applied.
 
-Durability across a failover (``redis_url``: ``wait_replicas``): the script call and a
-``WAIT`` go in one redis-py pipeline on one connection, and a change no replica confirmed in
-time is answered 503 (its outcome unknown to the caller, as for a lost reply).
+The script calls of concurrent operations go to Redis together, in one redis-py pipeline per
+event-loop iteration (``redis_batch``). Durability across a failover (``redis_url``:
+``wait_replicas``): the pipeline ends with a ``WAIT``, and a change fewer replicas confirmed
+in time is answered 503 (its outcome unknown to the caller, as for a lost reply).
 
 Failing closed: any connection error, timeout or Redis error becomes ``StoreUnavailableError``
 ("lock store unavailable: ...", HTTP 503, never the URL's password), and no grant is returned
@@ -73,7 +74,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from bs_coordination.errors import CoordinationError, StoreUnavailableError
 from bs_coordination.locktable import TOKEN_COUNTER, Changes, LockRecord, RecordId, Txn
@@ -81,6 +82,7 @@ from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores import redis_url
 from bs_coordination.stores.base import Store, new_lock_key
+from bs_coordination.stores.redis_batch import Batcher
 from bs_coordination.stores.redis_events import RedisEventLog
 from bs_coordination.stores.redis_json import parse_record
 from bs_coordination.stores.redis_script import ATTACH, CAS
@@ -150,7 +152,8 @@ class RedisStore(Store):
         # Script calls: never retried by redis-py (see the module docstring).
         self._writes: Any = target.client(socket_timeout=socket_timeout,
                                           retry=Retry(NoBackoff(), 0), **common)
-        self._cas = self._writes.register_script(CAS)
+        self._batch = Batcher(self._writes, self._writes.register_script(CAS),
+                              target.wait_replicas, target.wait_timeout_ms)
         self._attach_script = self._writes.register_script(ATTACH)
         self._max_delay = min(MAX_DELAY, socket_timeout / 2)
         self._cache = Cache()
@@ -185,6 +188,7 @@ class RedisStore(Store):
             log.warning("%s", exc.message)
 
     async def close(self) -> None:
+        await self._batch.close()
         await redis_url.close(self._writes)
         await redis_url.close(self._redis)
 
@@ -326,16 +330,12 @@ class RedisStore(Store):
                         del self._writers[key]
 
     async def _call(self, commit: Commit) -> list[Any]:
-        """Run ``commit``'s script call (and ``WAIT``, when asked for) and learn from the reply:
+        """Run ``commit``'s script call (``redis_batch``: with the calls made at the same time,
+        and ``WAIT`` when asked for) and learn from the reply:
         the cache, the clock offset. Raises ``StoreUnavailableError`` when the outcome is
         unknown or the change was not confirmed by enough replicas."""
-        acked: int | None = None
         try:
-            if self._wait_replicas:
-                reply, acked = await self._call_and_wait(commit)
-            else:
-                reply = await self._cas(keys=commit.keys_arg, args=commit.args,
-                                        client=self._writes)
+            reply, acked = await self._batch.call(commit.keys_arg, commit.args)
         except ResponseError as exc:
             # The script may have stopped part-way (keys it changed have new versions):
             # forget everything rather than trust what this process computed.
@@ -374,24 +374,6 @@ class RedisStore(Store):
                 await client.connection_pool.disconnect(inuse_connections=False)
             except (RedisError, OSError):  # closing a broken connection: nothing to keep
                 pass
-
-    async def _call_and_wait(self, commit: Commit) -> tuple[list[Any], int]:
-        """The script call and ``WAIT`` in one pipeline (one connection, one round trip):
-        ``WAIT`` counts the replicas that have every write of its connection."""
-        for _ in range(2):
-            async with self._writes.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._cas.sha, len(commit.keys_arg), *commit.keys_arg, *commit.args)
-                pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
-                reply, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):  # a restarted or promoted Redis
-                self._cas.sha = await self._writes.script_load(CAS)
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            if isinstance(acked, Exception):
-                raise acked
-            return reply, int(acked)
-        raise NoScriptError("the script could not be loaded")
 
     # -- the data generation --------------------------------------------------------------
     async def _attach(self, stale: str | None) -> None:

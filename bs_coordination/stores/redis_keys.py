@@ -63,11 +63,13 @@ class KeySpace:
     _records: str = field(init=False, repr=False, compare=False)
     _under: str = field(init=False, repr=False, compare=False)
     _key_names: str = field(init=False, repr=False, compare=False)
+    _fixed_utf8: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_records", f"{self.prefix}:{RECORDS}:")
         object.__setattr__(self, "_under", f"{self.prefix}:{UNDER}:")
         object.__setattr__(self, "_key_names", f"{self.prefix}:{KEY_NAMES}:")
+        object.__setattr__(self, "_fixed_utf8", tuple(key.encode() for key in self.fixed))
 
     def records(self, name: str) -> str:
         return self._records + name  # f"{prefix}:rec:{name}"
@@ -106,6 +108,11 @@ class KeySpace:
         """The keys every ``CAS`` call names first, in this order (``redis_script``)."""
         return (self.versions, self.names, self.expiry, self.events,
                 self.counter(TOKEN_COUNTER), self.counter(TICKET_COUNTER))
+
+    @property
+    def fixed_utf8(self) -> tuple[bytes, ...]:
+        """``fixed`` as UTF-8, made once (every ``CAS`` call sends them)."""
+        return self._fixed_utf8
 
 
 def expiry_member(record_id: RecordId) -> str:

@@ -5,7 +5,8 @@ is a compare-and-swap of a diff the lock table computed in Python: it checks tha
 the operation read still has the version it read, and only then reserves fencing-token and
 ticket values, runs the write commands, and gives every key it changed a new version, all as
 one atomic command. Both are registered with redis-py (``register_script``: ``EVALSHA``, and
-``SCRIPT LOAD`` again when a restarted or failed-over Redis answers ``NOSCRIPT``).
+``SCRIPT LOAD`` again when a restarted or failed-over Redis answers ``NOSCRIPT``; ``CAS`` goes
+through ``redis_batch``'s pipelines, which do the same).
 ``redis`` explains why this shape; ``redis_txn`` builds the calls.
 """
 
@@ -17,14 +18,17 @@ from __future__ import annotations
 #: ARGV: 1 now (the operation's clock, s), 2 max ahead (s), 3 max delay (s), 4 and 5 how many
 #:       token and ticket values to reserve ("0": none), 6 the store's epoch as the caller
 #:       knows it (``ATTACH``), 7 the token floor (the highest token the caller has seen: the
-#:       token counter is raised to it before reserving); then one per key checked
+#:       token counter is raised to it before reserving); 8 a JSON array (decoded with the
+#:       ``cjson`` Redis gives scripts: one argument rather than one per item, each of which
+#:       redis-py would encode on its own), one string per key checked
 #:       (``KEYS[FIXED_KEYS + c]``): its kind ("h": a hash, read with HVALS; "s": a set,
 #:       SMEMBERS), a mark ("w": the commands write it and it holds something after them;
 #:       "e": they empty it; "-": read only), then the version read ("" = the key was
-#:       absent), as in "hw1732456789123456" or "s-"; then the commands, each: name, n, key
-#:       index, n arguments. An argument may hold holes "\1<counter>:<offset>\1" (counter 1:
-#:       token, 2: ticket): that counter's reserved base plus offset (JSON text never holds a
-#:       raw control character, so only holes do).
+#:       absent), as in "hw1732456789123456" or "s-"; 9 a JSON array of strings, the
+#:       commands, each: name, n, key index, n arguments. An argument may hold holes
+#:       "\1<counter>:<offset>\1" (counter 1: token, 2: ticket): that counter's reserved base
+#:       plus offset (a record's JSON text never holds a raw control character, so only holes
+#:       do).
 #: Returns {status, TIME seconds, TIME microseconds, ...}:
 #:   "lost":  the version hash's field ``~epoch`` is not the caller's epoch: Redis lost its
 #:            data (emptied, restarted without persistence) since the caller attached, or
@@ -55,9 +59,10 @@ local FIXED, ver, LAST, EPOCH = 6, KEYS[1], '~last', '~epoch'
 local n = #KEYS - FIXED
 local epoch = redis.call('HGET', ver, EPOCH)
 if epoch ~= ARGV[6] then return {'lost', t[1], t[2], epoch or ''} end
+local marked = cjson.decode(ARGV[8])
 local checked, kinds, marks, want = {}, {}, {}, {}
 for c = 1, n do
-  local a = ARGV[7 + c]
+  local a = marked[c]
   checked[c] = KEYS[FIXED + c]
   kinds[c] = string.sub(a, 1, 1)
   marks[c] = string.sub(a, 2, 2)
@@ -135,12 +140,13 @@ local function fill(c, k)
   return string.format('%d', bases[tonumber(c)] + tonumber(k))
 end
 local ids = {}
-local i = 8 + n
-while i <= #ARGV do
-  local m = tonumber(ARGV[i + 1])
-  local cmd = {ARGV[i], KEYS[tonumber(ARGV[i + 2])]}
+local w = cjson.decode(ARGV[9])
+local i = 1
+while i <= #w do
+  local m = tonumber(w[i + 1])
+  local cmd = {w[i], KEYS[tonumber(w[i + 2])]}
   for j = 1, m do
-    local a = ARGV[i + 2 + j]
+    local a = w[i + 2 + j]
     if filling and string.find(a, '\1', 1, true) then
       a = string.gsub(a, '\1(%d+):(%d+)\1', fill)
     end

@@ -17,6 +17,7 @@ and contention on the one fencing counter never makes an operation start over.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -152,6 +153,10 @@ class View:
         return SENTINEL + COUNTERS.index(name) * SPAN
 
 
+#: A JSON array of strings, as the script decodes it (``cjson``; UTF-8 as is).
+_array = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _hole(value: int) -> str:
     number, offset = divmod(value - SENTINEL, SPAN)
     return f"\1{number + 1}:{offset}\1"
@@ -277,10 +282,11 @@ class Commit:
         self._add("SADD" if add else "SREM", self._key(key), name)
 
     def _encode(self, now: float, limits: tuple[float, float], epoch: str,
-                token_floor: int) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of the ``CAS`` call (see ``redis_script``)."""
+                token_floor: int) -> tuple[list[bytes], list[bytes]]:
+        """KEYS and ARGV of the ``CAS`` call (see ``redis_script``), as UTF-8 (redis-py passes
+        bytes on as they are; it would examine every text argument in Python)."""
         checks, finals = self.view.read, self.finals
-        keys = [*self.keys.fixed, *checks]
+        keys = [*self.keys.fixed_utf8, *(key.encode() for key in checks)]
         marks = []
         for key, (_, shape, (version, _)) in checks.items():
             final = finals.get(key)
@@ -291,8 +297,8 @@ class Commit:
         args = [repr(now), repr(limits[0]), repr(limits[1]),
                 str(token - SENTINEL) if token is not None else "0",
                 str(ticket - (SENTINEL + SPAN)) if ticket is not None else "0",
-                epoch, str(token_floor), *marks, *self._commands]
-        return keys, args
+                epoch, str(token_floor), _array(marks), _array(self._commands)]
+        return keys, [arg.encode() for arg in args]
 
     # -- the reply -----------------------------------------------------------------------
     def stale(self, cache: Cache, found: list[Any], as_of: int) -> Snapshot:
