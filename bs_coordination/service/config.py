@@ -82,7 +82,7 @@ _OPTIONS: list[tuple[str, str, str]] = [
      "where locks live: 'memory' (default, one process), a redis://host:port/db URL "
      "(also rediss:// with TLS, unix://, or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE"
      "[/DB]; also selected by COORDINATION_REDIS_URL), or an etcd v3 cluster: "
-     "etcd://HOST:PORT[,HOST:PORT...][/KEY_PREFIX]"),
+     "etcd://HOST:PORT[,HOST:PORT...][/KEY_PREFIX][?max_txn_ops=N]"),
     ("--profile-collection", "COORDINATION_PROFILE_COLLECTION",
      "profile collection whose devices are discovered: a directory holding startup/, the "
      "startup directory, a startup script or a startup module name"),

@@ -179,7 +179,9 @@ class EtcdStore(EtcdEventLog, Store):
         await self.client.close()
 
     async def ping(self) -> None:
-        await self._call("maintenance/status", {}, idempotent=True)
+        """A linearizable read: it needs a member with a leader (a member cut off from its
+        cluster answers its status, but not this)."""
+        await self._range(self._meta_key, keys_only=True)
 
     async def _call(self, path: str, body: dict[str, Any], *, idempotent: bool = False
                     ) -> dict[str, Any]:

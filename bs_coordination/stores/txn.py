@@ -27,9 +27,9 @@ each stored value a *version* that changes whenever the value does (etcd: the ke
 2. *run the rules*: ``op(txn)`` returns a result or raises a ``CoordinationError`` (refused);
 3. *commit*: ``Backend.commit`` writes the changed keys, the events and the expiry index
    **only if every key read still has the version it was read at**, atomically;
-4. *on a conflict* the backend answers with the current value of the keys it checked (read
-   at the same instant as the checks), and the operation runs again on that (bounded
-   attempts). A refusal is confirmed by a commit of its checks alone, unless every key it
+4. *on a conflict* the backend answers with the current value of the keys it checked (all
+   read at one instant, after the checks failed), and the operation runs again on that
+   (bounded attempts). A refusal is confirmed by a commit of its checks alone, unless every key it
    read came from the snapshot of this attempt (then it was true at that instant, during the
    request, and no call is needed).
 
