@@ -62,13 +62,15 @@ class PreflightRunner:
         self._worker: _Worker | None = None
         self._starting: asyncio.Task[_Worker] | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     @property
     def configured(self) -> bool:
         return self.registry.configured
 
     async def close(self) -> None:
-        """Stop the child (and a start in progress)."""
+        """Stop the child (and a start in progress); no dry run is served afterwards."""
+        self._closed = True
         if self._starting is not None:
             self._starting.cancel()
             with contextlib.suppress(BaseException):
@@ -90,6 +92,8 @@ class PreflightRunner:
 
     async def _get(self) -> _Worker:
         """The running child; started (or restarted for a new device list) when needed."""
+        if self._closed:
+            raise PreflightUnavailable("the service is stopping")
         await self._discovery_settled()
         loaded_at = self._loaded_at()
         w = self._worker
@@ -175,7 +179,15 @@ class PreflightRunner:
 
     async def dry_run(self, item: dict[str, Any]) -> dict[str, Any]:
         """The child's answer for ``item`` (see ``_preflight_worker``). Raises
-        ``InvalidRequestError`` for an unknown plan or arguments that do not bind."""
+        ``InvalidRequestError`` for an unknown plan or arguments that do not bind.
+
+        The exchange with the child runs to its end even if the caller goes away (a client
+        that disconnects): an answer left in the pipe would be read as the next item's."""
+        task = asyncio.create_task(self._exchange(item), name="preflight-dry-run")
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _exchange(self, item: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
             worker = await self._get()
             assert worker.proc.stdin is not None
@@ -223,6 +235,9 @@ class PreflightRunner:
                       f"a new one is started")
             kind = "exception"
         log.warning("preflight: %s", reason)
+        if self._closed:
+            return {"ok": True, "devices": arguments, "complete": False, "incomplete": kind,
+                    "reason": reason, "messages": 0}
         self._starting = asyncio.create_task(self._start(self._loaded_at()),
                                              name="preflight-worker-start")
         self._starting.add_done_callback(_retrieve)

@@ -221,3 +221,26 @@ async def test_arguments_nested_too_deep_are_refused(api_of):
     answer = await preflight(api, "scan", ["det1"], "motor1", -1, 1, 10**10)
     assert answer["complete"] is False and "MemoryError" in answer["reason"]
     assert sources(answer) == {"det1": "argument", "motor1": "argument"}
+
+
+async def test_a_caller_that_goes_away_leaves_no_answer_for_the_next_item(test_collection):
+    """The service's runner of dry runs, with a real child: a dry run whose caller is cancelled
+    (a server may cancel a request whose client disconnected) still ends its exchange."""
+    from bs_coordination.service.discovery import DeviceRegistry, DiscoveryConfig
+    from bs_coordination.service.preflight_runner import PreflightRunner
+
+    registry = DeviceRegistry(DiscoveryConfig(path=str(test_collection)))
+    registry.start()
+    runner = PreflightRunner(registry, time_limit=1.0)
+    try:
+        count = {"name": "count", "args": [["det1"]], "kwargs": {}}
+        assert (await runner.dry_run(count))["complete"] is True  # the child is warm
+        gone = asyncio.create_task(runner.dry_run({"name": "hanging_plan", "args": [["det2"]]}))
+        await asyncio.sleep(0.3)  # the dry run hangs in the child
+        gone.cancel()
+        answer = await runner.dry_run(count)
+        assert answer["complete"] is True
+        assert [d["device_name"] for d in answer["devices"]] == ["det1"]
+    finally:
+        await runner.close()
+        await registry.close()
