@@ -24,9 +24,15 @@ Before each guarded write the guard asks the service who holds the device:
   (a ``LockConflictError``) that names the holder, their lock type, reason and lease.
 
 Writes made by the RunEngine's own thread pass unchecked: a RunEngine coordinates its plans
-itself (``bs_coordination.install``). The check and the write are two steps, so a lock granted
-between them is not seen: this guard keeps people from moving what the queue is using; it is
-not a fence inside the device.
+itself (``bs_coordination.install``).
+
+Preemption handshake: the guard's locks ask for it and the guard follows the service's event
+stream. When a higher priority (maintenance, the queue) takes a device the guard holds, the
+guard lets a write already in progress finish and only then acknowledges: the preemptor is
+answered after that (or at the service's deadline, if this process is frozen). Every write
+counts as in progress from before its check (which asks the service), so a write either
+passed its check before the preemption and ends before the acknowledgement, or is checked
+after it and refused, naming the preemptor.
 
 The guard runs its client on a private event-loop thread, so it works the same in a plain
 Python prompt, in IPython and in Jupyter (whose own loop is already running).
@@ -46,8 +52,8 @@ from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
 from bs_coordination.client import DeviceCoordinationClient
-from bs_coordination.errors import LockConflictError, LockNotFoundError
-from bs_coordination.models import DeviceLock, LockStatus, LockType
+from bs_coordination.errors import CoordinationError, LockConflictError, LockNotFoundError
+from bs_coordination.models import DeviceLock, LockHolder, LockStatus, LockType, PreemptionAck
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ RUN_ENGINE_THREAD = "bluesky-run-engine"
 #: How long a write allowed through ``set`` may take to reach the signal's ``put`` (ophyd's
 #: ``Signal.set`` puts from a thread of its own).
 PUT_PASS_SECONDS = 5.0
+#: Longest a preemption's acknowledgement waits for a write in progress (the service's own
+#: deadline answers the preemptor long before).
+WRITE_WAIT_SECONDS = 60.0
 
 
 class DeviceAccessRefused(LockConflictError):
@@ -65,7 +74,7 @@ class DeviceAccessRefused(LockConflictError):
     and in ``conflicts``), or, in ``require`` mode, not locked by this guard."""
 
 
-def describe(lock: DeviceLock) -> str:
+def describe(lock: LockHolder) -> str:
     """``'m1' is held by queue_server (QUEUE_EXECUTING, plan 42) since 12:00:01 UTC until ...``."""
     plan = f", plan {lock.plan_uid}" if lock.plan_uid else ""
     until = (f"until {lock.expires_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
@@ -152,6 +161,11 @@ class ManualAccessGuard:
         self._protected: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._passes: dict[int, list[float]] = {}
         self._local = threading.local()
+        # The preemption handshake: guarded writes in progress, by device (never held across
+        # I/O: an acknowledgement waits on it in an executor thread).
+        self._writes = threading.Condition()
+        self._in_progress: dict[str, int] = {}
+        self._monitoring = False
 
     def __repr__(self) -> str:
         return f"<ManualAccessGuard {self.url} user={self.user_id} mode={self.mode} holds={sorted(self._held)}>"
@@ -177,8 +191,11 @@ class ManualAccessGuard:
             if all(n in self._held for n in names):
                 return self._held[names[0]].lock_key
             names = [n for n in names if n not in self._held]
+            if not self._monitoring:
+                self._call(self._start_monitoring())  # before the grant: no preemption missed
             response = self._call(self._client.request_locks(
-                names, LockType.MANUAL_OPERATOR, self.user_id, timeout=self.lease, reason=self.reason))
+                names, LockType.MANUAL_OPERATOR, self.user_id, timeout=self.lease, reason=self.reason,
+                acknowledge_preemption=True))
             if not response.success or not response.lock_key:
                 raise DeviceAccessRefused(
                     "refused: " + "; ".join(describe(c) for c in response.conflicts) if response.conflicts
@@ -243,6 +260,35 @@ class ManualAccessGuard:
                     "(take it first: guard.acquire(device) or guard.holding(device))")
             self.acquire(name)
 
+    # -- the preemption handshake (the client loop) -------------------------------------
+    async def _start_monitoring(self) -> None:
+        self._client.add_lock_update_callback(self._on_update)
+        await self._client.start_websocket_monitoring()
+        self._monitoring = True
+
+    def _on_update(self, device_name: str, lock: DeviceLock, action: str) -> None:
+        held = self._held.get(lock.device_name)
+        if held is None or not held.matches(lock):
+            return
+        name = lock.device_name
+        if action == "preempted":
+            if lock.preemption_ack is PreemptionAck.PENDING:
+                log.warning("%s: %r was preempted (%s); acknowledging once the write in "
+                            "progress ends", self.user_id, name,
+                            describe(lock.preempted_by) if lock.preempted_by else "a higher priority")
+                asyncio.get_running_loop().create_task(self._acknowledge(name, held.lock_key))
+
+    async def _acknowledge(self, name: str, lock_key: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._wait_for_writes, name)
+        try:
+            await self._client.acknowledge_preemption(lock_key, name)
+        except CoordinationError as exc:
+            log.warning("could not acknowledge the preemption of %r: %s", name, exc.message)
+
+    def _wait_for_writes(self, name: str) -> None:
+        with self._writes:
+            self._writes.wait_for(lambda: not self._in_progress.get(name), timeout=WRITE_WAIT_SECONDS)
+
     def _renew_if_due(self, held: _Held) -> None:
         if held.expires_at is None or self.lease is None:
             return
@@ -297,20 +343,45 @@ class ManualAccessGuard:
 
         @functools.wraps(original)
         def guarded(*args: Any, **kwargs: Any) -> Any:
+            name = None
             if not guard._permitted_without_check(target, method):
-                guard.check(target)
-            if method == "set":
-                # ophyd's Signal.set puts from its own thread: let that one put through.
-                guard._passes.setdefault(id(target), []).append(time.monotonic() + PUT_PASS_SECONDS)
-            depth = getattr(guard._local, "depth", 0)
-            guard._local.depth = depth + 1  # writes nested in this one (same thread) are covered
+                name = root_name(target)
+                guard._begin_write(name)  # counted before the check: see the module docstring
+                try:
+                    guard.check(target)
+                except BaseException:
+                    guard._end_write(name)
+                    raise
             try:
-                return original(*args, **kwargs)
+                if method == "set":
+                    # ophyd's Signal.set puts from its own thread: let that one put through.
+                    guard._passes.setdefault(id(target), []).append(
+                        time.monotonic() + PUT_PASS_SECONDS)
+                depth = getattr(guard._local, "depth", 0)
+                guard._local.depth = depth + 1  # writes nested in this one (same thread) are covered
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    guard._local.depth = depth
             finally:
-                guard._local.depth = depth
+                if name is not None:
+                    guard._end_write(name)
 
         guarded.__bs_coordination_guard__ = True  # type: ignore[attr-defined]
         return guarded
+
+    def _begin_write(self, name: str) -> None:
+        with self._writes:
+            self._in_progress[name] = self._in_progress.get(name, 0) + 1
+
+    def _end_write(self, name: str) -> None:
+        with self._writes:
+            left = self._in_progress.get(name, 1) - 1
+            if left:
+                self._in_progress[name] = left
+            else:
+                self._in_progress.pop(name, None)
+            self._writes.notify_all()
 
     def _permitted_without_check(self, target: Any, method: str) -> bool:
         if threading.current_thread().name in self.exempt_threads:
