@@ -83,7 +83,8 @@ def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
              "--profile-collection).",
         422: "Not a valid request, an unknown plan, arguments that do not bind to it, or an "
              "item that is not a plan; `message` names the problem.",
-        503: "The profile collection could not be loaded for the dry run; `message` says why.",
+        503: "The profile collection could not be loaded for the dry run, or the lock store "
+             "is unavailable; `message` says why.",
     }),
     summary="Predict a queue item's devices and the locks in its way",
 )
@@ -104,6 +105,7 @@ async def preflight_item(body: PreflightRequest, conn: HTTPConnection,
 
 @router.get(
     "/preflight/items", response_model=CheckedItemsResponse,
+    responses=_errors({503: "The lock store is unavailable."}),
     summary="Queue items checked recently, with the locks in their way now",
     description=f"Queue items (with an `item_uid`) that `POST /api/preflight` checked within the "
     f"last {RECENT_SECONDS:g} s, newest first: their predicted devices and, recomputed from the "
