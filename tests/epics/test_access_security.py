@@ -101,8 +101,9 @@ def test_service_lost_and_back(service_process, ioc_factory, bridge_factory, ca_
     assert alice.severity(f"{PREFIX}m1:LOCK") == AlarmSeverity.NO_ALARM
     # The service stops: every :LOCK PV goes INVALID within 2 s, only staff write.
     service.stop()
-    wait_until(lambda: all(alice.severity(f"{PREFIX}{d}:LOCK") == AlarmSeverity.INVALID_ALARM
-                           for d in ("m1", "m2")), 2, "the bridge's :LOCK PVs INVALID")
+    took = wait_until(lambda: all(alice.severity(f"{PREFIX}{d}:LOCK") == AlarmSeverity.INVALID_ALARM
+                                  for d in ("m1", "m2")), 2, "the bridge's :LOCK PVs INVALID")
+    print(f"the bridge's PVs were INVALID {took * 1000:.0f} ms after the service stopped")
     wait_until(lambda: not alice.can_write(M1) and not alice.can_write("TST:m2"), 2,
                "the IOC refuses alice once the bridge lost the service")
     assert alice.write(M1, 3.0) == 1.0
