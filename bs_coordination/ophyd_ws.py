@@ -26,11 +26,19 @@ that device); equal or higher priority locks (another operator, the queue, maint
 the write, and a lock of the session preempted by the queue refuses it too until it is restored.
 The gate is a plain ASGI middleware (``CoordinationMiddleware``), so it also works around other
 apps with the same routes.
+
+Preemption handshake: the locks ask for it and the gate follows the service's event stream.
+When a higher priority (maintenance) takes a device a session holds, the gate acknowledges
+once the session's write to it in progress has ended: a WebSocket ``set`` is in progress from
+its check until the server asks for the session's next message (the server handles one
+message at a time), a REST ``PUT`` until its answer is sent. The preemptor is answered after
+that; later sets are refused naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -43,7 +51,7 @@ from typing import Any
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.errors import CoordinationError, LockNotFoundError
 from bs_coordination.guard import describe
-from bs_coordination.models import DeviceLock, LockType, check_device_name
+from bs_coordination.models import DeviceLock, LockType, PreemptionAck, check_device_name
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +94,39 @@ class _Held:
                 and lock.acquired_at == self.acquired_at)
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
-    """The locks one WebSocket connection (or one REST request) holds."""
+    """The locks one WebSocket connection (or one REST request) holds, and its writes in
+    progress (device name -> count)."""
 
     label: str
     held: dict[str, _Held] = field(default_factory=dict)
+    writing: dict[str, int] = field(default_factory=dict)
+    _idle: asyncio.Condition | None = field(default=None, repr=False)
+
+    def _condition(self) -> asyncio.Condition:
+        if self._idle is None:
+            self._idle = asyncio.Condition()
+        return self._idle
+
+    def begin_write(self, name: str) -> None:
+        self.writing[name] = self.writing.get(name, 0) + 1
+
+    async def end_write(self, name: str) -> None:
+        left = self.writing.get(name, 1) - 1
+        if left:
+            self.writing[name] = left
+        else:
+            self.writing.pop(name, None)
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    async def idle(self, name: str) -> None:
+        """Return once no write of this session to ``name`` is in progress."""
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: not self.writing.get(name))
 
 
 class CoordinationGate:
@@ -103,9 +138,47 @@ class CoordinationGate:
         self.user_id = user_id
         self.lease = lease
         self.reason = reason
+        self.sessions: set[Session] = set()
+        self._monitoring: asyncio.Task[None] | None = None
+
+    async def _follow_events(self) -> None:
+        """Follow the event stream (once, before the first lock: no preemption is missed)."""
+        task = self._monitoring
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            # (again after a failure: the service may be back)
+            self._monitoring = asyncio.get_running_loop().create_task(self._start_monitoring())
+        await asyncio.shield(self._monitoring)
+
+    async def _start_monitoring(self) -> None:
+        self.client.add_lock_update_callback(self._on_update)  # (added once: a list without twins)
+        await self.client.start_websocket_monitoring()
+
+    def _on_update(self, device_name: str, lock: DeviceLock, action: str) -> None:
+        if action != "preempted" or lock.preemption_ack is not PreemptionAck.PENDING:
+            return
+        name = lock.device_name
+        for session in list(self.sessions):
+            held = session.held.get(name)
+            if held is not None and held.matches(lock, name):
+                by = lock.preempted_by
+                log.warning("%s: %s preempted by %s; acknowledging once its write in progress "
+                            "ends", session.label, name, by.user_id if by else "a higher priority")
+                asyncio.get_running_loop().create_task(
+                    self._acknowledge(session, name, held.lock_key))
+
+    async def _acknowledge(self, session: Session, name: str, lock_key: str) -> None:
+        await session.idle(name)
+        try:
+            await self.client.acknowledge_preemption(lock_key, name)
+        except LockNotFoundError:
+            pass  # released meanwhile (the session ended): that answered the preemptor
+        except CoordinationError as exc:
+            log.warning("%s: could not acknowledge the preemption of %s: %s", session.label, name,
+                        exc.message)
 
     async def ensure(self, name: str, session: Session) -> None:
         """Hold ``name`` for ``session`` now, or raise ``AccessRefused`` naming the holder."""
+        await self._follow_events()
         status = await self.client.get_lock_status(name)
         mine = session.held.get(name)
         blockers = [lk for lk in [status.lock, *status.component_locks]
@@ -117,7 +190,8 @@ class CoordinationGate:
             return
         session.held.pop(name, None)  # expired or force-released meanwhile
         response = await self.client.request_lock(name, LockType.MANUAL_OPERATOR, self.user_id,
-                                                  timeout=self.lease, reason=self.reason)
+                                                  timeout=self.lease, reason=self.reason,
+                                                  acknowledge_preemption=True)
         if not response.success or not response.lock_key or not response.locks:
             holder = response.conflicts[0] if response.conflicts else None
             raise AccessRefused(f"set refused: {describe(holder) if holder else response.message}", holder)
@@ -178,8 +252,12 @@ class CoordinationMiddleware:
                          fld: str) -> None:
         self._sessions += 1
         session = Session(f"websocket {self._sessions} {scope.get('path')}")
+        self.gate.sessions.add(session)
+        current: list[str] = []  # the set in progress: until the app asks for the next message
 
         async def gated_receive() -> dict[str, Any]:
+            while current:
+                await session.end_write(current.pop())
             while True:
                 message = await receive()
                 if message["type"] != "websocket.receive":
@@ -187,8 +265,13 @@ class CoordinationMiddleware:
                 target = _set_target(message.get("text"), fld)
                 if target is None:
                     return message
+                name: str | None = None
                 try:
-                    await self.gate.ensure(self.resolve(target), session)
+                    name = self.resolve(target)
+                    session.begin_write(name)  # from before its check: see the module doc
+                    await self.gate.ensure(name, session)
+                    current.append(name)
+                    name = None  # in progress until the next receive
                     return message
                 except (AccessRefused, ValueError) as exc:
                     body = exc.body() if isinstance(exc, AccessRefused) else {"error": f"set refused: {exc}"}
@@ -196,10 +279,16 @@ class CoordinationMiddleware:
                 except CoordinationError as exc:  # fail closed: no lock service, no write
                     await send({"type": "websocket.send", "text": json.dumps(
                         {"error": f"set refused: the coordination service cannot be asked: {exc.message}"})})
+                finally:
+                    if name is not None:  # refused (or cancelled): it never went ahead
+                        await session.end_write(name)
 
         try:
             await self.app(scope, gated_receive, send)
         finally:
+            while current:
+                await session.end_write(current.pop())
+            self.gate.sessions.discard(session)
             await self.gate.release(session)
 
     async def _rest(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any],
@@ -218,18 +307,24 @@ class CoordinationMiddleware:
         except (ValueError, AttributeError):
             target = None
         session = Session(f"PUT {scope.get('path')}")
+        name: str | None = None
         if isinstance(target, str) and target:
+            self.gate.sessions.add(session)
             try:
-                await self.gate.ensure(self.resolve(target), session)
-            except AccessRefused as exc:
-                await _json_response(send, 409, exc.body())
-                return
-            except ValueError as exc:
-                await _json_response(send, 422, {"error": f"set refused: {exc}"})
-                return
-            except CoordinationError as exc:
-                await _json_response(send, 503, {"error": f"set refused: the coordination service "
-                                                          f"cannot be asked: {exc.message}"})
+                name = self.resolve(target)
+                session.begin_write(name)  # in progress until the answer is sent
+                await self.gate.ensure(name, session)
+            except (AccessRefused, ValueError, CoordinationError) as exc:
+                if name is not None:
+                    await session.end_write(name)
+                self.gate.sessions.discard(session)
+                if isinstance(exc, AccessRefused):
+                    await _json_response(send, 409, exc.body())
+                elif isinstance(exc, ValueError):
+                    await _json_response(send, 422, {"error": f"set refused: {exc}"})
+                else:
+                    await _json_response(send, 503, {"error": f"set refused: the coordination "
+                                                              f"service cannot be asked: {exc.message}"})
                 return
         sent = False
 
@@ -243,6 +338,9 @@ class CoordinationMiddleware:
         try:
             await self.app(scope, replay, send)
         finally:
+            if name is not None:
+                await session.end_write(name)
+            self.gate.sessions.discard(session)
             await self.gate.release(session)
 
 

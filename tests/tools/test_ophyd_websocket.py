@@ -35,10 +35,23 @@ VENV = Path(os.environ.get("BS_COORDINATION_OPHYD_WS_VENV")
 # devices fail its subscription), so the WebSocket test moves ophyd.sim's pseudo positioner;
 # the REST test moves the plain simulated motor.
 STARTUP = """\
+import time
+
 from ophyd.sim import SPseudo1x3, SynAxis
 
 motor1 = SynAxis(name="motor1")
 pseudo1 = SPseudo1x3(name="pseudo1")
+
+
+class SlowPseudo(SPseudo1x3):
+    \"\"\"A pseudo positioner whose set takes 0.5 s: a write in progress.\"\"\"
+
+    def set(self, *args, **kwargs):
+        time.sleep(0.5)
+        return super().set(*args, **kwargs)
+
+
+slow1 = SlowPseudo(name="slow1")
 """
 
 
@@ -117,7 +130,7 @@ def ophyd_ws_server(ophyd_ws_python, live_service, tmp_path, unused_port) -> Ite
                 assert proc.poll() is None, f"the server exited: {proc.communicate()[1][-3000:]}"
                 assert time.monotonic() < deadline, "the ophyd-websocket server did not start"
                 time.sleep(0.1)
-        assert status == 200 and sorted(body["devices_loaded"]) == ["motor1", "pseudo1"], body
+        assert status == 200 and sorted(body["devices_loaded"]) == ["motor1", "pseudo1", "slow1"], body
         yield url
     finally:
         proc.terminate()
@@ -132,7 +145,7 @@ def position(url: str, device: str = "motor1") -> float:
     """Where the server reads the device to be (its first reading: the motor, the pseudo axis)."""
     status, body = http("GET", f"{url}/api/v1/devices/{device}")
     assert status == 200, body
-    key = {"motor1": "motor1", "pseudo1": "pseudo1_pseudo1"}[device]
+    key = {"motor1": "motor1", "pseudo1": "pseudo1_pseudo1", "slow1": "slow1_pseudo1"}[device]
     return float(body["values"][key]["value"])
 
 
@@ -210,3 +223,41 @@ async def test_rest_set_is_refused_with_409_while_the_queue_holds_the_device(oph
         await asyncio.sleep(0.05)
     # The request's lock lasted as long as the request.
     assert http("GET", coordination + "/api/locks/device/motor1")[1]["locked"] is False
+
+
+async def test_a_set_in_progress_finishes_before_maintenance_is_answered(ophyd_ws_server,
+                                                                         live_service):
+    """The preemption handshake: maintenance takes a device while a session's set of it is in
+    progress; the answer comes after the set ended (acknowledged), and later sets are refused
+    naming maintenance."""
+    coordination = live_service.url
+    ws_url = ophyd_ws_server.replace("http", "ws") + "/api/v1/device-socket"
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+        await ws.send_json({"action": "subscribe", "device": "slow1"})
+        assert (await reply(ws, "subscribed"))["subscribed"] == ["slow1"]
+        await ws.send_json({"action": "set", "device": "slow1", "value": 1.0, "timeout": 5})
+        assert (await reply(ws, "message", "error")).get("message") == "Successfully set slow1 to 1.0"
+        lock = http("GET", coordination + "/api/locks/device/slow1")[1]["lock"]
+        assert lock["user_id"] == "ophyd_websocket" and lock["acknowledge_preemption"] is True
+
+        await ws.send_json({"action": "set", "device": "slow1", "value": 2.0, "timeout": 5})
+        sent = time.monotonic()
+        await asyncio.sleep(0.1)  # the set (0.5 s) is in progress
+        answer = await asyncio.to_thread(http, "POST", coordination + "/api/lock/request", {
+            "device_name": "slow1", "lock_type": "MAINTENANCE", "user_id": "maint_bob",
+            "reason": "encoder swap"})
+        answered = time.monotonic()
+        status, body = answer
+        assert status == 200 and body["acknowledged"] is True, body
+        assert body["preempted"][0]["user_id"] == "ophyd_websocket"
+        assert body["preempted"][0]["preemption_ack"] == "acknowledged"
+        assert answered - sent >= 0.45  # not before the 0.5 s set had ended
+        assert position(ophyd_ws_server, "slow1") == 2.0  # the set in progress had ended
+        assert (await reply(ws, "message", "error")).get("message") == "Successfully set slow1 to 2.0"
+
+        await ws.send_json({"action": "set", "device": "slow1", "value": 3.0, "timeout": 5})
+        refused = await reply(ws, "error", "message")
+        assert "maint_bob" in refused.get("error", ""), refused
+        assert refused["holder"]["lock_type"] == "MAINTENANCE"
+        assert position(ophyd_ws_server, "slow1") == 2.0
+        assert http("POST", coordination + "/api/lock/release", {"lock_key": body["lock_key"]})[0] == 200
