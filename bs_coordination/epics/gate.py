@@ -41,7 +41,13 @@ from typing import Any
 from caproto import AccessRights, AlarmSeverity
 from caproto.threading.client import PV, Context
 
-from bs_coordination.epics.pvnames import FREE, check_epics_device_name, holder_pv, lock_pv
+from bs_coordination.epics.pvnames import (
+    FREE,
+    check_epics_device_name,
+    check_prefix,
+    holder_pv,
+    lock_pv,
+)
 from bs_coordination.models import LockType
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,7 @@ class ResumeGate:
                  devices: Sequence[str] | None = None,
                  records: Mapping[str, Sequence[str]] | None = None,
                  client_name: str | None = None, timeout: float = 60.0) -> None:
-        self.prefix = prefix
+        self.prefix = check_prefix(prefix)
         self.user_id = user_id
         self.records = {device: list(names) for device, names in (records or {}).items()}
         #: The devices whose writes the IOCs enforce (served by the bridge): what ``attach``
@@ -101,6 +107,7 @@ class ResumeGate:
         self._pending: set[str] = set()  # preempted since the last resume (attach)
         self._was_offline = False  # the event stream was lost since the last resume (attach)
         self._pending_lock = threading.Lock()
+        self._watch_lock = threading.Lock()  # one thread at a time connects new PVs
 
     def __repr__(self) -> str:
         return f"<ResumeGate prefix={self.prefix!r} user={self.client_name!r}>"
@@ -240,11 +247,17 @@ class ResumeGate:
     # -- Channel Access ----------------------------------------------------------------------
     def _watch(self, devices: Sequence[str]) -> None:
         """Connect (once) to the PVs of ``devices`` and follow them."""
-        names = []
+        names: list[str] = []
+        followed: set[str] = set()  # the bridge's PVs, whose values the gate reads
         for device in devices:
+            followed |= {lock_pv(self.prefix, device), holder_pv(self.prefix, device)}
             names += [lock_pv(self.prefix, device), holder_pv(self.prefix, device)]
-            names += [r for r in self.records.get(device, [])]
-        new = [name for name in dict.fromkeys(names) if name not in self._pvs]
+            names += self.records.get(device, [])
+        with self._watch_lock:
+            self._connect([name for name in dict.fromkeys(names) if name not in self._pvs],
+                          followed)
+
+    def _connect(self, new: list[str], followed: set[str]) -> None:
         if not new:
             return
         if self._context is None:
@@ -253,7 +266,7 @@ class ResumeGate:
                                     access_rights_callback=self._on_rights)
         for name, pv in zip(new, pvs, strict=True):
             self._pvs[name] = pv
-            if name.endswith((":LOCK", ":HOLDER")):
+            if name in followed:
                 self._readings.setdefault(name, _Reading())
                 sub = pv.subscribe(data_type="time")
                 sub.add_callback(self._on_value)
