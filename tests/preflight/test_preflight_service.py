@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -124,24 +123,25 @@ async def test_plans_that_hang_raise_or_crash_do_not_harm_the_service(api_of, te
     assert answer["messages"] >= 2  # the move of motor1 before it raised
     assert sources(answer) == {"det1": "argument", "motor1": "dry_run"}
 
-    # A dry run that hangs: the service answers other requests meanwhile, and the dry run is
-    # stopped at its time limit; the same child serves the next dry run.
-    hanging = asyncio.create_task(preflight(api, "hanging_plan", ["det2"]))
-    await asyncio.sleep(0.3)
-    started = time.monotonic()
-    r = await api.get("/api/locks/status")
-    assert r.status_code == 200 and time.monotonic() - started < 0.5
-    answer = await hanging
+    # A dry run that hangs is stopped at its time limit; the same child serves the next one.
+    answer = await preflight(api, "hanging_plan", ["det2"])
     assert answer["complete"] is False and answer["incomplete"] == "time_limit"
     assert "time limit of 1 s" in answer["reason"]
     assert sources(answer) == {"det2": "argument", "motor1": "dry_run"}
     assert (await preflight(api, "count", ["det1"]))["complete"] is True
 
-    # One that cannot be interrupted is killed; one that ends its process ends only that.
-    answer = await preflight(api, "stubborn_plan", ["det2"])
+    # One that cannot be interrupted is killed (after the limit and a grace); meanwhile the
+    # service answers lock requests. One that ends its process ends only that process.
+    stubborn = asyncio.create_task(preflight(api, "stubborn_plan", ["det2"]))
+    await asyncio.sleep(0.3)
+    key = await lock(api, "det2", "MANUAL_OPERATOR", "carol")
+    assert (await api.get("/api/locks/status")).json()["total_count"] == 1
+    assert not stubborn.done()  # the service answered while the dry run hung
+    answer = await stubborn
     assert answer["complete"] is False and answer["incomplete"] == "time_limit"
     assert "killed" in answer["reason"]
     assert sources(answer) == {"det2": "argument"}
+    await release(api, key)
     answer = await preflight(api, "crashing_plan", ["det1"])
     assert answer["complete"] is False and answer["incomplete"] == "exception"
     assert "exit code 3" in answer["reason"]
