@@ -146,8 +146,9 @@ class CoordinationGate:
         task = self._monitoring
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             # (again after a failure: the service may be back)
-            self._monitoring = asyncio.get_running_loop().create_task(self._start_monitoring())
-        await asyncio.shield(self._monitoring)
+            task = self._monitoring = asyncio.get_running_loop().create_task(
+                self._start_monitoring())
+        await asyncio.shield(task)
 
     async def _start_monitoring(self) -> None:
         self.client.add_lock_update_callback(self._on_update)  # (added once: a list without twins)
