@@ -385,6 +385,12 @@ def main(argv: list[str] | None = None) -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever the startup code or a plan prints goes to stderr
     sys.stdout = sys.stderr
+    # Requests come on a private copy of stdin: a plan that reads stdin (input()) gets
+    # end-of-file, never the next request.
+    requests = os.fdopen(os.dup(0), "rb")
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)
+    os.close(nothing)
     os.environ.setdefault("COORDINATION_DISABLED", "1")  # the example's switch: take no locks
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     started = time.perf_counter()
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     _answer(out, {"ready": True, "plans": len(collection.allowed_plans[GROUP]),
                   "load_s": round(time.perf_counter() - started, 3)})
     try:
-        serve(collection, sys.stdin.buffer, out)
+        serve(collection, requests, out)
     finally:
         os._exit(0)  # threads the startup code started must not keep this process alive
 

@@ -53,6 +53,13 @@ def raising_plan(detectors):
     raise RuntimeError("the beam is down")
 
 
+def asking_plan(detectors):
+    """Asks whoever runs it before counting."""
+    if input("count now? ") != "yes":
+        return
+    yield from bp.count(detectors)
+
+
 def crashing_plan(detectors):
     """Moves motor1, then ends the process it runs in."""
     yield from bps.mv(motor1, 1)

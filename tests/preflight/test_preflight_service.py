@@ -122,6 +122,9 @@ async def test_plans_that_hang_raise_or_crash_do_not_harm_the_service(api_of, te
     assert "RuntimeError: the beam is down" in answer["reason"]
     assert answer["messages"] >= 2  # the move of motor1 before it raised
     assert sources(answer) == {"det1": "argument", "motor1": "dry_run"}
+    # A plan that reads its standard input gets end-of-file, not the next request.
+    answer = await preflight(api, "asking_plan", ["det1"])
+    assert answer["incomplete"] == "exception" and "EOFError" in answer["reason"]
 
     # A dry run that hangs is stopped at its time limit; the same child serves the next one.
     answer = await preflight(api, "hanging_plan", ["det2"])
