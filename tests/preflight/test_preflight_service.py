@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from preflight_collection import EXAMPLE as EXAMPLE_COLLECTION
 
 ISSUE_ITEM = {"name": "scan", "args": [["det1"], "motor1", -1, 1, 5], "kwargs": {}}
 
@@ -195,10 +197,8 @@ async def test_with_api_keys_preflight_needs_a_key_and_the_read_role_suffices(ap
 async def test_a_reloaded_collection_is_dry_run_with_its_new_plans(api_of, tmp_path: Path):
     import shutil
 
-    from preflight_collection import EXAMPLE
-
     collection = tmp_path / "collection"
-    shutil.copytree(EXAMPLE / "startup", collection / "startup")
+    shutil.copytree(EXAMPLE_COLLECTION / "startup", collection / "startup")
     api = api_of(collection)
     r = await api.post("/api/preflight", json={"item": {"name": "home_motor1", "args": []}})
     assert r.status_code == 422 and "home_motor1" in r.json()["message"]
@@ -247,3 +247,16 @@ async def test_a_caller_that_goes_away_leaves_no_answer_for_the_next_item(test_c
     finally:
         await runner.close()
         await registry.close()
+
+
+@pytest.mark.redis
+async def test_conflicts_come_from_the_redis_store_too(service_factory, redis_server):
+    svc = service_factory(str(redis_server.url), profile_collection=str(EXAMPLE_COLLECTION))
+    async with httpx.AsyncClient(base_url=svc.url, timeout=90) as api:
+        key = await lock(api, "motor2", "MAINTENANCE", "bob", reason="bake-out of the axis")
+        answer = await preflight(api, "park_and_count", ["det1"])
+        assert answer["can_start"] is False
+        assert [(c["device_name"], c["lock"]["user_id"]) for c in answer["conflicts"]] == [
+            ("motor2", "bob")]
+        await release(api, key)
+        assert (await preflight(api, "park_and_count", ["det1"]))["can_start"] is True
