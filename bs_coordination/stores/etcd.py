@@ -21,30 +21,39 @@ deciding leases on a wrong clock; replicas kept by NTP are within milliseconds. 
 the lock table's ``expires_at``; etcd leases are not used (the lock table decides expiry, and
 a lease would end a lock at a time of etcd's choosing, without an event).
 
-**Events** are kept in order in etcd: every commit that appends events writes one key
-``<prefix>/e/<number of its last event, 20 digits>`` holding them; numbers come from the
-``event`` counter in the same commit, ids are ``<epoch>-<number>`` (``epoch``: when this table
+**Events** are kept in order in etcd (``etcd_events``): every commit that appends events
+writes them in one key under ``<prefix>/e/``; the key's ``mod_revision`` (the commit's
+revision) orders them, and ids are ``<epoch>-<revision>-<index>`` (``epoch``: when this table
 was created, in ms, so a new table's ids sort after a lost one's). The tail reads the log from
 its position, then watches ``<prefix>/e/`` from the revision of that read: a client of replica
-B sees locks taken through replica A, in order. The sweep trims the log to ``event_log_size``.
+B sees locks taken through replica A, in order. The sweep trims the log to ``event_log_size``
+commits.
 
-**Fencing tokens** come from the ``token`` counter, written in the commit that hands them out.
-``<prefix>/meta`` holds the table's generation, and every commit compares it: a prefix that was
-deleted, or a cluster rebuilt empty, is noticed at the next commit (or sweep), reported through
-``Store.data_lost``, and a new table starts its token counter above every token this replica saw
-and above the clock in microseconds, so tokens never go back.
+**Fencing tokens and wait tickets** are not counters in etcd (every grant would then conflict
+with every other, on any device, from any replica): the engine hands out placeholders and the
+commit's revision fills them in (``filler``): token ``n`` of the commit at revision ``R`` is
+``token_base + R * PER_COMMIT + n``, so tokens rise in commit order, service-wide. A record or
+event stored with a placeholder is filled when read, from its key's ``mod_revision``; any later
+rewrite stores the real value. ``<prefix>/meta`` holds the table's generation and
+``token_base``, and every commit compares it: a prefix that was deleted, or a cluster rebuilt
+empty, is noticed at the next commit (or sweep), reported through ``Store.data_lost``, and the
+new table's ``token_base`` is above every token this replica saw and above the clock in
+microseconds, so tokens never go back.
 
 **Failing closed**: a request etcd could not serve, or whose outcome is unknown, raises
 ``StoreUnavailableError`` (503), naming host:port only. The next request tries again (another
 member first after a failure), so the store heals by itself when etcd has a leader again.
 
 Keep etcd's history compacted (``--auto-compaction-mode=revision
---auto-compaction-retention=10000`` or a periodic retention): every lock operation is a revision.
+--auto-compaction-retention=100000`` or a periodic retention): every lock operation is a
+revision.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import logging
 import secrets
@@ -57,8 +66,8 @@ from bs_coordination.locktable import TOKEN_COUNTER, LockRecord, RecordId, Txn
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores.base import Clock, Store, SystemClock
 from bs_coordination.stores.etcd_client import EtcdClient, EtcdUnavailable, b64, prefix_end, unb64
-from bs_coordination.stores.etcd_events import EtcdEventLog, event_json
-from bs_coordination.stores.txn import ABSENT, Commit, Engine, Outcome, Restart, Stored
+from bs_coordination.stores.etcd_events import EtcdEventLog, event_json, revision_text
+from bs_coordination.stores.txn import ABSENT, Commit, Engine, Outcome, Restart, Stored, patch, unplace
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,8 @@ MAX_CLOCK_SKEW = 0.5
 DEFAULT_EVENT_LOG_SIZE = 10_000
 #: Seconds a request to etcd is awaited at most.
 TIMEOUT = 2.0
+#: Counter values (tokens, tickets) one commit may hand out.
+PER_COMMIT = 1024
 #: Operations one etcd transaction may hold (etcd's ``--max-txn-ops``, 128 by default): about
 #: 2 per device of a request, so a request may name some 60 devices unless it is raised (on
 #: every member, and with ``?max_txn_ops=N`` in the store URL).
@@ -142,13 +153,19 @@ class EtcdStore(EtcdEventLog, Store):
         self.event_log_size = event_log_size
         self.max_clock_skew = max_clock_skew
         self._last_now = 0.0
-        # Room for the meta and clock checks and the clock and event-log writes.
-        self.engine = Engine(self, self._clock, on_commit=self._committed, max_ops=self.max_txn_ops - 4)
+        # Room for the meta and clock checks and the clock and event-log writes. Fencing tokens
+        # and tickets are assigned from the commit's revision (``_fill``), so operations on
+        # unrelated devices never conflict, whichever replica runs them.
+        self.engine = Engine(self, self._clock, on_commit=self._committed, max_ops=self.max_txn_ops - 4,
+                             assigns_counters=True)
+        #: Fencing tokens of this table start above this (in its meta; see ``_fill``).
+        self.token_base = 0
+        self._replica = secrets.token_hex(6)
+        self._commits = itertools.count()
         #: The table's meta text (generation and epoch) this store works on; None until attached.
         self._meta: str | None = None
         self.epoch = 0
         self._attaching = asyncio.Lock()
-        self._trimmed_to = 0
 
     # -- keys ------------------------------------------------------------------------------
     def _key(self, logical: str) -> str:
@@ -213,13 +230,14 @@ class EtcdStore(EtcdEventLog, Store):
             if self._meta != stale:
                 return  # another operation attached meanwhile
             now = self._clock()
-            token_start = max(int(now * 1_000_000), self.engine.floor.get(TOKEN_COUNTER, 0))
-            meta = json.dumps({"generation": secrets.token_hex(8), "epoch": int(now * 1000)})
+            token_base = max(int(now * 1_000_000), self.token_floor + 1)
+            meta = json.dumps({"generation": secrets.token_hex(8), "epoch": int(now * 1000),
+                               "token_base": token_base})
             reply = await self._call("kv/txn", {
                 "compare": [{"key": b64(self._meta_key), "target": "CREATE", "result": "EQUAL",
                              "create_revision": "0"}],
                 "success": [self._put(self._meta_key, meta), self._put(self._clock_key, _micros(now)),
-                            self._put(self._key(f"c:{TOKEN_COUNTER}"), str(token_start))],
+                            self._put(self._trimmed_key, revision_text(0))],
                 "failure": [{"request_range": {"key": b64(self._meta_key)}}]})
             created = bool(reply.get("succeeded"))
             if not created:
@@ -229,6 +247,7 @@ class EtcdStore(EtcdEventLog, Store):
                 meta = unb64(kvs[0]["value"])
             self._meta = meta
             self.epoch = int(json.loads(meta)["epoch"])
+            self.token_base = int(json.loads(meta)["token_base"])
             self.engine.forget()
             if stale is None:
                 if created:
@@ -241,7 +260,7 @@ class EtcdStore(EtcdEventLog, Store):
                 f"this service was using under {self.prefix!r} (deleted, or the cluster was "
                 f"rebuilt); every lock and queued request it held is gone, holders must lock "
                 f"again. Fencing tokens continue above every token issued before (highest seen "
-                f"here: {self.engine.floor.get(TOKEN_COUNTER, 0)}).")
+                f"here: {self.token_floor}).")
 
     async def _attached(self) -> str:
         if self._meta is None:
@@ -295,7 +314,8 @@ class EtcdStore(EtcdEventLog, Store):
             success.append(self._delete(self._key(k)) if text is None else self._put(self._key(k), text))
         if commit.events:
             body = json.dumps([event_json(n, e) for n, e in commit.events], separators=(",", ":"))
-            success.append(self._put(self._event_key(commit.events[-1][0]), body))
+            key = f"{self._events_start}{self._replica}-{next(self._commits)}"
+            success.append(self._put(key, body))
         for name, key_hash, old, new in commit.expiry:
             if old is not None:
                 success.append(self._delete(self._expiry_key(name, key_hash, old)))
@@ -321,8 +341,23 @@ class EtcdStore(EtcdEventLog, Store):
             return Outcome(False, snapshot=await self.read(checked))
         revision = int(reply["header"]["revision"])
         versions = {k: (ABSENT if text is None else revision) for k, text in commit.writes.items()}
-        return Outcome(True, versions=versions,
-                       event_ids=[f"{self.epoch}-{n}" for n, _ in commit.events])
+        return Outcome(True, versions=versions, fill=self.filler(revision),
+                       event_ids=[f"{self.epoch}-{revision}-{n}" for n, _ in commit.events])
+
+    def filler(self, version: Any) -> Callable[[int], int]:
+        """The values a commit at revision ``version`` handed out: token ``n`` of it is
+        ``token_base + revision * PER_COMMIT + n`` (so tokens rise in commit order and stay
+        above every earlier table's), ticket ``n`` is ``revision * PER_COMMIT + n``."""
+        return functools.partial(self._fill, int(version))
+
+    def _fill(self, revision: int, value: int) -> int:
+        counter, n = unplace(value) or ("", value)
+        if not counter:
+            return value
+        if n >= PER_COMMIT:
+            raise InvalidRequestError(f"one commit may hand out at most {PER_COMMIT - 1} tokens")
+        base = self.token_base if counter == TOKEN_COUNTER else 0
+        return base + revision * PER_COMMIT + n
 
     def _refused(self, meta: str, now: float, responses: list[dict[str, Any]]) -> None:
         """A commit whose checks failed: raise if because the table was lost (``_Lost``) or
@@ -356,8 +391,11 @@ class EtcdStore(EtcdEventLog, Store):
     async def _all_records(self) -> list[LockRecord]:
         start = self._key("r:")
         reply = await self._range(start, prefix_end(start))
-        return [LockRecord.from_dict(d) for kv in reply.get("kvs", [])
-                for d in json.loads(unb64(kv["value"]))]
+        out: list[LockRecord] = []
+        for kv in reply.get("kvs", []):
+            fill = self.filler(kv["mod_revision"])  # a grant's record holds a placeholder token
+            out.extend(patch(LockRecord.from_dict(d), fill) for d in json.loads(unb64(kv["value"])))
+        return out
 
     async def _due(self, now: float, limit: int) -> list[RecordId]:
         start = f"{self.prefix}x/"

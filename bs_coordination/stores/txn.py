@@ -35,15 +35,21 @@ each stored value a *version* that changes whenever the value does (etcd: the ke
 
 **Group commit.** Operations that arrive while a commit is in flight wait for it and then run
 together, one after the other on the same view (each sees what the earlier ones wrote), and
-commit in one ``Backend.commit``. So one process has at most one commit in flight, the fencing
-and event counters (read and checked like any key, since a key-value service cannot fill them
-in) never make two operations of one process conflict, and N concurrent requests cost one round
-trip. Operations of other processes are met by the version checks.
+commit in one ``Backend.commit``. So one process has at most one commit in flight, its
+operations never conflict with each other, and N concurrent requests cost one round trip.
+Operations of other processes are met by the version checks.
 
-**Counters** never go back: ``Engine.floor`` holds, per counter, a value the stored counter is
-never taken below (a store raises the token floor to every token it saw, so a store that lost
-its data continues above them). **Events** are numbered by the ``event`` counter in the same
-commit; the backend stores them under those numbers and names their ids.
+**Counters** (fencing tokens, wait tickets) come in two ways. By default they are keys like
+any other (``c:token``), read, checked and written: simple, but every grant then conflicts with
+every concurrent grant of another process, whatever the device. With
+``Engine(assigns_counters=True)`` the lock table is handed *placeholders* (``placeholder``),
+never read from the backend; the backend assigns the real values when it commits (etcd from the
+commit's revision; a Redis script could ``INCRBY``) and answers ``Outcome.fill``, which the
+engine applies to the results, the events and its cache (``patch``); a value the backend stored
+with placeholders is filled when read (``Backend.filler(version)``). Counters never go back:
+``Engine.floor`` holds a value a counter kept as a key is never taken below. **Events** are
+numbered by the ``event`` counter in the same commit (or, with backend counters, from 0 within
+the commit); the backend stores them and names their ids.
 
 **Time** is the store's: ``clock()`` is called once per attempt (see the store's docstring for
 where its time comes from).
@@ -90,8 +96,11 @@ from bs_coordination.stores.txn_backend import (
     decode,
     encode,
     key_names_key,
+    patch,
+    placeholder,
     records_key,
     under_key,
+    unplace,
 )
 
 log = logging.getLogger(__name__)
@@ -120,6 +129,10 @@ class _BatchView:
         self.read: dict[str, tuple[Any, Any]] = {}  # key -> (version, value) as first read
         self.written: dict[str, Any] = {}  # key -> value written by an earlier operation
         self.fresh = True  # every key read came from ``snapshot``
+        # Counters the backend assigns: the last placeholder handed out, per counter; events
+        # numbered from 0 within the commit.
+        self.counters: dict[str, int] = {}
+        self.events = 0
 
     def value(self, key: str) -> Any:
         if key in self.written:
@@ -150,6 +163,8 @@ class _BatchView:
         return waiters.values()
 
     def counter(self, name: str) -> int:
+        if self.engine.assigns_counters:
+            return self.counters.get(name, placeholder(name, 0))
         value: int = self.value(counter_key(name))
         return max(value, self.engine.floor.get(name, 0))
 
@@ -182,6 +197,11 @@ class _BatchView:
             waiters = {t: w for t, w in self.value(WAITERS_KEY).items() if t not in ch.waiters_deleted}
             waiters.update(ch.waiters_put)
             self._set(WAITERS_KEY, waiters)
+        if self.engine.assigns_counters:
+            self.counters.update(ch.counters)
+            numbered = [(self.events + i, e) for i, e in enumerate(ch.events)]
+            self.events += len(ch.events)
+            return numbered
         for name, value in ch.counters.items():
             self.value(counter_key(name))  # a counter written is checked too
             self._set(counter_key(name), value)
@@ -234,9 +254,13 @@ class Engine:
 
     def __init__(self, backend: Backend, clock: Callable[[], float],
                  on_commit: Callable[[list[LockUpdateMessage]], None] | None = None,
-                 max_ops: int = MAX_OPS) -> None:
+                 max_ops: int = MAX_OPS, assigns_counters: bool = False) -> None:
         self.backend = backend
         self.max_ops = max_ops
+        #: The backend assigns the fencing tokens and tickets (see ``Backend.filler``): the
+        #: counters are then never read, checked or written as keys, so operations on unrelated
+        #: devices never conflict, and events are numbered from 0 within each commit.
+        self.assigns_counters = assigns_counters
         self.clock = clock
         self.on_commit = on_commit
         #: logical key -> (version, parsed value): what this process last saw.
@@ -370,10 +394,15 @@ class Engine:
                 if attempts >= 3:
                     await asyncio.sleep(random.uniform(0, min(0.001 * 2 ** (attempts - 3), 0.05)))
                 continue
+            fill = outcome.fill
             for key, value in view.written.items():
-                self._remember(key, outcome.versions.get(key, ABSENT), value)
+                self._remember(key, outcome.versions.get(key, ABSENT),
+                               value if fill is None else patch(value, fill))
             ids = dict(zip((n for n, _ in events), outcome.event_ids, strict=True))
             self.operations += len(done)
+            if fill is not None:
+                done = [_Done(d.op, patch(d.result, fill), d.error, patch(d.numbered, fill))
+                        for d in done]
             messages = self._settle(done, ids)
             if messages and self.on_commit is not None:
                 self.on_commit(messages)
@@ -394,7 +423,12 @@ class Engine:
         return every
 
     def _parse(self, stored: dict[str, Stored]) -> dict[str, tuple[Any, Any]]:
-        return {key: (version, decode(key, text)) for key, (version, text) in stored.items()}
+        if not self.assigns_counters:
+            return {key: (version, decode(key, text)) for key, (version, text) in stored.items()}
+        filler = self.backend.filler  # a value stored by a commit still holds its placeholders
+        return {key: (version, patch(decode(key, text), filler(version)) if key[0] in "rw"
+                      else decode(key, text))
+                for key, (version, text) in stored.items()}
 
     def _remember(self, key: str, version: Any, value: Any) -> None:
         if version == ABSENT or not value:
@@ -412,4 +446,4 @@ class Engine:
 
 # The backend's side is re-exported: a store needs only this module.
 __all__ = ["ABSENT", "EVENT_COUNTER", "Backend", "Commit", "Engine", "Outcome", "Restart", "Stored", "decode",
-           "encode"]
+           "encode", "patch", "placeholder", "unplace"]

@@ -6,11 +6,11 @@ answers, and the ``Backend`` protocol a networked store implements (``read`` and
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol
 
-from bs_coordination.locktable import Event, LockRecord, Waiter
+from bs_coordination.locktable import TICKET_COUNTER, TOKEN_COUNTER, Event, LockRecord, Waiter
 
 #: The version of a key that does not exist.
 ABSENT = 0
@@ -94,6 +94,8 @@ class Outcome:
     versions: dict[str, Any] = field(default_factory=dict)
     #: When ok: the id of each event, in order.
     event_ids: list[str] = field(default_factory=list)
+    #: When ok and the backend assigns counters: the real value of each placeholder.
+    fill: Callable[[int], int] | None = None
     #: When not ok: the current value of every checked key, read at one instant.
     snapshot: dict[str, Stored] = field(default_factory=dict)
 
@@ -105,6 +107,10 @@ class Backend(Protocol):
     async def commit(self, commit: Commit) -> Outcome:
         """Write ``commit`` atomically if every check holds; else answer a snapshot."""
 
+    def filler(self, version: Any) -> Callable[[int], int]:
+        """Only for ``Engine(assigns_counters=True)``: the real value of each placeholder in a
+        value stored at ``version`` (written by the commit that made that version)."""
+
 
 class Restart(Exception):
     """Raised by a backend: drop the cache and run the batch again."""
@@ -112,5 +118,72 @@ class Restart(Exception):
 EVENT_COUNTER = "event"
 
 
-__all__ = ["ABSENT", "EVENT_COUNTER", "WAITERS_KEY", "Backend", "Commit", "Outcome", "Restart", "Stored",
-           "counter_key", "decode", "encode", "key_names_key", "records_key", "under_key"]
+#: Placeholders for counter values a backend assigns: counter ``COUNTERS[c]``'s ``n``-th value
+#: in one commit is ``SENTINEL + c * SPAN + n`` until the backend names the real one.
+SENTINEL = 1 << 60
+SPAN = 1 << 32
+COUNTERS = (TOKEN_COUNTER, TICKET_COUNTER)
+
+
+# -- counters the backend assigns ---------------------------------------------------------
+
+def placeholder(counter: str, n: int) -> int:
+    """The stand-in for the ``n``-th value of ``counter`` one commit hands out, when the
+    backend assigns counter values (``Engine(assigns_counters=True)``)."""
+    return SENTINEL + COUNTERS.index(counter) * SPAN + n
+
+
+def unplace(value: int) -> tuple[str, int] | None:
+    """(counter, n) of a placeholder; None for a real value."""
+    if value < SENTINEL:
+        return None
+    index, n = divmod(value - SENTINEL, SPAN)
+    return COUNTERS[index], n
+
+
+def patch(obj: Any, fill: Callable[[int], int]) -> Any:
+    """``obj`` with every placeholder replaced by ``fill(placeholder)``: records' tokens,
+    waiters' tickets, plain numbers, inside lists, tuples, dicts and dataclasses."""
+    if isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int):
+        return fill(obj) if obj >= SENTINEL else obj
+    if isinstance(obj, LockRecord):
+        return replace(obj, token=fill(obj.token)) if obj.token >= SENTINEL else obj
+    if isinstance(obj, Waiter):
+        return replace(obj, ticket=fill(obj.ticket)) if obj.ticket >= SENTINEL else obj
+    if isinstance(obj, list):
+        return [patch(o, fill) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(patch(o, fill) for o in obj)
+    if isinstance(obj, dict):
+        return {patch(k, fill): patch(v, fill) for k, v in obj.items()}
+    if isinstance(obj, Event):
+        return replace(obj, record=patch(obj.record, fill))
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: patch(getattr(obj, f.name), fill) for f in fields(obj) if f.init})
+    return obj
+
+
+__all__ = [
+    "ABSENT",
+    "COUNTERS",
+    "EVENT_COUNTER",
+    "SENTINEL",
+    "SPAN",
+    "WAITERS_KEY",
+    "Backend",
+    "Commit",
+    "Outcome",
+    "Restart",
+    "Stored",
+    "counter_key",
+    "decode",
+    "encode",
+    "key_names_key",
+    "patch",
+    "placeholder",
+    "records_key",
+    "under_key",
+    "unplace",
+]

@@ -23,7 +23,7 @@ from bs_coordination.errors import CoordinationError
 from bs_coordination.locktable import LockRecord, Txn
 from bs_coordination.models import LockRequest, LockType
 from bs_coordination.stores import ManualClock, MemoryStore
-from bs_coordination.stores.txn import ABSENT, Commit, Engine, Outcome, Stored
+from bs_coordination.stores.txn import ABSENT, Commit, Engine, Outcome, Stored, patch, unplace
 
 NAMES = ["a", "a.x", "a.y", "a.x.q", "b", "c"]
 USERS = ["u1", "u2", "u3"]
@@ -33,8 +33,11 @@ class Model:
     """The plainest backend: texts with versions in a dict, one revision for the whole
     table. ``read`` and ``commit`` wait a random while before they act (atomically)."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, assigns: bool = False) -> None:
         self.rng = rng
+        #: Assign tokens and tickets from the revision (as the etcd store does), rather than
+        #: having the engine keep counters as keys.
+        self.assigns = assigns
         self.data: dict[str, tuple[int, str]] = {}
         self.revision = 0
         self.events: list[tuple[int, Any]] = []
@@ -66,9 +69,18 @@ class Model:
                 self.expiry.pop((name, key_hash), None)
             else:
                 self.expiry[(name, key_hash)] = new
-        self.events.extend(commit.events)
+        fill = self.filler(self.revision) if self.assigns else None
+        self.events.extend(commit.events if fill is None else patch(commit.events, fill))
         self.committed.append(commit.tags)
-        return Outcome(True, versions=versions, event_ids=[f"1-{n}" for n, _ in commit.events])
+        return Outcome(True, versions=versions, fill=fill,
+                       event_ids=[f"{self.revision}-{n}" for n, _ in commit.events])
+
+    def filler(self, version: Any) -> Callable[[int], int]:
+        def fill(value: int) -> int:
+            counter, n = unplace(value) or ("", 0)
+            assert counter and n < 1024
+            return (10**9 if counter == "token" else 0) + version * 1024 + n
+        return fill
 
 
 Op = Callable[[Txn], Any]
@@ -132,12 +144,13 @@ def shape(records: list[LockRecord]) -> list[tuple[Any, ...]]:
     return sorted((r.device_name, r.user_id, r.lock_type, r.state, order[r.token]) for r in records)
 
 
-@pytest.mark.parametrize("seed", range(12))
-async def test_concurrent_replicas_match_the_memory_store_run_serially(seed: int) -> None:
+@pytest.mark.parametrize("assigns", [False, True], ids=["counter-keys", "backend-counters"])
+@pytest.mark.parametrize("seed", range(10))
+async def test_concurrent_replicas_match_the_memory_store_run_serially(seed: int, assigns: bool) -> None:
     rng = random.Random(seed)
-    model = Model(rng)
+    model = Model(rng, assigns)
     clock = ManualClock()
-    engines = [Engine(model, clock.now) for _ in range(3)]
+    engines = [Engine(model, clock.now, assigns_counters=assigns) for _ in range(3)]
     clients = {c: random_ops(rng, c, 30) for c in range(8)}
     results: dict[str, Any] = {}
     appended: dict[str, list[Any]] = {}
@@ -181,9 +194,11 @@ async def test_concurrent_replicas_match_the_memory_store_run_serially(seed: int
     for name in NAMES:
         assert [e for e in model_events if e[1] == name] == [e for e in memory_events if e[1] == name]
     assert len(model_events) == len(memory_events)
-    assert [n for n, _ in model.events] == list(range(1, len(model.events) + 1))
+    if not assigns:
+        assert [n for n, _ in model.events] == list(range(1, len(model.events) + 1))
 
-    stored = [LockRecord.from_dict(d) for key, (_, text) in model.data.items() if key.startswith("r:")
+    stored = [patch(LockRecord.from_dict(d), model.filler(version)) if assigns else LockRecord.from_dict(d)
+              for key, (version, text) in model.data.items() if key.startswith("r:")
               for d in json.loads(text)]
     assert shape(stored) == shape(await memory._all_records())
     # Tokens only ever increase, in commit order.
