@@ -209,3 +209,12 @@ def test_openapi_describes_the_acknowledgement(service: Any) -> None:
     props = doc["components"]["schemas"]["LockRequest"]["properties"]
     assert props["acknowledge_preemption"]["type"] == "boolean"
     assert "acknowledged" in doc["components"]["schemas"]["LockResponse"]["properties"]
+
+
+async def test_a_preemptor_whose_own_lease_ends_during_its_handshake_is_told(api: Api) -> None:
+    await api.grant("m1", "QUEUE_EXECUTING", "queue", acknowledge_preemption=True)
+    r = await api.lock("m1", "MAINTENANCE", "bob", timeout=0.3)  # ends before the 0.6 s deadline
+    assert r.status_code == 404, r.text
+    assert "ended" in r.json()["message"] and "'m1'" in r.json()["message"]
+    # The displaced holder is back (its lock restored when the preemptor's expired).
+    assert (await api.held())["m1"] == [("queue", "QUEUE_EXECUTING", "active")]
