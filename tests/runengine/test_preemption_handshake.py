@@ -17,6 +17,7 @@ import bluesky.plans as bp
 import httpx
 import pytest
 from bluesky import RunEngine
+from bluesky.utils import RunEngineInterrupted
 from ophyd.sim import SynAxis, SynGauss
 
 from .conftest import Recorder, wait_until
@@ -243,3 +244,29 @@ def test_without_the_handshake_maintenance_is_answered_at_once(
     assert trial.answer["acknowledged"] is True  # nobody asked: nothing to wait for
     assert trial.answer["preempted"] == []
     wait_until(lambda: RE.state == "idle", what="the plan ends")
+
+
+def test_a_paused_runengine_acknowledges_at_once(RE: RunEngine, coordinate: Any,
+                                                 live_service: Any) -> None:
+    coordinate()
+    motor = RecordingMotor(name="motor")
+
+    def plan() -> Any:
+        yield from bps.checkpoint()
+        yield from bps.mv(motor, 1)
+        yield from bps.pause()
+        yield from bps.mv(motor, 2)
+
+    with pytest.raises(RunEngineInterrupted):
+        RE(plan())
+    assert RE.state == "paused"
+    with httpx.Client(base_url=live_service.url, timeout=10) as http:
+        start = time.monotonic()
+        answer = http.post("/api/lock/request", json={
+            "device_name": "motor", "lock_type": "MAINTENANCE", "user_id": "maint_bob"}).json()
+        assert time.monotonic() - start < 1.0  # not the 2 s deadline: nothing runs while paused
+        assert answer["acknowledged"] is True
+        assert answer["preempted"][0]["preemption_ack"] == "acknowledged"
+        http.post("/api/lock/release", json={"lock_key": answer["lock_key"]})
+    RE.resume()  # the lock is restored: the plan goes on
+    assert motor.position == 2
