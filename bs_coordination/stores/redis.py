@@ -86,7 +86,7 @@ from bs_coordination.stores.redis_batch import Batcher
 from bs_coordination.stores.redis_events import RedisEventLog
 from bs_coordination.stores.redis_json import parse_record
 from bs_coordination.stores.redis_script import ATTACH, CAS
-from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View
+from bs_coordination.stores.redis_txn import Cache, Commit, Snapshot, View, Writer
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +100,6 @@ MAX_AHEAD = 0.05
 MAX_DELAY = 1.0
 #: An offset estimate is replaced by a lower one only when it is older than this (seconds).
 OFFSET_KEEP = 10.0
-
-
-class _Writer:
-    """An operation of this store that writes keys, while it runs (``RedisStore._writers``)."""
-
-    __slots__ = ("_waiting", "finished", "seq")
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq  # its arrival
-        self.finished = False
-        self._waiting: list[asyncio.Future[None]] = []
-
-    def wait(self) -> asyncio.Future[None]:
-        """Done when this operation has finished."""
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting.append(fut)
-        return fut
-
-    def finish(self) -> None:
-        self.finished = True
-        for fut in self._waiting:
-            if not fut.done():
-                fut.set_result(None)
 
 
 class RedisStore(Store):
@@ -159,7 +136,7 @@ class RedisStore(Store):
         self._cache = Cache()
         self._arrivals = itertools.count()
         # key -> the latest operation of this store that writes it, while it runs.
-        self._writers: dict[str, _Writer] = {}
+        self._writers: dict[str, Writer] = {}
         # Redis time = time.monotonic() + offset (a lower bound; see the docstring).
         self._offset = time.time() - time.monotonic()
         self._offset_at = -OFFSET_KEEP
@@ -255,7 +232,7 @@ class RedisStore(Store):
         # instead of every one of them going stale but one. Only earlier ones are waited for,
         # so waits never form a cycle. Other replicas' writes are met by the checks alone.
         seq = next(self._arrivals)
-        mine: _Writer | None = None
+        mine: Writer | None = None
         claimed: list[str] = []
         snapshot: Snapshot | None = None
         attempts = 0
@@ -288,7 +265,7 @@ class RedisStore(Store):
                 earlier = self._earlier_writers(seq, commit)
                 if commit.finals:
                     if mine is None:
-                        mine = _Writer(seq)
+                        mine = Writer(seq)
                     for key in commit.finals:
                         held = self._writers.get(key)
                         if held is None or held.seq < seq:

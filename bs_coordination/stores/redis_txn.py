@@ -17,6 +17,7 @@ and contention on the one fencing counter never makes an operation start over.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from dataclasses import replace
@@ -83,6 +84,30 @@ def parse(shape: str, values: Iterable[str]) -> Any:
 
 def _version(text: str) -> int:
     return int(text) if text else 0
+
+
+class Writer:
+    """An operation of a store that writes keys, while it runs: the store orders its operations
+    by arrival with these (``RedisStore._transact``)."""
+
+    __slots__ = ("_waiting", "finished", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq  # its arrival
+        self.finished = False
+        self._waiting: list[asyncio.Future[None]] = []
+
+    def wait(self) -> asyncio.Future[None]:
+        """Done when this operation has finished."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        return fut
+
+    def finish(self) -> None:
+        self.finished = True
+        for fut in self._waiting:
+            if not fut.done():
+                fut.set_result(None)
 
 
 class Cache:

@@ -110,7 +110,9 @@ async def test_a_failover_mid_load_loses_no_acknowledged_lock(group: SentinelGro
         if r.status_code == 503:
             assert "lock_key" not in r.text and "token" not in r.json()
         else:
-            assert r.status_code in (200, 404, 409), r.text
+            # 403/404: a release after the lock's lease ran out (during the outage) finds
+            # another holder or none.
+            assert r.status_code in (200, 403, 404, 409), r.text
         return r
 
     async def worker(i: int, http: httpx.AsyncClient) -> None:
@@ -135,7 +137,10 @@ async def test_a_failover_mid_load_loses_no_acknowledged_lock(group: SentinelGro
                     await asyncio.sleep(0.02)
                     continue
                 h.release_status = rr.status_code
-                h.released = sent if rr.status_code == 200 else (unknown or sent)
+                if rr.status_code == 200:
+                    h.released = sent
+                else:  # released by a 503'd attempt, or its lease ran out (from before h.granted)
+                    h.released = min(unknown or sent, h.granted + LEASE)
                 break
 
     async with httpx.AsyncClient(base_url=svc.url, timeout=15) as http:

@@ -152,3 +152,24 @@ def test_events_appended_before_the_event_format_still_read() -> None:
 def test_waiters_read_back_as_written() -> None:
     w = Waiter(12, ("det1", "m1.x"), 1, 1_700_000_123.5)
     assert parse_waiter(waiter_json(w, "12")) == w
+
+
+async def test_any_text_survives_the_script(redis_server) -> None:
+    """Users and reasons with quotes, backslashes, control characters and characters
+    outside the BMP go through the script's JSON arguments and come back as they were."""
+    odd = 'bé "q" \\ \u2028 \x01 😀'
+    store = RedisStore(redis_server.url)
+    other = RedisStore(redis_server.url)  # reads what the first wrote, not its own cache
+    try:
+        grant = await store.request(LockRequest(
+            device_name="det_1-a:x", lock_type=LockType.MAINTENANCE, user_id=odd,
+            reason=odd + "\n"))
+        [lock] = await other.all_locks()
+        assert (lock.device_name, lock.user_id, lock.reason) == ("det_1-a:x", odd, odd + "\n")
+        assert lock == grant.locks[0]
+        [event] = await other.events_after(None)
+        assert event.lock == grant.locks[0]
+        assert len(await other.release(grant.lock_key)) == 1
+    finally:
+        await store.close()
+        await other.close()
