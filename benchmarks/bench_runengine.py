@@ -8,8 +8,9 @@
    call stack every time they are called (``bluesky.utils.Plan``), ~25 frames deep in a scan,
    so one more generator frame (what any wrapping preprocessor adds, shown by a do-nothing
    one) makes each stub call a few percent dearer. The plugin's preprocessor hands the
-   RunEngine the plan itself behind one lock message; the per-message check runs in the
-   RunEngine's command dispatch (wrapped device commands), outside the plan's stack. What is
+   RunEngine the plan itself (no message added: the up-front request is awaited in the
+   wrapped command of the plan's first message); the per-message check runs in the
+   RunEngine's command dispatch (wrapped commands), outside the plan's stack. What is
    left: the fixed cost per plan (one lock request, one release) and the check; the sum of
    those parts is printed beside the whole (the parts are measured with less noise).
 2. Added cost per plan message once its device is locked: a guarded device command (the

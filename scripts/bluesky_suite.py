@@ -51,6 +51,9 @@ DEFAULT_FILES = [
     "test_buffering.py", "test_consolidators.py",
 ]
 
+#: Seconds a test run in a pytest process of its own may take before it is killed.
+ISOLATED_TIMEOUT = 300
+
 #: Tests that may fail with the plugin because they assert on the RunEngine's private
 #: internals (node id suffix -> why). Keep in step with the README.
 EXPECTED: dict[str, str] = {}
@@ -95,8 +98,9 @@ def lock_service() -> Iterator[str]:
 
 
 def _pytest(targets: list[str], extra: list[str], report: Path, url: str | None,
-            quiet: bool) -> dict[str, dict[str, Any]]:
-    """One pytest process on ``targets`` (files or node ids of bluesky's suite)."""
+            quiet: bool, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    """One pytest process on ``targets`` (files or node ids of bluesky's suite); killed after
+    ``timeout`` seconds (a test that hangs despite pytest-timeout)."""
     tests = bluesky_tests_dir()
     env = dict(os.environ, BS_SUITE_REPORT=str(report),
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
@@ -110,12 +114,16 @@ def _pytest(targets: list[str], extra: list[str], report: Path, url: str | None,
         cmd = [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(tests.parent),
                "-p", "bluesky_suite_plugin", "-p", "no:cacheprovider", "-q", "--timeout", "120",
                "-W", "ignore::DeprecationWarning", *targets, *extra]
-        out = subprocess.run(cmd, env=env, cwd=tmp, check=False, capture_output=quiet,
-                             text=True)
-    if not report.exists():
-        raise RuntimeError(f"pytest wrote no report ({' '.join(cmd)}): "
-                           f"{(out.stdout or '')[-2000:]}{(out.stderr or '')[-2000:]}")
-    result: dict[str, dict[str, Any]] = json.loads(report.read_text())
+        try:
+            subprocess.run(cmd, env=env, cwd=tmp, check=False, timeout=timeout,
+                           stdout=subprocess.DEVNULL if quiet else None,
+                           stderr=subprocess.DEVNULL if quiet else None)
+        except subprocess.TimeoutExpired:  # the child is killed; its finished tests count
+            pass
+    result: dict[str, dict[str, Any]] = {}
+    if report.exists():
+        for line in report.read_text().splitlines():
+            result.update(json.loads(line))
     return result
 
 
@@ -145,8 +153,18 @@ def run_suite(files: list[str], keyword: str | None, report: Path, url: str | No
     results = _pytest(targets, ["-k", main_k], report, url, quiet)
     sigint_k = f"({keyword}) and sigint" if keyword else "sigint"
     for node in _collect(targets, sigint_k):
-        results.update(_pytest([node], [], report, url, quiet))
+        one = _pytest([node], [], report, url, quiet, timeout=ISOLATED_TIMEOUT)
+        results.update(one or {_node_id(node): _hung()})
     return results
+
+
+def _node_id(path_id: str) -> str:
+    return str(Path(path_id).relative_to(bluesky_tests_dir().parent))
+
+
+def _hung() -> dict[str, Any]:
+    return {"outcome": "hung", "msgs": [], "docs": [], "left": [],
+            "error": f"no result after {ISOLATED_TIMEOUT} s: killed"}
 
 
 def compare(off: dict[str, dict[str, Any]], on: dict[str, dict[str, Any]],
@@ -190,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("--json", type=Path, help="write the comparison to this file")
     parser.add_argument("--show-output", action="store_true", help="show pytest's output")
+    parser.add_argument("--save", type=Path, metavar="DIR",
+                        help="keep the raw per-test records of each run in DIR")
+    parser.add_argument("--without-from", type=Path, metavar="FILE",
+                        help="take the run without the plugin from FILE (a saved without.json) "
+                        "instead of running it")
     parser.add_argument("--twice-without", action="store_true",
                         help="run without the plugin twice: streams that differ between those "
                         "two runs (timing-dependent tests) are not compared")
@@ -203,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet = not args.show_output
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.monotonic()
-        off = run_suite(files, args.keyword, Path(tmp) / "off.json", None, quiet)
+        if args.without_from:
+            off = json.loads(args.without_from.read_text())
+        else:
+            off = run_suite(files, args.keyword, Path(tmp) / "off.json", None, quiet)
         t1 = time.monotonic()
         again = (run_suite(files, args.keyword, Path(tmp) / "again.json", None, quiet)
                  if args.twice_without else None)
@@ -211,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         with lock_service() as url:
             on = run_suite(files, args.keyword, Path(tmp) / "on.json", url, quiet)
         t2 = time.monotonic()
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        for name, run in (("without", off), ("again", again), ("with", on)):
+            if run is not None:
+                (args.save / f"{name}.json").write_text(json.dumps(run))
     result = compare(off, on, again)
     result["seconds_without"], result["seconds_with"] = round(t1 - t0, 1), round(t2 - t1b, 1)
     result["files"] = files

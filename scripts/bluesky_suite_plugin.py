@@ -2,7 +2,7 @@
 
 Loaded with ``-p bluesky_suite_plugin``; configured by environment variables:
 
-- ``BS_SUITE_REPORT``: JSON file written at the end: per test its outcome, the commands of
+- ``BS_SUITE_REPORT``: JSON lines file, one line per test as it ends: its outcome, the commands of
   the messages the RunEngine processed (from bluesky's ``bluesky.RE.msg`` debug log, the
   same stream ``RE.msg_hook`` sees), the names of the documents it emitted, and the locks
   left on the service after the test;
@@ -87,6 +87,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Any) -> Any:
     _current = {"outcome": "interrupted", "msgs": [], "docs": [], "left": [], "error": ""}
     _results[item.nodeid] = _current
     yield
+    if REPORT and _current is not None:
+        # One line per test as it ends: a run killed mid-test keeps what it had.
+        with open(REPORT, "a") as f:
+            f.write(json.dumps({item.nodeid: _current}) + "\n")
     _current = None
 
 
@@ -124,9 +128,3 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         text = str(report.longrepr)
         lines = [ln for ln in text.splitlines() if ln.startswith("E ")]
         result["error"] = (lines[0] if lines else text.splitlines()[-1] if text else "")[:300]
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if REPORT:
-        with open(REPORT, "w") as f:
-            json.dump(_results, f)
