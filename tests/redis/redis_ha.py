@@ -101,6 +101,11 @@ class SentinelGroup:
             _, port = c.sentinel_get_master_addr_by_name(SERVICE)
         return int(port)
 
+    def failover(self) -> None:
+        """``SENTINEL FAILOVER``: promote a replica now, without waiting for agreement."""
+        with self.sentinels[0].client() as c:
+            c.execute_command("SENTINEL", "FAILOVER", SERVICE)
+
     def server(self, port: int) -> Proc:
         return next(s for s in self.servers if s.port == port)
 

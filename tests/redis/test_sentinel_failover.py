@@ -3,7 +3,8 @@ real process on ``redis+sentinel://``. A failover forced mid-load (``SENTINEL FA
 service keeps serving without a restart, fails closed meanwhile (503, never a grant it cannot
 vouch for), loses no acknowledged lock (``WAIT 1`` after each commit, the default with
 Sentinel, and ``min-replicas-to-write 1``), never grants one device to two holders, and its
-tokens never go back. The figures are printed."""
+tokens never go back; a WebSocket client connected throughout sees the grants made after it.
+The figures are printed."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from redis_ha import SERVICE, SentinelGroup, sentinel_group
+from redis_ha import SentinelGroup, sentinel_group
+from websockets.asyncio.client import connect
 
 from bs_coordination.stores.redis_keys import KeySpace
 
@@ -31,6 +33,7 @@ LEASE = 3.0  # a grant answered 503 (outcome unknown) blocks its device this lon
 LOAD_BEFORE = 2.0  # seconds of load before the failover
 SERVED_AFTER = 2.0  # seconds of load once grants come from the new primary
 GIVE_UP = 40.0  # the service must serve again within this
+PROMPTLY = 15.0  # a WebSocket client sees a grant's event within this
 
 
 @pytest.fixture(params=[1, 2], ids=["1 replica", "2 replicas"])
@@ -143,13 +146,22 @@ async def test_a_failover_mid_load_loses_no_acknowledged_lock(group: SentinelGro
                     h.released = min(unknown or sent, h.granted + LEASE)
                 break
 
+    seen: set[tuple[str, int]] = set()  # (device, token) of the acquired events on the WebSocket
+
+    async def watch() -> None:
+        async with connect(svc.ws_url) as ws:
+            async for text in ws:
+                msg = json.loads(text)
+                if msg.get("type") == "lock_update" and msg["action"] == "acquired":
+                    seen.add((msg["device_name"], int(msg["lock"]["token"])))
+
+    watcher = asyncio.create_task(watch())
     async with httpx.AsyncClient(base_url=svc.url, timeout=15) as http:
         tasks = [asyncio.create_task(worker(i, http)) for i in range(WORKERS)]
         try:
             await asyncio.sleep(LOAD_BEFORE)
             failover_at = time.monotonic()
-            await asyncio.to_thread(lambda: group.sentinels[0].client().execute_command(
-                "SENTINEL", "FAILOVER", SERVICE))
+            await asyncio.to_thread(group.failover)
             while True:
                 assert time.monotonic() - failover_at < GIVE_UP, "no new primary in time"
                 if await asyncio.to_thread(group.primary_port) != old_primary:
@@ -168,6 +180,14 @@ async def test_a_failover_mid_load_loses_no_acknowledged_lock(group: SentinelGro
             if t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
     assert svc.proc.poll() is None  # the same service process served throughout
+    # The service's event tail followed the new primary: its WebSocket clients see new grants.
+    late = {(h.device, h.token) for h in held if h.granted > new_primary_at + SERVED_AFTER}
+    deadline = time.monotonic() + PROMPTLY
+    while not late <= seen and time.monotonic() < deadline and not watcher.done():
+        await asyncio.sleep(0.05)
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    assert late and late <= seen, f"not on the WebSocket: {sorted(late - seen)[:5]}"
 
     new_primary = group.primary_port()
     assert new_primary != old_primary
