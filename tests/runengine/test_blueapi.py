@@ -32,6 +32,16 @@ def move_and_count(motor: Movable, det: Readable, position: float) -> MsgGenerat
     yield from bp.count([det], num=3)
 
 
+def slow_scan(motor: Movable, det: Readable, points: int) -> MsgGenerator:
+    """A scan long enough to be preempted in the middle."""
+
+    def per_step(detectors: Any, step: Any, pos_cache: Any) -> MsgGenerator:
+        yield from bps.one_nd_step(detectors, step, pos_cache)
+        yield from bps.sleep(0.03)
+
+    yield from bp.scan([det], motor, 0, 1, points, per_step=per_step)
+
+
 class Worker:
     """A blueapi ``TaskWorker`` with ``install()`` on its context's RunEngine."""
 
@@ -52,6 +62,7 @@ class Worker:
         self.ctx.register_device(motor)
         self.ctx.register_device(det)
         self.ctx.register_plan(move_and_count)
+        self.ctx.register_plan(slow_scan)
         self.worker = TaskWorker(self.ctx)
         self.worker.start()
         self.handle = install(self.ctx.run_engine, url, USER, wait=0.5, lease=30)
@@ -121,4 +132,48 @@ def test_blueapi_task_on_a_device_under_maintenance_fails_naming_the_holder(
     status = blueapi_worker.run("move_and_count", motor="motor", det="det", position=2.0)
     assert status.task_failed is False
     assert blueapi_worker.position() == 2.0
+    wait_until(lambda: service.locks() == [], what="the locks are released")
+
+
+def test_blueapi_task_is_suspended_by_maintenance_and_resumes(blueapi_worker: Worker,
+                                                               service: Service) -> None:
+    RE = blueapi_worker.ctx.run_engine
+    RE.record_interruptions = True
+    events: list[int] = []
+    interruptions: list[str] = []
+    seen: dict[str, Any] = {}
+    descriptors: dict[str, str] = {}
+
+    def maintenance() -> None:
+        key = service.lock("motor", "MAINTENANCE", "maint_bob", reason="encoder check")
+        wait_until(lambda: interruptions, what="the suspension")
+        seen["tripped"] = blueapi_worker.handle.suspender.tripped
+        held, position = len(events), blueapi_worker.position()
+        threading.Event().wait(0.3)  # maintenance works on the motor
+        seen["events_while_held"] = len(events) - held
+        seen["moved"] = blueapi_worker.position() != position
+        service.release(key)
+
+    def on_doc(name: str, doc: dict[str, Any]) -> None:
+        if name == "descriptor":
+            descriptors[doc["uid"]] = doc["name"]
+        elif name == "event" and descriptors.get(doc["descriptor"]) == "interruptions":
+            interruptions.append(str(doc["data"]["interruption"]))
+        elif name == "event":
+            events.append(doc["seq_num"])
+            if len(events) == 4:
+                threading.Thread(target=maintenance, daemon=True).start()
+
+    token = RE.subscribe(on_doc)
+    try:
+        status = blueapi_worker.run("slow_scan", motor="motor", det="det", points=15)
+    finally:
+        RE.unsubscribe(token)
+    assert status.task_failed is False
+    assert seen == {"tripped": True, "events_while_held": 0, "moved": False}
+    # blueapi's own worker events report the suspension to its clients.
+    assert "SUSPENDING" in {str(e.state) for e in blueapi_worker.events}
+    assert "maint_bob" in interruptions[0] and "encoder check" in interruptions[0]
+    assert sorted(set(events)) == list(range(1, 16))
+    assert blueapi_worker.position() == pytest.approx(1.0)
     wait_until(lambda: service.locks() == [], what="the locks are released")
