@@ -29,7 +29,9 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as redis_async
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 SENTINEL_SCHEME = "redis+sentinel"
 #: The URL schemes the Redis store accepts.
@@ -113,10 +115,12 @@ def _sentinel(netloc: str, path: str, wait: int, wait_ms: int) -> Target:
     where = f"Sentinel {','.join(f'{h}:{p}' for h, p in addresses)} service {service!r}"
 
     def client(**kwargs: Any) -> redis_async.Redis:
-        # The Sentinels answer quickly or not at all: their own short timeouts.
+        # The Sentinels answer quickly or not at all: short timeouts, one retry (redis-py 8
+        # would retry ten times before asking the next Sentinel).
         timeouts = {k: v for k, v in kwargs.items()
                     if k in ("socket_connect_timeout",) and v is not None}
-        sentinels = Sentinel(addresses, sentinel_kwargs={"socket_timeout": 1.0, **timeouts})
+        sentinels = Sentinel(addresses, sentinel_kwargs={
+            "socket_timeout": 1.0, "retry": Retry(NoBackoff(), 1), **timeouts})
         client: redis_async.Redis = sentinels.master_for(service, db=db, password=password,
                                                          **kwargs)
         return client
