@@ -254,13 +254,18 @@ class Engine:
 
     def __init__(self, backend: Backend, clock: Callable[[], float],
                  on_commit: Callable[[list[LockUpdateMessage]], None] | None = None,
-                 max_ops: int = MAX_OPS, assigns_counters: bool = False) -> None:
+                 max_ops: int = MAX_OPS, assigns_counters: bool = False,
+                 max_in_flight: int = 1) -> None:
         self.backend = backend
         self.max_ops = max_ops
         #: The backend assigns the fencing tokens and tickets (see ``Backend.filler``): the
         #: counters are then never read, checked or written as keys, so operations on unrelated
         #: devices never conflict, and events are numbered from 0 within each commit.
         self.assigns_counters = assigns_counters
+        #: Commits this process may have in flight at once: one more batch starts at once while
+        #: fewer are. More than one only pays with ``assigns_counters`` (else every two
+        #: concurrent commits with a grant or an event conflict on the counters).
+        self.max_in_flight = max_in_flight
         self.clock = clock
         self.on_commit = on_commit
         #: logical key -> (version, parsed value): what this process last saw.
@@ -268,7 +273,7 @@ class Engine:
         #: counter -> a value it is never taken below.
         self.floor: dict[str, int] = {}
         self._queue: list[_Op] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._drainers: set[asyncio.Task[None]] = set()
         #: Commits sent and operations committed (for benchmarks and logs).
         self.commits = 0
         self.operations = 0
@@ -279,18 +284,18 @@ class Engine:
         future: asyncio.Future[tuple[Any, list[LockUpdateMessage]]] = (
             asyncio.get_running_loop().create_future())
         self._queue.append(_Op(fn, actor, tag, future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.ensure_future(self._drain())
+        if len(self._drainers) < self.max_in_flight:
+            drainer = asyncio.ensure_future(self._drain())
+            self._drainers.add(drainer)
+            drainer.add_done_callback(self._drainers.discard)
         return await future
 
     async def close(self) -> None:
         """Stop; operations still queued fail with ``StoreUnavailableError``."""
-        if self._drainer is not None and not self._drainer.done():
-            self._drainer.cancel()
-            try:
-                await self._drainer
-            except asyncio.CancelledError:
-                pass
+        drainers = list(self._drainers)
+        for drainer in drainers:
+            drainer.cancel()
+        await asyncio.gather(*drainers, return_exceptions=True)
         self._fail(self._queue, StoreUnavailableError("lock store closed"))
         self._queue.clear()
 
