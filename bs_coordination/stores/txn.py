@@ -284,10 +284,11 @@ class Engine:
         future: asyncio.Future[tuple[Any, list[LockUpdateMessage]]] = (
             asyncio.get_running_loop().create_future())
         self._queue.append(_Op(fn, actor, tag, future))
+        # A drainer that found the queue empty has returned (no await after that check), so
+        # ``done()`` tells the live ones; the finished are dropped here.
+        self._drainers = {d for d in self._drainers if not d.done()}
         if len(self._drainers) < self.max_in_flight:
-            drainer = asyncio.ensure_future(self._drain())
-            self._drainers.add(drainer)
-            drainer.add_done_callback(self._drainers.discard)
+            self._drainers.add(asyncio.ensure_future(self._drain()))
         return await future
 
     async def close(self) -> None:

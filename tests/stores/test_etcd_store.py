@@ -80,7 +80,9 @@ async def test_concurrent_requests_on_two_replicas_grant_each_device_once(replic
 
 async def test_a_replica_sees_the_locks_of_another_in_order(replicas, eventually) -> None:
     a, b = replicas
+    await a.request(ask("z"))  # so that ``since`` is an event, not "from whenever it starts"
     since = await b.last_event_id()
+    assert since is not None
     seen: list[LockUpdateMessage] = []
 
     async def follow() -> None:
