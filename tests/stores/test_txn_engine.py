@@ -239,3 +239,19 @@ async def test_a_batch_larger_than_a_commit_is_split() -> None:
     tokens = [r[0][0].token for r in results]
     assert len(set(tokens)) == len(tokens)
     await engine.close()
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+async def test_operations_one_after_another_are_each_served(in_flight: int) -> None:
+    """An operation that arrives just as the previous commit's worker finishes is served."""
+    engine = Engine(Model(random.Random(0)), ManualClock().now, max_in_flight=in_flight)
+
+    def grant(name: str) -> Op:
+        req = LockRequest(device_name=name, lock_type=LockType.MANUAL_OPERATOR, user_id="u", timeout=60)
+        return lambda txn: locktable.request(txn, req, locktable.hash_key(name), presented=False)
+
+    async def one_after_another() -> list[str]:
+        return [(await engine.run(grant(f"d{i}")))[0][0].device_name for i in range(20)]
+
+    assert await asyncio.wait_for(one_after_another(), 5) == [f"d{i}" for i in range(20)]
+    await engine.close()
