@@ -34,6 +34,10 @@ _NOT_APPLIED = {14}  # UNAVAILABLE
 _NOT_APPLIED_TEXTS = ("no leader", "not capable", "server stopped", "too many requests")
 
 
+#: A read that waited longer than its timeout (aiohttp >= 3.10 tells it from a connect timeout).
+_READ_TIMEOUT: type[Exception] = getattr(aiohttp, "SocketTimeoutError", aiohttp.ServerTimeoutError)
+
+
 class EtcdUnavailable(Exception):
     """No endpoint could serve the request (or its outcome is unknown)."""
 
@@ -95,6 +99,10 @@ class EtcdClient:
             try:
                 async with self._http().post(self._url(index, path), json=body,
                                              timeout=self._timeout) as resp:
+                    if resp.status == 404:  # not applied: no such API here
+                        raise EtcdUnavailable(
+                            f"etcd at {self._name(index)} has no /v3/{path} (etcd 3.4 or later, "
+                            "with its gRPC gateway on the client port, is needed)")
                     reply: dict[str, Any] = await resp.json(content_type=None)
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                 what = "no reply in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
@@ -122,12 +130,20 @@ class EtcdClient:
         host, port = self.endpoints[index % len(self.endpoints)]
         return f"{host}:{port}"
 
+    def _result(self, message: dict[str, Any], index: int) -> dict[str, Any]:
+        if "error" in message:
+            raise EtcdUnavailable(f"etcd at {self._name(index)}: watch: "
+                                  f"{message.get('message') or message['error']}")
+        result: dict[str, Any] = message.get("result", {})
+        return result
+
     async def watch(self, key: str, range_end: str, start_revision: int,
                     idle: float = 30.0) -> AsyncIterator[dict[str, Any]]:
         """Each watch response (``result``) on ``[key, range_end)`` from ``start_revision``,
         until the stream ends or fails (``EtcdUnavailable``). The member must have a leader
         (``hasleader``), so a member cut off from the cluster ends the watch instead of
-        going quiet. A stream silent for ``idle`` seconds ends too (the caller resumes)."""
+        going quiet. A stream silent for ``idle`` seconds ends quietly (the caller reads the log
+        and watches again), which also ends a connection that died without a word."""
         body = {"create_request": {"key": b64(key), "range_end": b64(range_end),
                                    "start_revision": str(start_revision)}}
         index = self._current
@@ -136,18 +152,21 @@ class EtcdClient:
         try:
             async with self._http().post(self._url(index, "watch"), json=body, timeout=timeout,
                                          headers={"Grpc-Metadata-hasleader": "true"}) as resp:
-                while True:
-                    line = await resp.content.readline()
-                    if not line:
-                        return
-                    message = json.loads(line)
-                    if "error" in message:
-                        raise EtcdUnavailable(f"etcd at {self._name(index)}: watch: "
-                                              f"{message.get('message') or message['error']}")
-                    result = message.get("result", {})
-                    yield result
-                    if result.get("canceled"):
-                        return
+                # Responses are JSON objects, one per line; a line may be long (a commit that
+                # locked hundreds of devices), so lines are cut here, without a length limit.
+                pending = b""
+                async for chunk in resp.content.iter_any():
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            result = self._result(json.loads(line), index)
+                            yield result
+                            if result.get("canceled"):
+                                return
+                return
+        except _READ_TIMEOUT:
+            return  # quiet for ``idle`` seconds: the caller reads the log and watches anew
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             self._current = index + 1  # try another member next time
             raise EtcdUnavailable(f"etcd at {self._name(index)}: watch: {type(exc).__name__}") from None

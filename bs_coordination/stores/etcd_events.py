@@ -53,6 +53,8 @@ class EtcdEventLog:
     token_floor: int = 0
     #: Events appended or read since the sweep last looked at the log's length.
     _since_trim: int = 0
+    #: Seconds a quiet watch is kept before it is read anew (ends a silently dead connection).
+    watch_idle: float = 30.0
 
     async def _range(self, key: str, range_end: str | None = None, **options: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -207,7 +209,8 @@ class EtcdEventLog:
                     yield msg
                 if more:
                     continue
-                async for result in self.client.watch(start, prefix_end(start), revision + 1):
+                async for result in self.client.watch(start, prefix_end(start), revision + 1,
+                                                      idle=self.watch_idle):
                     if delay > 0.1:
                         log.info("event tail: etcd at %s is back; resuming after %s",
                                  self.where, position)

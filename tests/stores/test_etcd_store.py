@@ -10,6 +10,7 @@ import base64
 import contextlib
 import itertools
 import json
+import logging
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -294,3 +295,35 @@ def test_etcd_matches_memory(etcd_server: EtcdCluster, ops) -> None:  # type: ig
             await etcd.close()
 
     asyncio.run(run())
+
+
+async def test_a_quiet_tail_stays_quiet_and_a_large_commit_comes_whole(
+        replicas, eventually, caplog: pytest.LogCaptureFixture) -> None:
+    """A tail with nothing to tell for longer than its watch is kept renews the watch without
+    a warning; the 200 events of one commit arrive through the watch, in order."""
+    a, b = replicas
+    await a.request(ask("z"))
+    since = await b.last_event_id()
+    b.watch_idle = 0.2
+    seen: list[LockUpdateMessage] = []
+
+    async def follow() -> None:
+        async for msg in b.tail(since):
+            seen.append(msg)
+
+    task = asyncio.create_task(follow())
+    try:
+        await asyncio.sleep(0.8)  # quiet: the watch ends and is made again, several times
+        devices = [f"dev{i:03d}-{'x' * 150}" for i in range(200)]  # one long watch line
+        await a.request(ask(devices, reason="y" * 200))
+
+        async def all_there() -> bool:
+            return len(seen) >= 200
+        await eventually(all_there)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert sorted(m.device_name for m in seen) == devices
+    assert [m.event_id for m in seen] == [m.event_id for m in await b.events_after(since)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
