@@ -407,8 +407,15 @@ class EtcdStore(EtcdEventLog, Store):
         return due
 
     async def sweep(self, limit: int = 1000) -> int:
-        """Expire leases that ran out, and trim the event log."""
-        gone = await super().sweep(limit)
+        """Expire leases that ran out (in commits small enough for one etcd transaction: about
+        8 operations per expired lock), and trim the event log."""
+        per_commit = max(1, self.max_txn_ops // 8)
+        gone = 0
+        while gone < limit:
+            expired = await super().sweep(min(per_commit, limit - gone))
+            gone += expired
+            if expired < per_commit:
+                break
         await self._trim()
         return gone
 

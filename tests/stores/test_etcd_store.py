@@ -327,3 +327,22 @@ async def test_a_quiet_tail_stays_quiet_and_a_large_commit_comes_whole(
     assert sorted(m.device_name for m in seen) == devices
     assert [m.event_id for m in seen] == [m.event_id for m in await b.events_after(since)]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_many_leases_running_out_at_once_all_expire(etcd_url: str) -> None:
+    """More expired locks than one etcd transaction can remove (default --max-txn-ops): the
+    sweep removes them all, each with its event."""
+    clock = ManualClock(start=time.time())
+    store = EtcdStore(etcd_url.partition("?")[0], clock=clock)
+    await store.start()
+    try:
+        for i in range(60):
+            await store.request(ask(f"m{i}", timeout=1))
+        clock.advance(2)
+        assert await store.all_locks() == []  # never reported after the lease ended...
+        assert await store.sweep() == 60  # ...and swept, every one
+        events = await store.events_after(None, limit=1000)
+        assert sum(e.action.value == "expired" for e in events) == 60
+        assert await store.sweep() == 0
+    finally:
+        await store.close()
