@@ -333,7 +333,7 @@ class EtcdStore(EtcdEventLog, Store):
             raise InvalidRequestError(
                 f"this request needs {size} operations in one etcd transaction, more than the "
                 f"{self.max_txn_ops} etcd allows (--max-txn-ops): lock fewer devices at once "
-                f"(or release or renew them by device name), or raise --max-txn-ops on every "
+                f"(a key holding more: release it device by device), or raise --max-txn-ops on every "
                 f"etcd member and add ?max_txn_ops=N to the store URL")
         reply = await self._call("kv/txn", {"compare": compare, "success": success, "failure": failure})
         if not reply.get("succeeded"):
