@@ -12,7 +12,8 @@ with ``--shm``) and a private ``redis-server`` (append-only, ``everysec``), then
    lease and looping Lock + Unlock on a lock name of its own (no contention);
 2. **service** on each store: ``uvicorn --factory bs_coordination.service:create_app`` (one
    worker, no access log), the same client looping POST ``/api/lock/request`` + POST
-   ``/api/lock/release`` on a device of its own. The etcd store uses the same etcd as the anchor.
+   ``/api/lock/release`` on a device of its own. The etcd store uses the same etcd as the anchor;
+3. for context, the same pairs on the ``EtcdStore`` API in-process (no HTTP).
 
 Contenders run back to back, ``--rounds`` times (interleaved, so a burst of other load on the
 shared machine hits one round rather than one contender). Prints, for the round with the median
@@ -156,19 +157,55 @@ async def through_service(url: str, clients: int, seconds: float) -> tuple[float
     return await measure(url, clients, seconds, setup, pair)
 
 
+async def store_alone(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """For context: the same pairs on the ``EtcdStore`` API in this process (no HTTP)."""
+    from bs_coordination.models import LockRequest, LockType
+    from bs_coordination.stores.etcd import EtcdStore
+
+    store = EtcdStore(url)
+    await store.start()
+    reqs = [LockRequest(device_name=f"direct{i}", lock_type=LockType.MANUAL_OPERATOR,
+                        user_id="bench", timeout=30) for i in range(clients)]
+    latencies: list[float] = []
+    measuring = stop = False
+
+    async def loop(i: int) -> None:
+        while not stop:
+            t0 = time.perf_counter()
+            grant = await store.request(reqs[i])
+            await store.release(grant.lock_key, f"direct{i}")
+            if measuring:
+                latencies.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(loop(i)) for i in range(clients)]
+    try:
+        await asyncio.sleep(1.0)
+        measuring = True
+        start = time.perf_counter()
+        await asyncio.sleep(seconds)
+        measuring = False
+        elapsed = time.perf_counter() - start
+        stop = True
+        await asyncio.gather(*tasks)
+    finally:
+        await store.close()
+    return len(latencies) / elapsed, latencies
+
+
 def line(name: str, rate: float, lat: list[float], anchor: float | None = None) -> str:
     ratio = f"   {rate / anchor:5.2f}x etcd lock API" if anchor else ""
     return (f"{name:<32} {rate:8.0f} pairs/s   p50 {1000 * percentile(lat, 50):7.2f} ms   "
             f"p99 {1000 * percentile(lat, 99):7.2f} ms{ratio}")
 
 
-async def rounds(args: argparse.Namespace, etcd: str, services: dict[str, str]
+async def rounds(args: argparse.Namespace, etcd: str, services: dict[str, str], store_url: str
                  ) -> list[dict[str, tuple[float, list[float]]]]:
     out = []
     for n in range(args.rounds):
         r = {"anchor": await etcd_lock_api(etcd, args.clients, args.seconds, f"round{n}")}
         for name in STORES:
             r[name] = await through_service(services[name], args.clients, args.seconds)
+        r["alone"] = await store_alone(f"{store_url}-direct{n}", args.clients, args.seconds)
         out.append(r)
     return out
 
@@ -185,7 +222,7 @@ def main() -> None:
         urls = {"memory": "memory", "redis": redis_url,
                 "etcd": f"etcd://127.0.0.1:{etcd_port}/bench"}
         with service(urls["memory"]) as m, service(urls["redis"]) as r, service(urls["etcd"]) as e:
-            results = run(rounds(args, etcd, {"memory": m, "redis": r, "etcd": e}))
+            results = run(rounds(args, etcd, {"memory": m, "redis": r, "etcd": e}, urls["etcd"]))
 
     def ratio(r: dict[str, tuple[float, list[float]]], name: str) -> float:
         return r[name][0] / r["anchor"][0]
@@ -200,6 +237,8 @@ def main() -> None:
     for name in STORES:
         print(line(f"service, {name} store", *median[name], anchor=anchor))
     print("target: every store >= 1.00x the etcd lock API")
+    print("context (where the time goes):")
+    print(line("  EtcdStore API in-process, no HTTP", *median["alone"], anchor=anchor))
     for i, r in enumerate(results, 1):
         print(f"round {i}: " + ", ".join(f"{name} {ratio(r, name):.2f}x" for name in STORES)
               + f" (anchor {r['anchor'][0]:.0f} pairs/s)")
