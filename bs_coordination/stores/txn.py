@@ -15,7 +15,7 @@ on which service it is; a store supplies a ``Backend`` with two calls and gets t
 ``c:<counter>``               a counter: ``token`` (fencing), ``ticket``, ``event``
 ============================ =====================================================
 
-A backend maps a logical key to its own key (etcd: ``<prefix>/<logical key>``) and gives
+A backend maps a logical key to its own key (etcd: ``<prefix>/t/<logical key>``) and gives
 each stored value a *version* that changes whenever the value does (etcd: the key's
 ``mod_revision``; ``ABSENT`` (0) when the key does not exist).
 
@@ -35,9 +35,11 @@ each stored value a *version* that changes whenever the value does (etcd: the ke
 
 **Group commit.** Operations that arrive while a commit is in flight wait for it and then run
 together, one after the other on the same view (each sees what the earlier ones wrote), and
-commit in one ``Backend.commit``. So one process has at most one commit in flight, its
-operations never conflict with each other, and N concurrent requests cost one round trip.
-Operations of other processes are met by the version checks.
+commit in one ``Backend.commit``. So one process has one commit in flight (``max_in_flight``
+allows more), its operations never conflict with each other, and N concurrent requests cost
+one round trip. Operations of other processes are met by the version checks. A batch is cut
+where a commit would pass the backend's size (``max_ops``); an operation too large alone is
+refused by the backend (a ``CoordinationError``, for it alone).
 
 **Counters** (fencing tokens, wait tickets) come in two ways. By default they are keys like
 any other (``c:token``), read, checked and written: simple, but every grant then conflicts with
@@ -57,7 +59,7 @@ where its time comes from).
 A backend implements ``Backend`` (``txn_backend``, with the keys, their texts, ``Commit`` and
 ``Outcome``): ``read(keys)`` (a consistent snapshot) and ``commit(commit)``
 (``Outcome``), raising ``StoreUnavailableError`` when the service cannot be used (the operations
-of that batch fail with it; nothing is known to be written) or ``Restart`` to make the engine
+of that commit fail with it; nothing is known to be written) or ``Restart`` to make the engine
 drop its cache and run the batch again (e.g. after it re-attached to a table that was lost).
 """
 
