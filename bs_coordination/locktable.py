@@ -236,6 +236,8 @@ class Event:
     record: LockRecord
     timestamp: float
     actor: str | None = None
+    #: Why it was done, when the one who did it said (a force release's reason).
+    reason: str | None = None
 
 
 class TableView(Protocol):
@@ -372,10 +374,10 @@ class Txn:
         self._ch.puts.pop(rec.id, None)
         self._ch.deletes.setdefault(rec.id, rec)
 
-    def emit(self, action: LockAction, rec: LockRecord) -> None:
+    def emit(self, action: LockAction, rec: LockRecord, reason: str | None = None) -> None:
         # Records are never changed in place (a change is a new record, made with
         # ``replace``), so the event shares the record instead of copying it.
-        self._ch.events.append(Event(action, rec, self.now, self.actor))
+        self._ch.events.append(Event(action, rec, self.now, self.actor, reason))
 
     def put_waiter(self, w: Waiter) -> None:
         self.waiters()[w.ticket] = w
@@ -709,15 +711,16 @@ def renew(txn: Txn, key_hash: str, timeout: float | None,
     return out
 
 
-def force_release(txn: Txn, device_name: str) -> list[LockRecord]:
-    """Remove every lock on exactly ``device_name`` (admin), then restore what waits."""
+def force_release(txn: Txn, device_name: str, reason: str | None = None) -> list[LockRecord]:
+    """Remove every lock on exactly ``device_name`` (admin), then restore what waits. Each
+    ``force_released`` event carries ``reason``."""
     _expire_overlapping(txn, [device_name])
     targets = txn.at(device_name)
     if not targets:
         raise LockNotFoundError(f"No lock on device {device_name!r}")
     for r in sorted(targets, key=lambda r: r.priority):
         txn.delete(r)
-        txn.emit(LockAction.FORCE_RELEASED, r)
+        txn.emit(LockAction.FORCE_RELEASED, r, reason)
     settle(txn, [device_name])
     return targets
 

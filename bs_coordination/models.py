@@ -390,6 +390,9 @@ class LockUpdateMessage(PublicModel):
     timestamp: datetime
     event_id: str | None = None
     actor: str | None = Field(default=None, description="Principal that caused the change.")
+    reason: str | None = Field(
+        default=None, description="Why the change was made, when its author said: a force "
+        "release's reason (the holder's own reason is `lock.reason`).")
 
 
 class EventsResponse(PublicModel):

@@ -123,5 +123,7 @@ def event_line(msg: dict[str, Any]) -> str:
     # Who caused it, when that is not the holder (a force-release by an admin).
     actor = msg.get("actor")
     by = f" by {actor}" if actor and actor != lock.get("user_id") else ""
+    # Why it was done, when its author said (a force release's reason).
+    why = f" (reason: {msg['reason']})" if msg.get("reason") else ""
     return (f"{show_time(msg.get('timestamp'))}  {msg.get('action', '?'):<14} {msg.get('device_name')}  "
-            f"{lock.get('lock_type')} {lock.get('user_id')}{by}{until}{reason}")
+            f"{lock.get('lock_type')} {lock.get('user_id')}{by}{why}{until}{reason}")

@@ -93,6 +93,7 @@ def to_message(event: Event, event_id: str) -> LockUpdateMessage:
         timestamp=datetime.fromtimestamp(event.timestamp, tz=timezone.utc),
         event_id=event_id,
         actor=event.actor,
+        reason=event.reason,
     )
 
 
@@ -350,9 +351,10 @@ class Store(ABC):
             lambda txn: locktable.renew(txn, key_hash, timeout, owner), actor)
         return [r.public() for r in records]
 
-    async def force_release(self, device_name: str, actor: str | None = None) -> list[DeviceLock]:
+    async def force_release(self, device_name: str, actor: str | None = None,
+                            reason: str | None = None) -> list[DeviceLock]:
         records, _ = await self._transact(
-            lambda txn: locktable.force_release(txn, device_name), actor)
+            lambda txn: locktable.force_release(txn, device_name, reason), actor)
         return [r.public() for r in records]
 
     async def sweep(self, limit: int = 1000) -> int:

@@ -32,8 +32,8 @@ Position = tuple[int, int]  # (revision, index): the position of an event in the
 
 
 def event_json(n: int, e: Event) -> list[Any]:
-    """One event as stored: ``[index, action, record, timestamp, actor]``."""
-    return [n, e.action.value, e.record.to_dict(), e.timestamp, e.actor]
+    """One event as stored: ``[index, action, record, timestamp, actor, reason]``."""
+    return [n, e.action.value, e.record.to_dict(), e.timestamp, e.actor, e.reason]
 
 
 def revision_text(revision: int) -> str:
@@ -106,10 +106,11 @@ class EtcdEventLog:
             if revision < after[0]:
                 continue
             fill = self.filler(revision)
-            for n, action, rec, ts, actor in json.loads(unb64(kv["value"])):
+            for n, action, rec, ts, actor, *more in json.loads(unb64(kv["value"])):
                 if (revision, n) > after:
                     record = patch(LockRecord.from_dict(rec), fill)
-                    event = Event(LockAction(action), record, ts, actor)
+                    reason = more[0] if more else None  # events written before had none
+                    event = Event(LockAction(action), record, ts, actor, reason)
                     out.append(to_message(event, f"{self.epoch}-{revision}-{n}"))
         return out
 

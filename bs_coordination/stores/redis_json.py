@@ -9,7 +9,7 @@ written as the text the caller passes: the number, or a hole ``\\1<counter>:<off
 script fills (``redis_txn``). That member is written first, outside ``json.dumps``, so the hole
 is exactly where the number goes (JSON text never holds a raw control character otherwise).
 
-An event is kept as ``{"action", "timestamp", "actor", "lock"}``, ``lock`` being the record's
+An event is kept as ``{"action", "timestamp", "actor", ["reason",] "lock"}``, ``lock`` being the record's
 fields without its secret ``key_hash``, and read back with the same ``to_message`` the memory
 store uses, so every replica shows an event exactly as the one that appended it. Entries
 written before this format (field ``m``: the message's JSON) are still read.
@@ -63,8 +63,11 @@ def parse_waiter(text: str) -> Waiter:
 
 def event_json(event: Event, token: str) -> str:
     """An event as appended (its record's token written as ``token``)."""
-    head = _dumps({"action": event.action.value, "timestamp": event.timestamp,
-                   "actor": event.actor})
+    fields: dict[str, Any] = {"action": event.action.value, "timestamp": event.timestamp,
+                              "actor": event.actor}
+    if event.reason is not None:
+        fields["reason"] = event.reason
+    head = _dumps(fields)
     lock = _with_first("token", token, _record_fields(event.record, secret=False))
     return f'{head[:-1]},"lock":{lock}}}'
 
@@ -78,5 +81,6 @@ def parse_event(event_id: str, fields: dict[str, Any]) -> LockUpdateMessage:
     d = json.loads(text)
     lock = d["lock"]
     lock["key_hash"] = ""  # never in an event
-    event = Event(LockAction(d["action"]), LockRecord.from_dict(lock), d["timestamp"], d["actor"])
+    event = Event(LockAction(d["action"]), LockRecord.from_dict(lock), d["timestamp"], d["actor"],
+                  d.get("reason"))
     return to_message(event, event_id)

@@ -1,5 +1,5 @@
-"""Who force-released a lock is in its events (``actor``): ``/api/events``, the WebSocket,
-``bs-coordination watch``."""
+"""Who force-released a lock, and why, is in its events (``actor``, ``reason``): ``/api/events``,
+the WebSocket, ``bs-coordination watch``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,18 @@ async def test_the_force_release_names_its_actor_in_the_events(api) -> None:
     assert r.status_code == 200, r.text
     (event,) = force_released(await api.events())
     assert event["actor"] == "carl" and event["lock"]["user_id"] == "alice"
+    assert event["reason"] == "stuck"
+
+
+async def test_the_force_release_reason_reaches_websocket_clients(api, ws) -> None:
+    await api.grant("m1", "MANUAL_OPERATOR", "alice", reason="alignment")
+    async with ws() as conn:
+        r = await api.client.post("/api/lock/force-release", json={
+            "device_name": "m1", "reason": "shift change", "user_id": "carl"})
+        assert r.status_code == 200, r.text
+        event = await conn.update("force_released", "m1")
+    assert event["reason"] == "shift change" and event["actor"] == "carl"
+    assert event["lock"]["reason"] == "alignment"  # the holder's own reason, unchanged
 
 
 def test_with_api_keys_the_actor_is_the_principal(service_factory, tmp_path: Path) -> None:
@@ -70,3 +82,4 @@ def test_watch_says_who_force_released(live_service, capsys) -> None:
     assert proc.returncode == 0, err
     (line,) = rest.splitlines()
     assert "force_released" in line and "alice" in line and "by carl" in line
+    assert "reason: shift change" in line

@@ -76,7 +76,8 @@ async def test_lock_update_for_every_action(api, ws) -> None:
     orders = [event_order(f["event_id"]) for f in updates]
     assert orders == sorted(orders) and len(set(orders)) == len(orders)
     for f in updates:
-        assert set(f) == {"type", "action", "device_name", "lock", "timestamp", "event_id", "actor"}
+        assert set(f) == {"type", "action", "device_name", "lock", "timestamp", "event_id", "actor",
+                          "reason"}
         assert set(f["lock"]) == LOCK_FIELDS
     # The socket saw exactly the history.
     history = await api.events()

@@ -220,7 +220,7 @@ async def force_release(req: ForceReleaseRequest, caller: CallerDep) -> ForceRel
     store, principal = caller.store, caller.principal
     require(principal, Role.ADMIN, what="this operation")
     actor = req.user_id if principal is None else principal.name
-    released = await store.force_release(req.device_name, actor=actor)
+    released = await store.force_release(req.device_name, actor=actor, reason=req.reason)
     log.warning("force-released %d lock(s) on %r, reason: %r (by %r)", len(released),
                 req.device_name, req.reason, actor)
     return ForceReleaseResponse(
