@@ -27,7 +27,6 @@ from bs_coordination.locktable import (
     TICKET_COUNTER,
     TOKEN_COUNTER,
     Changes,
-    Event,
     LockRecord,
     Waiter,
     ancestors,
@@ -384,6 +383,6 @@ class Commit:
             # new token), and each event must show the lock as it was at that event.
             rec = self._patch_record(event.record, bases) if bases else event.record
             if rec is not event.record:
-                event = Event(event.action, rec, event.timestamp, event.actor)
+                event = replace(event, record=rec)  # every other field kept as it is
             messages.append(to_message(event, event_id))
         return messages
