@@ -37,7 +37,7 @@ from _common import HEADER, percentile, row, service
 from bluesky import RunEngine
 from ophyd.sim import SynAxis, SynGauss
 
-from bs_coordination.plugin import install
+from bs_coordination.runengine.plugin import install
 
 TRIALS = int(os.environ.get("BENCH_TRIALS", "30"))
 

@@ -47,8 +47,8 @@ from bluesky.preprocessors import plan_mutator
 from bluesky.utils import Msg
 from ophyd.sim import SynAxis, SynGauss
 
-from bs_coordination.plans import GRANTED, coordinated_wrapper
-from bs_coordination.plugin import RunEngineHooks, install
+from bs_coordination.runengine.plans import GRANTED, coordinated_wrapper
+from bs_coordination.runengine.plugin import RunEngineHooks, install
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "15"))
 TRIALS = int(os.environ.get("BENCH_TRIALS", "30"))

@@ -36,7 +36,7 @@ from bs_coordination.models import (
 
 if TYPE_CHECKING:
     from bs_coordination.client import DeviceCoordinationClient, DeviceCoordinationContext
-    from bs_coordination.plugin import install
+    from bs_coordination.runengine.plugin import install
     from bs_coordination.service import DeviceCoordinationService, create_app
 
 _LAZY = {
@@ -44,7 +44,7 @@ _LAZY = {
     "DeviceCoordinationContext": "bs_coordination.client",
     "DeviceCoordinationService": "bs_coordination.service",
     "create_app": "bs_coordination.service",
-    "install": "bs_coordination.plugin",
+    "install": "bs_coordination.runengine.plugin",
 }
 
 

@@ -43,7 +43,7 @@ def _modules_loaded_by(statement: str) -> set[str]:
 @pytest.mark.parametrize("statement", [
     "from bs_coordination import DeviceCoordinationClient, DeviceCoordinationContext",
     "from bs_coordination import install",
-    "import bs_coordination.plans, bs_coordination.suspender",
+    "import bs_coordination.runengine.plans, bs_coordination.runengine.suspender",
 ])
 def test_runengine_side_never_imports_the_service(statement):
     loaded = _modules_loaded_by(statement)
@@ -52,4 +52,4 @@ def test_runengine_side_never_imports_the_service(statement):
 
 def test_service_never_imports_the_runengine():
     loaded = _modules_loaded_by("from bs_coordination.service import create_app; create_app()")
-    assert not {"bluesky.run_engine", "bs_coordination.plans", "bs_coordination.plugin"} & loaded
+    assert not {"bluesky.run_engine", "bs_coordination.runengine.plans", "bs_coordination.runengine.plugin"} & loaded

@@ -198,7 +198,7 @@ class _Devices:
     """Root devices touched, with the commands sent to each, in first-touched order."""
 
     def __init__(self) -> None:
-        from bs_coordination.plans import lock_name
+        from bs_coordination.runengine.plans import lock_name
 
         self._lock_name = lock_name
         self._names: dict[int, tuple[Any, str | None]] = {}  # id -> (object kept alive, name)
@@ -230,7 +230,7 @@ class _Devices:
 
 
 def _is_device(obj: Any) -> bool:
-    from bs_coordination.plans import is_device
+    from bs_coordination.runengine.plans import is_device
 
     return bool(is_device(obj))
 

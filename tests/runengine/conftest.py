@@ -16,7 +16,7 @@ from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.sim import SynAxis, SynGauss
 
-from bs_coordination.plugin import CoordinationHandle, install
+from bs_coordination.runengine.plugin import CoordinationHandle, install
 
 USER = "queue_server"
 

@@ -9,7 +9,7 @@ import pytest
 from ophyd.sim import SynAxis
 
 from bs_coordination.models import MAX_NAME_LENGTH, check_device_name
-from bs_coordination.plans import lock_name, root_device
+from bs_coordination.runengine.plans import lock_name, root_device
 
 from .conftest import Devices
 

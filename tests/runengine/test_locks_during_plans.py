@@ -12,8 +12,8 @@ from bluesky.preprocessors import SupplementalData
 from bluesky.utils import Msg, RunEngineInterrupted
 
 from bs_coordination.errors import LockConflictError
-from bs_coordination.plans import CoordinatedPreprocessor, coordinated_decorator
-from bs_coordination.suspender import LockPreemptedSuspender
+from bs_coordination.runengine.plans import CoordinatedPreprocessor, coordinated_decorator
+from bs_coordination.runengine.suspender import LockPreemptedSuspender
 
 from .conftest import USER, Devices, Recorder, Service, wait_until
 
@@ -274,7 +274,7 @@ def test_warns_when_a_preprocessor_is_added_after_install(
         caplog: pytest.LogCaptureFixture) -> None:
     coordinate()
     RE.preprocessors.append(SupplementalData(baseline=[devices.det2]))
-    with caplog.at_level("WARNING", logger="bs_coordination.plans"):
+    with caplog.at_level("WARNING", logger="bs_coordination.runengine.plans"):
         RE(bp.count([devices.det], num=1))
     assert "not the last entry of RE.preprocessors" in caplog.text
     assert service.locks() == []
@@ -285,7 +285,7 @@ def test_service_down_install_goes_on_and_plans_fail_closed(RE: RunEngine,
     import socket
 
     from bs_coordination.errors import ServiceError
-    from bs_coordination.plugin import install
+    from bs_coordination.runengine.plugin import install
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -8,9 +8,9 @@ import pytest
 from bluesky.preprocessors import SupplementalData
 from bluesky.utils import Msg
 
-from bs_coordination._re_tracker import PlanLocks
 from bs_coordination.errors import InvalidRequestError
-from bs_coordination.plans import _needed, device_name, is_device, plan_devices
+from bs_coordination.runengine._tracker import PlanLocks
+from bs_coordination.runengine.plans import _needed, device_name, is_device, plan_devices
 
 from .conftest import Devices
 

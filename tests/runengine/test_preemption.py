@@ -204,7 +204,7 @@ def test_with_api_keys_the_plan_follows_its_principal(
         for k, (p, roles) in keys.items()]}))
     live = service_factory("memory", api_keys=str(key_file))
     admin = Service(live.url, api_key="admin-key-456")
-    from bs_coordination.plugin import install
+    from bs_coordination.runengine.plugin import install
 
     # user_id says "queue_server", but the service records the key's principal.
     handle = install(RE, live.url, "queue_server", wait=2, lease=30, api_key="qs-key-123")

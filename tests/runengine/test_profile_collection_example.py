@@ -14,7 +14,7 @@ import pytest
 import yaml
 from bluesky_queueserver.manager.profile_ops import load_profile_collection
 
-from bs_coordination.plans import CoordinatedPreprocessor
+from bs_coordination.runengine.plans import CoordinatedPreprocessor
 
 from .conftest import Recorder, Service
 

@@ -87,7 +87,7 @@ def test_state_hook_replaced_after_install_still_ends_the_plan(
     coordinate()
     states: list[str] = []
     RE.state_hook = lambda new, old: states.append(str(new))
-    with caplog.at_level("WARNING", logger="bs_coordination.plugin"):
+    with caplog.at_level("WARNING", logger="bs_coordination.runengine.plugin"):
         RE(bp.count([devices.det], num=1))
     assert "state_hook was replaced" in caplog.text
     assert states == ["running", "idle"]  # the new hook is kept, in the chain

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from bs_coordination._re_tracker import LockTracker, PlanLocks
 from bs_coordination.models import DeviceLock, LockHolder, LockState, LockType
+from bs_coordination.runengine._tracker import LockTracker, PlanLocks
 
 NOW = datetime(2026, 11, 24, tzinfo=timezone.utc)
 

@@ -24,8 +24,6 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from bs_coordination._re_client import ClientThread, describe_lock, queue_item_uid
-from bs_coordination._re_tracker import LockTracker, PlanLocks
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.errors import (
     CoordinationError,
@@ -34,7 +32,9 @@ from bs_coordination.errors import (
     ServiceError,
 )
 from bs_coordination.models import DeviceLock, LockState, LockType, PreemptionAck, names_overlap
-from bs_coordination.suspender import LockPreemptedSuspender
+from bs_coordination.runengine._client_thread import ClientThread, describe_lock, queue_item_uid
+from bs_coordination.runengine._tracker import LockTracker, PlanLocks
+from bs_coordination.runengine.suspender import LockPreemptedSuspender
 
 log = logging.getLogger(__name__)
 

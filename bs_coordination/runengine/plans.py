@@ -3,7 +3,7 @@
 
 ::
 
-    from bs_coordination.plans import coordinated_decorator, coordinated_wrapper
+    from bs_coordination.runengine.plans import coordinated_decorator, coordinated_wrapper
 
     RE(coordinated_wrapper(scan([det], motor, -1, 1, 10), handle))   # handle = install(RE, ...)
 
@@ -62,11 +62,11 @@ from typing import Any
 from bluesky.preprocessors import SupplementalData
 from bluesky.utils import Msg, PlanHalt, ensure_generator, make_decorator
 
-from bs_coordination._re_client import queue_item_name
-from bs_coordination._re_coordinator import PlanCoordinator
-from bs_coordination._re_tracker import PlanLocks
 from bs_coordination.errors import CoordinationError, InvalidRequestError
 from bs_coordination.models import MAX_NAME_LENGTH, check_device_name
+from bs_coordination.runengine._client_thread import queue_item_name
+from bs_coordination.runengine._coordinator import PlanCoordinator
+from bs_coordination.runengine._tracker import PlanLocks
 
 log = logging.getLogger(__name__)
 

@@ -52,11 +52,11 @@ from typing import Any
 
 from bluesky.utils import Msg, ensure_generator
 
-from bs_coordination._re_client import queue_item_name
-from bs_coordination._re_coordinator import PlanCoordinator
-from bs_coordination._re_tracker import PlanLocks
 from bs_coordination.errors import CoordinationError
-from bs_coordination.plans import (
+from bs_coordination.runengine._client_thread import queue_item_name
+from bs_coordination.runengine._coordinator import PlanCoordinator
+from bs_coordination.runengine._tracker import PlanLocks
+from bs_coordination.runengine.plans import (
     LOCK_COMMAND,
     CoordinatedPreprocessor,
     coordinated_wrapper,
@@ -66,7 +66,7 @@ from bs_coordination.plans import (
     plan_name,
     upfront_names,
 )
-from bs_coordination.suspender import LockPreemptedSuspender
+from bs_coordination.runengine.suspender import LockPreemptedSuspender
 
 log = logging.getLogger(__name__)
 

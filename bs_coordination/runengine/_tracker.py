@@ -20,9 +20,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bs_coordination._re_client import describe_lock
 from bs_coordination.errors import LockConflictError
 from bs_coordination.models import DeviceLock, LockState, LockType
+from bs_coordination.runengine._client_thread import describe_lock
 
 if TYPE_CHECKING:
     from bs_coordination.client import LeaseKeeper
