@@ -44,6 +44,8 @@ PreemptionListener = Callable[[dict[str, DeviceLock], "str | None"], None]
 
 #: How often the connection watchdog looks at the WebSocket (a local flag, no I/O).
 _WATCHDOG_SECONDS = 0.1
+#: How often a plan waiting for the event stream to come up looks again (a local flag).
+_ONLINE_POLL_SECONDS = 0.005
 
 
 class PlanCoordinator:
@@ -367,7 +369,9 @@ class PlanCoordinator:
             while not self.client.websocket_connected:
                 if asyncio.get_running_loop().time() > deadline:
                     raise ServiceError(f"no event stream after {self.http_timeout:g} s")
-                await asyncio.sleep(_WATCHDOG_SECONDS)
+                # A plan waits here for the stream a fresh install() is still opening: look
+                # often, or every first plan pays up to the watchdog's period.
+                await asyncio.sleep(_ONLINE_POLL_SECONDS)
         except CoordinationError as exc:
             raise ServiceError(
                 f"cannot follow lock events from {self.url} ({exc.message}); "
