@@ -94,6 +94,9 @@ T = TypeVar("T")
 
 #: Calls of one operation before giving up under contention.
 MAX_ATTEMPTS = 64
+#: ... and at least for this long: on a loaded machine, with several replicas contending for
+#: a few devices, 64 attempts can pass in a second without one going through.
+BUSY_SECONDS = 5.0
 #: How far the ``now`` an operation used may be ahead of Redis ``TIME`` when its script runs.
 MAX_AHEAD = 0.05
 #: How far it may be behind at most (less when ``socket_timeout`` is short: see the docstring).
@@ -236,6 +239,7 @@ class RedisStore(Store):
         claimed: list[str] = []
         snapshot: Snapshot | None = None
         attempts = 0
+        busy_until = time.monotonic() + BUSY_SECONDS
         try:
             while True:
                 view = View(self.keys, self._cache, snapshot)
@@ -275,9 +279,10 @@ class RedisStore(Store):
                     await asyncio.wait(earlier)
                     snapshot = None  # the cache now has what they wrote
                     continue
-                if attempts == MAX_ATTEMPTS:
+                if attempts >= MAX_ATTEMPTS and time.monotonic() > busy_until:
                     raise StoreUnavailableError(
-                        f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
+                        f"lock store busy: no consistent update after {attempts} attempts "
+                        f"in {BUSY_SECONDS:g} s")
                 attempts += 1
                 reply = await self._call(commit)
                 status = reply[0]
