@@ -111,8 +111,10 @@ def _pytest(targets: list[str], extra: list[str], report: Path, url: str | None,
     with tempfile.TemporaryDirectory() as tmp:
         ini = Path(tmp) / "pytest.ini"  # bluesky's own settings are not shipped: none of ours
         ini.write_text("[pytest]\n")
+        # --confcutdir: no conftest.py of a directory above bluesky's (e.g. this project's,
+        # when the venv lives inside the checkout) joins the run.
         cmd = [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(tests.parent),
-               "-p", "bluesky_suite_plugin", "-p", "no:cacheprovider", "-q", "--timeout", "120",
+               "--confcutdir", str(tests), "-p", "bluesky_suite_plugin", "-p", "no:cacheprovider", "-q", "--timeout", "120",
                "-W", "ignore::DeprecationWarning", *targets, *extra]
         try:
             subprocess.run(cmd, env=env, cwd=tmp, check=False, timeout=timeout,
@@ -134,7 +136,7 @@ def _collect(targets: list[str], keyword: str) -> list[str]:
         ini.write_text("[pytest]\n")
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(tests.parent),
-             "-p", "no:cacheprovider", "--collect-only", "-q", *targets, "-k", keyword],
+             "--confcutdir", str(tests), "-p", "no:cacheprovider", "--collect-only", "-q", *targets, "-k", keyword],
             cwd=tmp, check=False, capture_output=True, text=True)
     return [str(tests.parent / line.strip()) for line in out.stdout.splitlines()
             if "::" in line]
