@@ -16,9 +16,10 @@ Plans need not be wrapped by hand: ``install()`` coordinates every plan the RunE
 
 - ``coordinated_wrapper`` (explicit use, and ``CoordinatedPreprocessor`` without ``install``)
   wraps the plan generator and checks each message before passing it on.
-- ``install(RE)`` wraps no generator: its preprocessor hands the RunEngine the plan itself
-  behind one lock message (``plugin._LockedStart``), and the per-message check runs in the
-  RunEngine's command dispatch. Why: bluesky 1.15's plan stubs format the whole call stack
+- ``install(RE)`` wraps no generator and adds no message: its preprocessor hands the
+  RunEngine the plan itself, the up-front request is awaited in the wrapped command of the
+  plan's first message, and the per-message check runs in the RunEngine's command dispatch
+  (see ``plugin.py``). Why: bluesky 1.15's plan stubs format the whole call stack
   each time they are called (``bluesky.utils.Plan``), so every generator frame between the
   RunEngine and the plan makes every stub call dearer (about 4 % of a ``scan``).
 
@@ -26,14 +27,14 @@ Common to both:
 
 - Devices known up front (the bound arguments of the plan generator, recursively inside
   lists, tuples, dicts and wrapped plans, e.g. ``SupplementalData`` baseline devices) are
-  requested in **one** atomic request before the plan's first step: all or none, so two
+  requested in **one** atomic request before the plan's first message runs: all or none, so two
   plans never deadlock over each other's devices. Any other device is locked the first time
   a message touches it (``obj``, and ``args`` of ``collect``/``locate``), by the root
   device's name (``root_device``: ``stage`` for ``stage.coarse.x``), made acceptable to the
   service (``lock_name``: ``"sample x"`` is locked as ``"sample_x"``); unnamed devices are
   not coordinated (logged once per device).
-- The lock I/O is awaited inside the RunEngine loop (the ``coordination_lock`` command,
-  ``lock_command``, or the guarded device commands), so the plan generator never blocks. A
+- The lock I/O is awaited inside the RunEngine loop (``install``'s wrapped commands, or the
+  ``coordination_lock`` command of ``coordinated_wrapper``), so the plan never blocks it. A
   refusal is raised there and thrown into the plan at the message that touched the device,
   so the plan's own cleanup runs.
 - Once a device is locked, a message costs one set lookup (``obj in covered``).
