@@ -270,11 +270,12 @@ class PlanCoordinator:
         (after a pause or a suspension)."""
         self._resume_hooks.append(hook)
 
-    # -- the RunEngine sees the coordinator as a Pausable object --------------------------
-    # The lock messages (every plan starts with one) carry the coordinator as ``msg.obj``, so
-    # the RunEngine counts it among the objects it has seen and calls ``pause()``/``resume()``
-    # on it. That is the one moment a suspension requested while the RunEngine was paused can
-    # be re-requested: after the RunEngine rewound, before it runs a message.
+    # -- resuming after a pause -------------------------------------------------------------
+    # ``install``'s state hook sees the RunEngine go from paused to running and awaits
+    # ``resume()`` before the next message runs; ``coordinated_wrapper``'s lock messages carry
+    # the coordinator as ``msg.obj``, so the RunEngine calls ``pause()``/``resume()`` on it as
+    # on any Pausable object it has seen. That is the moment a suspension requested while the
+    # RunEngine was paused can be re-requested: after it rewound, before it runs a message.
     def pause(self) -> None:
         """Nothing to do when the RunEngine pauses (locks are kept)."""
 

@@ -16,8 +16,8 @@ Two cases ``SuspenderBase`` alone gets wrong:
 
 - a trip while the RunEngine is paused (or pausing) only marks the suspender tripped, and
   ``RE.resume()`` would run the plan straight on. ``recheck()`` runs when the RunEngine
-  resumes (the coordinator is a ``Pausable`` object of the plan) and requests the suspension
-  then, after the RunEngine has rewound and before it runs a message;
+  resumes (through the coordinator's ``resume()``: see ``PlanCoordinator``) and requests the
+  suspension then, after the RunEngine has rewound and before it runs a message;
 - after a WebSocket reconnect the coordinator resynchronises from the full status and calls
   ``update()`` with the result, so a preemption or restore missed meanwhile still counts.
 
