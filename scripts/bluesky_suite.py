@@ -114,8 +114,8 @@ def _pytest(targets: list[str], extra: list[str], report: Path, url: str | None,
         # --confcutdir: no conftest.py of a directory above bluesky's (e.g. this project's,
         # when the venv lives inside the checkout) joins the run.
         cmd = [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(tests.parent),
-               "--confcutdir", str(tests), "-p", "bluesky_suite_plugin", "-p", "no:cacheprovider", "-q", "--timeout", "120",
-               "-W", "ignore::DeprecationWarning", *targets, *extra]
+               "--confcutdir", str(tests), "-p", "bluesky_suite_plugin", "-p", "no:cacheprovider",
+               "-q", "--timeout", "120", "-W", "ignore::DeprecationWarning", *targets, *extra]
         try:
             subprocess.run(cmd, env=env, cwd=tmp, check=False, timeout=timeout,
                            stdout=subprocess.DEVNULL if quiet else None,
