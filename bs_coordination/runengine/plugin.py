@@ -527,6 +527,7 @@ def install(
     heartbeat: float | None = None,
     http_timeout: float = 30.0,
     plan_uid: Callable[[], str | None] | None = None,
+    resume_gate: Any = None,
 ) -> CoordinationHandle:
     """Make every plan run by ``RE`` take part in device coordination.
 
@@ -539,7 +540,10 @@ def install(
       when the lease runs out (``handle.release_kept()`` frees a halted plan's locks now);
     - ``reason``: the reason shown with the locks (default: the plan's name);
     - ``plan_uid``: a callable giving the ``plan_uid`` of a starting plan (default: the queue
-      item's uid under the queue server, else none).
+      item's uid under the queue server, else none);
+    - ``resume_gate``: e.g. a ``bs_coordination.epics.gate.ResumeGate`` (anything with
+      ``attach(handle)``): after a suspension the RunEngine resumes only once it says the
+      IOCs let the queue write again.
 
     Appends the preprocessor to ``RE.preprocessors`` (last, so that devices other
     preprocessors such as ``SupplementalData`` add are in the up-front request), wraps the
@@ -585,6 +589,8 @@ def install(
     RE.preprocessors.append(preprocessor)
     handle = CoordinationHandle(RE, coordinator, suspender, preprocessor, hooks)
     _HANDLES[RE] = handle
+    if resume_gate is not None:
+        resume_gate.attach(handle)
     log.info("device coordination installed: %s as %r (wait %g s, lease %g s)", url, user_id,
              wait, lease)
     return handle

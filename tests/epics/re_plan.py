@@ -7,8 +7,9 @@
 The ophyd signal is named ``m1`` (the device the plugin locks); its Channel Access user is the
 login name (``LOGNAME``), the queue account of the IOC's rules. The plan writes 1, 2, ...
 ``--steps`` with a checkpoint before each write and prints ``STEP n`` after it; at the end it
-prints ``DONE <exit status>`` or ``FAILED <error>``. ``--gate`` attaches a ``ResumeGate`` so the
-RunEngine resumes only once the IOC lets it write.
+prints ``DONE <exit status>`` or ``FAILED <error>``. ``--gate`` installs the plugin with a
+``ResumeGate`` (``install(RE, ..., resume_gate=gate)``) so the RunEngine resumes only once the
+IOC lets it write.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def main() -> int:
     signal = EpicsSignal(args.record, name="m1")
     signal.wait_for_connection(timeout=10)
     RE = RunEngine({})
-    handle = install(RE, url=args.url, user_id="queue_server", wait=30, lease=60)
     gate = None
     if args.gate:
         gate = ResumeGate(args.prefix, user_id="queue_server", records={"m1": [args.record]},
                           timeout=30)
-        gate.attach(handle)
+    handle = install(RE, url=args.url, user_id="queue_server", wait=30, lease=60,
+                     resume_gate=gate)
 
     def plan():  # type: ignore[no-untyped-def]
         for i in range(1, args.steps + 1):
