@@ -20,8 +20,9 @@ ophyd's clients use). ::
     await gate.wait_async(["m1"], timeout=30)  # from an event loop (never blocks it)
     gate.close()
 
-With the RunEngine plugin, ``gate.attach(install(RE, ...))`` makes the RunEngine wait for the
-gate each time it resumes after a suspension, before it replays the plan from its checkpoint:
+With the RunEngine plugin, ``install(RE, ..., resume_gate=gate)`` (or
+``gate.attach(install(RE, ...))``) makes the RunEngine wait for the gate each time it resumes
+after a suspension, before it replays the plan from its checkpoint:
 for the devices (among the gate's ``devices``) that were preempted meanwhile, and, after a
 lost event stream, until the bridge's PVs of the gate's devices are valid again. A gate that
 times out fails the plan with its ``TimeoutError`` (the IOC would refuse its writes anyway).
@@ -189,8 +190,9 @@ class ResumeGate:
         ``_resume_from_suspender`` command, which the RunEngine runs once every suspender has
         cleared and before it replays the plan from its checkpoint: the gate wraps that
         command (bluesky has no public hook there; ``install`` leaves it alone). After a pause
-        (``RE.resume()``) it runs as the coordinator's resume hook. Call ``attach`` again after
-        every ``install`` on the RunEngine; ``detach`` undoes it.
+        (``RE.resume()``) it runs as the coordinator's resume hook. ``install(RE, ...,
+        resume_gate=gate)`` calls it; called by hand, call it again after every ``install`` on
+        the RunEngine. ``detach`` undoes it.
         """
         coordinator = handle.coordinator
         coordinator.add_preemption_listener(self._on_preemption)
