@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -134,6 +135,32 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_clients(clients: int, seconds: float, pair: Callable[[int], Awaitable[object]]
+                      ) -> tuple[float, list[float]]:
+    """Run ``pair(i)`` in a loop on ``clients`` tasks: 1 s warm-up, then ``seconds`` measured."""
+    latencies: list[float] = []
+    measuring = False
+    stop = False
+
+    async def loop(i: int) -> None:
+        while not stop:
+            t0 = time.perf_counter()
+            await pair(i)
+            if measuring:
+                latencies.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(loop(i)) for i in range(clients)]
+    await asyncio.sleep(1.0)
+    measuring = True
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    measuring = False
+    elapsed = time.perf_counter() - start
+    stop = True
+    await asyncio.gather(*tasks)
+    return len(latencies) / elapsed, latencies
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -24,7 +24,6 @@ etcd-store ratio, pairs/s, p50 and p99 of a pair, and each store's ratio to the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import os
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import UVICORN, free_port, percentile, private_redis, wait_port
+from _common import UVICORN, free_port, percentile, private_redis, run_clients, wait_port
 from _load import Connection, run
 
 STORES = ("memory", "redis", "etcd")
@@ -92,31 +91,12 @@ async def measure(url: str, clients: int, seconds: float,
                   ) -> tuple[float, list[float]]:
     """``clients`` connections looping ``pair``: 1 s warm-up, then ``seconds`` measured."""
     conns = [await Connection.open(url) for _ in range(clients)]
-    state = [await setup(c, i) for i, c in enumerate(conns)]
-    latencies: list[float] = []
-    measuring = stop = False
-
-    async def loop(i: int) -> None:
-        while not stop:
-            t0 = time.perf_counter()
-            await pair(conns[i], i, state[i])
-            if measuring:
-                latencies.append(time.perf_counter() - t0)
-
-    tasks = [asyncio.create_task(loop(i)) for i in range(clients)]
     try:
-        await asyncio.sleep(1.0)
-        measuring = True
-        start = time.perf_counter()
-        await asyncio.sleep(seconds)
-        measuring = False
-        elapsed = time.perf_counter() - start
-        stop = True
-        await asyncio.gather(*tasks)
+        state = [await setup(c, i) for i, c in enumerate(conns)]
+        return await run_clients(clients, seconds, lambda i: pair(conns[i], i, state[i]))
     finally:
         for c in conns:
             c.close()
-    return len(latencies) / elapsed, latencies
 
 
 def b64(text: str) -> str:
@@ -166,30 +146,15 @@ async def store_alone(url: str, clients: int, seconds: float) -> tuple[float, li
     await store.start()
     reqs = [LockRequest(device_name=f"direct{i}", lock_type=LockType.MANUAL_OPERATOR,
                         user_id="bench", timeout=30) for i in range(clients)]
-    latencies: list[float] = []
-    measuring = stop = False
 
-    async def loop(i: int) -> None:
-        while not stop:
-            t0 = time.perf_counter()
-            grant = await store.request(reqs[i])
-            await store.release(grant.lock_key, f"direct{i}")
-            if measuring:
-                latencies.append(time.perf_counter() - t0)
+    async def pair(i: int) -> None:
+        grant = await store.request(reqs[i])
+        await store.release(grant.lock_key, f"direct{i}")
 
-    tasks = [asyncio.create_task(loop(i)) for i in range(clients)]
     try:
-        await asyncio.sleep(1.0)
-        measuring = True
-        start = time.perf_counter()
-        await asyncio.sleep(seconds)
-        measuring = False
-        elapsed = time.perf_counter() - start
-        stop = True
-        await asyncio.gather(*tasks)
+        return await run_clients(clients, seconds, pair)
     finally:
         await store.close()
-    return len(latencies) / elapsed, latencies
 
 
 def line(name: str, rate: float, lat: list[float], anchor: float | None = None) -> str:

@@ -35,13 +35,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import UVICORN, free_port, private_redis, wait_port
+from _common import UVICORN, free_port, private_redis, run_clients, wait_port
 from _load import Connection
 
 
@@ -50,31 +49,6 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def run_clients(clients: int, seconds: float, pair) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
-    """Run ``pair(i)`` in a loop on ``clients`` tasks: 1 s warm-up, then ``seconds`` measured."""
-    latencies: list[float] = []
-    measuring = False
-    stop = False
-
-    async def loop(i: int) -> None:
-        while not stop:
-            t0 = time.perf_counter()
-            await pair(i)
-            if measuring:
-                latencies.append(time.perf_counter() - t0)
-
-    tasks = [asyncio.create_task(loop(i)) for i in range(clients)]
-    await asyncio.sleep(1.0)
-    measuring = True
-    start = time.perf_counter()
-    await asyncio.sleep(seconds)
-    measuring = False
-    elapsed = time.perf_counter() - start
-    stop = True
-    await asyncio.gather(*tasks)
-    return len(latencies) / elapsed, latencies
 
 
 async def bench_anchor(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
