@@ -65,6 +65,7 @@ async def client(http: aiohttp.ClientSession, url: str, i: int, until: float, ki
         tally.granted[token] = (device, key)
         tally.held[token] = (device, key)
         await asyncio.sleep(0.01)
+        outcome_open = False  # a 503 answered an earlier attempt: it may have released
         while True:  # release it; a 503 leaves the outcome open: ask again
             async with http.post(f"{url}/api/lock/release",
                                  json={"lock_key": key, "device_name": device, "user_id": f"c{i}"}) as resp:
@@ -73,10 +74,13 @@ async def client(http: aiohttp.ClientSession, url: str, i: int, until: float, ki
                 tally.released.add(token)
                 del tally.held[token]
                 break
-            if status == 404:  # an earlier release whose answer was lost did release it
+            if status == 404 or (status == 403 and outcome_open):
+                # An earlier attempt whose answer was a 503 did release it (403: and another
+                # client has taken the device since; only possible after such an attempt).
                 del tally.held[token]
                 break
             assert status == 503, status
+            outcome_open = True
             tally.unavailable.append(time.monotonic())
             if time.monotonic() > until + 10:
                 return
