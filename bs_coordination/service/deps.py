@@ -55,16 +55,24 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 api_key_header = APIKeyHeader(name="Authorization", scheme_name=SCHEME_NAME, auto_error=False)
 
 
-async def get_principal(
-    conn: HTTPConnection, authorization: Annotated[str | None, Security(api_key_header)] = None
-) -> Principal | None:
+def principal_of(conn: HTTPConnection, authorization: str | None = None) -> Principal | None:
     """The key's principal, or ``None`` when authentication is off (401 for a missing or
-    unknown key: the middleware normally refused it already)."""
+    unknown key: the middleware normally refused it already and left the principal in the
+    scope)."""
     keyring: KeyRing | None = getattr(conn.app.state, "keyring", None)
     if keyring is None:
         return None
     principal: Principal | None = conn.scope.get(PRINCIPAL_SCOPE_KEY)
-    return principal if principal is not None else identify(keyring, authorization)
+    if principal is not None:
+        return principal
+    return identify(keyring, authorization if authorization is not None
+                    else conn.headers.get("authorization"))
+
+
+async def get_principal(
+    conn: HTTPConnection, authorization: Annotated[str | None, Security(api_key_header)] = None
+) -> Principal | None:
+    return principal_of(conn, authorization)
 
 
 async def get_lock_holder(principal: Annotated[Principal | None, Depends(get_principal)]) -> Principal | None:
@@ -88,20 +96,18 @@ AdminDep = Annotated[Principal | None, Depends(get_admin)]
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """What a lock route needs, resolved by ONE dependency: the lock routes are the hot path,
-    and FastAPI spends tens of microseconds on each dependency of every request."""
+    """What a lock route needs: the store, the device registry and the caller's principal."""
 
     store: Store
     devices: DeviceRegistry
     principal: Principal | None
 
 
-async def get_caller(
-    conn: HTTPConnection, authorization: Annotated[str | None, Security(api_key_header)] = None
-) -> Caller:
-    principal = await get_principal(conn, authorization)
-    return Caller(conn.app.state.store, conn.app.state.devices, principal)
-
-
-#: The store, the device registry and the caller's principal (declares the API key in OpenAPI).
-CallerDep = Annotated[Caller, Depends(get_caller)]
+def caller(conn: HTTPConnection) -> Caller:
+    """The lock routes' caller, read from the connection by the route itself (not through
+    ``Depends``): the lock routes are the hot path, and FastAPI's dependency resolution costs
+    more per request than the whole lock operation on the memory store (measured:
+    ``benchmarks/bench_etcd.py``). Authentication needs no dependency to be declared in
+    OpenAPI: ``auth.describe_security`` declares the key on every route."""
+    state = conn.app.state
+    return Caller(state.store, state.devices, principal_of(conn))

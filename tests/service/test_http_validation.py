@@ -92,6 +92,14 @@ async def test_bad_release_renew_and_force_release(api, baseline) -> None:
     check_422(await c.post("/api/lock/release", json={"lock_key": "k", "device_name": "a b"}),
               "device_name")
     check_422(await c.post("/api/lock/release", json={"lock_key": ""}), "lock_key")
+    # The original service's query form (deprecated) is validated the same way.
+    check_422(await c.post("/api/lock/release", params={"device_name": "det1"}), "lock_key")
+    check_422(await c.post("/api/lock/release", params={"lock_key": "k", "device_name": "a b"}),
+              "device_name")
+    check_422(await c.post("/api/lock/release", params={"lock_key": ""}), "lock_key")
+    check_422(await c.post("/api/lock/release", params={"lock_key": "k", "user_id": ""}), "user_id")
+    r = await c.post("/api/lock/release", params={"lock_key": "k", "device_name": "a b"})
+    assert r.json()["detail"][0]["loc"] == ["query", "device_name"], r.text
     check_422(await c.post("/api/lock/renew", json={"lock_key": "k", "timeout": 0}), "timeout")
     for timeout in ("30", True, 1e-9):
         check_422(await c.post("/api/lock/renew", json={"lock_key": "k", "timeout": timeout}),

@@ -4,9 +4,11 @@ status."""
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query
+from fastapi import APIRouter, Body, Path, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, StringConstraints, TypeAdapter, ValidationError
 
 from bs_coordination.errors import InvalidRequestError
 from bs_coordination.models import (
@@ -27,25 +29,57 @@ from bs_coordination.models import (
 )
 
 from ..auth import LOCK_HOLDER_ROLES, Principal, Role, require, require_lock_type
-from ..deps import CallerDep
+from ..deps import caller
 from ..handlers import error_responses
 from ..status import locks_status
 
 log = logging.getLogger(__name__)
 
-# Every route takes ``CallerDep``: a valid key when authentication is on (and says so in OpenAPI).
+# Every route reads its caller with ``deps.caller(request)`` (a valid key when authentication
+# is on; ``auth.describe_security`` declares it in OpenAPI). The body is the one parameter
+# FastAPI parses: each further declared parameter costs the hot path more than the lock
+# operation itself, so the two other inputs (the Idempotency-Key header, the deprecated query
+# form of a release) are read here, validated by pydantic, refused with the same 422 FastAPI
+# gives, and declared in OpenAPI by ``openapi_extra``.
 router = APIRouter(prefix="/api", tags=["locks"])
 
 
+def _invalid(exc: ValidationError, *where: str) -> RequestValidationError:
+    """FastAPI's 422 for a parameter read by hand: pydantic's errors, located at ``where``."""
+    return RequestValidationError([{**e, "loc": (*where, *e["loc"])} for e in exc.errors()])
+
+
+def _parameter(where: str, name: str, schema: dict[str, Any], description: str, *,
+               title: str, deprecated: bool = False) -> dict[str, Any]:
+    """An optional OpenAPI parameter, as FastAPI would declare it."""
+    extra = {"deprecated": True} if deprecated else {}
+    return {"name": name, "in": where, "required": False, "description": description, **extra,
+            "schema": {"anyOf": [schema, {"type": "null"}], "title": title,
+                       "description": description, **extra}}
+
+
 #: The Idempotency-Key header: the client's random secret naming one lock request.
-IdempotencyKey = Annotated[str | None, Header(
-    alias="Idempotency-Key", min_length=16, max_length=255, pattern=r"^[!-~]+$",
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = TypeAdapter(
+    Annotated[str, StringConstraints(min_length=16, max_length=255, pattern=r"^[!-~]+$")])
+_IDEMPOTENCY_PARAMETER = _parameter(
+    "header", IDEMPOTENCY_HEADER, _IDEMPOTENCY_KEY.json_schema(), title=IDEMPOTENCY_HEADER,
     description="A random secret (16 to 255 visible ASCII characters, e.g. 32 random "
                 "base64url characters) naming this lock request. Sent again with the same "
                 "body (after a lost answer), the request gets the same grant (same lock_key, "
                 "same token) while that grant lasts, instead of a conflict or a second lock; "
                 "with another body it is refused (422). Keep it as secret as the lock key: "
-                "the key is derived from it.")]
+                "the key is derived from it.")
+
+
+def _idempotency_key(request: Request) -> str | None:
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is None:
+        return None
+    try:
+        return _IDEMPOTENCY_KEY.validate_python(value)
+    except ValidationError as exc:
+        raise _invalid(exc, "header", IDEMPOTENCY_HEADER) from None
 
 
 def _owner(principal: Principal | None) -> str | None:
@@ -62,9 +96,9 @@ def _names(names: list[str]) -> str:
     response_model=LockResponse,
     responses=error_responses(403, 404, 409, 422, 503),
     summary="Lock one device or several at once (all or none)",
+    openapi_extra={"parameters": [_IDEMPOTENCY_PARAMETER]},
 )
-async def request_lock(req: LockRequest, caller: CallerDep,
-                       idempotency_key: IdempotencyKey = None) -> LockResponse:
+async def request_lock(req: LockRequest, request: Request) -> LockResponse:
     """Grant the devices under one key, preempting lower-priority holders, or answer 409 with
     the holders in the way. With ``wait`` the request queues for up to that many seconds.
     Presenting ``lock_key`` upgrades that key's locks or adds devices under it (404 if the key
@@ -77,7 +111,8 @@ async def request_lock(req: LockRequest, caller: CallerDep,
     (``--preempt-ack-timeout``) passed: ``acknowledged`` says which came first.
 
     ``Idempotency-Key``: sent again after a lost answer, the request gets the same grant."""
-    store, devices, principal = caller.store, caller.devices, caller.principal
+    idempotency_key = _idempotency_key(request)
+    store, devices, principal = (c := caller(request)).store, c.devices, c.principal
     if principal is not None:
         require_lock_type(principal, req.lock_type)
         req = req.model_copy(update={"user_id": principal.name})
@@ -113,14 +148,14 @@ async def request_lock(req: LockRequest, caller: CallerDep,
     responses=error_responses(403, 404, 422, 503),
     summary="Acknowledge a preemption: the holder stopped using the device",
 )
-async def acknowledge_preemption(req: AckRequest, caller: CallerDep) -> AckResponse:
+async def acknowledge_preemption(req: AckRequest, request: Request) -> AckResponse:
     """The holder of a preempted lock (taken with ``acknowledge_preemption``) says it stopped
     using ``device_name`` (or every preempted device of ``lock_key`` when absent): the
     preemptor's request, which waits for this, is answered with ``acknowledged: true``. An
     acknowledgement after the deadline is recorded (``acknowledged_at``) but changes no answer.
     ``acknowledged`` lists the locks acknowledged (empty: nothing was waiting for one).
     403 if the device is locked under another key, 404 if the key holds nothing there."""
-    store, principal = caller.store, caller.principal
+    store, principal = (c := caller(request)).store, c.principal
     require(principal, *LOCK_HOLDER_ROLES, what="acknowledging a preemption")
     actor = None if principal is None else principal.name
     done = await store.acknowledge(req.lock_key, req.device_name, actor=actor,
@@ -132,22 +167,38 @@ async def acknowledge_preemption(req: AckRequest, caller: CallerDep) -> AckRespo
     return AckResponse(success=True, message=message, acknowledged=done)
 
 
-DeprecatedKey = Annotated[
-    str | None,
-    Query(min_length=1, max_length=MAX_NAME_LENGTH, deprecated=True,
-          description="Deprecated: send the key in the JSON body (query strings get logged "
-                      "by proxies)."),
-]
-DeprecatedName = Annotated[
-    str | None,
-    Query(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DEVICE_NAME_PATTERN, deprecated=True,
-          description="Deprecated query form of `device_name`."),
-]
-DeprecatedUser = Annotated[
-    str | None,
-    Query(min_length=1, max_length=MAX_NAME_LENGTH, deprecated=True,
-          description="Deprecated query form of `user_id`."),
-]
+#: The original service's query form of a release: deprecated, read by hand (see above).
+_LEGACY_RELEASE = {
+    "device_name": "Deprecated query form of `device_name`.",
+    "lock_key": "Deprecated: send the key in the JSON body (query strings get logged by proxies).",
+    "user_id": "Deprecated query form of `user_id`.",
+}
+
+
+def _field_schema(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """The JSON schema of one field of ``model``, without its ``null`` branch and its texts."""
+    schema = model.model_json_schema()["properties"][name]
+    schema = next(s for s in schema.get("anyOf", [schema]) if s.get("type") != "null")
+    return {k: v for k, v in schema.items() if k not in ("title", "description")}
+
+
+_LEGACY_RELEASE_PARAMETERS = [
+    _parameter("query", name, _field_schema(ReleaseRequest, name), description,
+               title=name.replace("_", " ").title(), deprecated=True)
+    for name, description in _LEGACY_RELEASE.items()]
+
+
+def _legacy_release(request: Request) -> ReleaseRequest:
+    """A release sent in the query string (``?device_name=&lock_key=&user_id=``)."""
+    query = {k: request.query_params[k] for k in _LEGACY_RELEASE if k in request.query_params}
+    if "lock_key" not in query:
+        raise InvalidRequestError(
+            "lock_key: missing; send {\"lock_key\": ..., \"device_name\": ...} as JSON",
+            field="lock_key")
+    try:
+        return ReleaseRequest.model_validate(query)
+    except ValidationError as exc:
+        raise _invalid(exc, "query") from None
 
 
 @router.post(
@@ -155,26 +206,19 @@ DeprecatedUser = Annotated[
     response_model=ReleaseResponse,
     responses=error_responses(403, 404, 422, 503),
     summary="Release a device (or every device of a key)",
+    openapi_extra={"parameters": _LEGACY_RELEASE_PARAMETERS},
 )
 async def release_lock(
-    caller: CallerDep,
-    body: Annotated[ReleaseRequest | None, Body()] = None,
-    device_name: DeprecatedName = None,
-    lock_key: DeprecatedKey = None,
-    user_id: DeprecatedUser = None,
+    request: Request, body: Annotated[ReleaseRequest | None, Body()] = None,
 ) -> ReleaseResponse:
     """Release ``device_name`` under ``lock_key``, or every device of the key when no device is
     named. The original service's query form (``?device_name=&lock_key=&user_id=``) still
     works; the JSON body wins when both are given. With authentication on, only the principal
     holding the lock (or an admin) may release it, and the event names the key's principal."""
-    store, principal = caller.store, caller.principal
+    store, principal = (c := caller(request)).store, c.principal
     require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
     if body is None:
-        if lock_key is None:
-            raise InvalidRequestError(
-                "lock_key: missing; send {\"lock_key\": ..., \"device_name\": ...} as JSON",
-                field="lock_key")
-        body = ReleaseRequest(lock_key=lock_key, device_name=device_name, user_id=user_id)
+        body = _legacy_release(request)
     actor = body.user_id if principal is None else principal.name
     released = await store.release(body.lock_key, body.device_name, actor=actor,
                                    owner=_owner(principal))
@@ -188,12 +232,12 @@ async def release_lock(
     responses=error_responses(403, 404, 422, 503),
     summary="Set every lock of a key to end `timeout` seconds from now",
 )
-async def renew_lock(req: RenewRequest, caller: CallerDep) -> RenewResponse:
+async def renew_lock(req: RenewRequest, request: Request) -> RenewResponse:
     """Set every lock of ``lock_key`` to expire ``timeout`` seconds from now (``null``: no
     expiry, people's locks only). This replaces the lease, whatever was left of it: a
     ``timeout`` shorter than the time left shortens it. With authentication on, only the principal holding the locks
     (or an admin) may renew them."""
-    store, principal = caller.store, caller.principal
+    store, principal = (c := caller(request)).store, c.principal
     require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
     actor = None if principal is None else principal.name
     locks = await store.renew(req.lock_key, req.timeout, actor=actor, owner=_owner(principal))
@@ -212,12 +256,12 @@ async def renew_lock(req: RenewRequest, caller: CallerDep) -> RenewResponse:
     responses=error_responses(403, 404, 422, 503),
     summary="Remove every lock on exactly one device (admin)",
 )
-async def force_release(req: ForceReleaseRequest, caller: CallerDep) -> ForceReleaseResponse:
+async def force_release(req: ForceReleaseRequest, request: Request) -> ForceReleaseResponse:
     """Remove every lock, active and preempted, on exactly ``device_name``; preempted locks
     on overlapping names are then restored as after a release. Needs the admin role. Each
     ``force_released`` event names who did it as its ``actor`` (the API key's principal, or
     ``user_id`` with authentication off)."""
-    store, principal = caller.store, caller.principal
+    store, principal = (c := caller(request)).store, c.principal
     require(principal, Role.ADMIN, what="this operation")
     actor = req.user_id if principal is None else principal.name
     released = await store.force_release(req.device_name, actor=actor, reason=req.reason)
@@ -236,10 +280,10 @@ async def force_release(req: ForceReleaseRequest, caller: CallerDep) -> ForceRel
     responses=error_responses(503),
     summary="Every lock, active and preempted",
 )
-async def all_locks(caller: CallerDep) -> LocksStatusResponse:
+async def all_locks(request: Request) -> LocksStatusResponse:
     """Every live lock. ``last_event_id`` is the newest event the list includes: follow
     ``/api/events?since=`` or ``/ws?since=`` from it."""
-    return await locks_status(caller.store)
+    return await locks_status(caller(request).store)
 
 
 @router.get(
@@ -251,10 +295,11 @@ async def all_locks(caller: CallerDep) -> LocksStatusResponse:
 async def device_status(
     device_name: Annotated[
         str, Path(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DEVICE_NAME_PATTERN)],
-    caller: CallerDep,
+    request: Request,
 ) -> LockStatus:
     """The active lock covering the device (its own or an ancestor's: ``det1`` covers
     ``det1.cam``), the preempted locks waiting under it, and locks held on its components."""
-    status = await caller.store.device_status(device_name)
-    status.device = caller.devices.describe(device_name)
+    c = caller(request)
+    status = await c.store.device_status(device_name)
+    status.device = c.devices.describe(device_name)
     return status
