@@ -13,7 +13,11 @@ with ``--shm``) and a private ``redis-server`` (append-only, ``everysec``), then
 2. **service** on each store: ``uvicorn --factory bs_coordination.service:create_app`` (one
    worker, no access log), the same client looping POST ``/api/lock/request`` + POST
    ``/api/lock/release`` on a device of its own. The etcd store uses the same etcd as the anchor;
-3. for context, the same pairs on the ``EtcdStore`` API in-process (no HTTP).
+3. for context, the same pairs on the ``EtcdStore`` API in-process (no HTTP), and the **FastAPI
+   ceiling**: a trivial FastAPI JSON endpoint (``_trivial_app.py``, one pydantic body, no work)
+   under the same uvicorn settings, two requests per "pair". No service built on FastAPI with
+   one worker can pass that figure; when it is below the anchor, the target cannot be met
+   without leaving FastAPI (which the project does not do: no hand-written router).
 
 Contenders run back to back, ``--rounds`` times (interleaved, so a burst of other load on the
 shared machine hits one round rather than one contender). Prints, for the round with the median
@@ -37,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import UVICORN, free_port, percentile, private_redis, run_clients, wait_port
+from _common import UVICORN, free_port, percentile, private_redis, run_clients, trivial_app, wait_port
 from _load import Connection, run
 
 STORES = ("memory", "redis", "etcd")
@@ -137,6 +141,19 @@ async def through_service(url: str, clients: int, seconds: float) -> tuple[float
     return await measure(url, clients, seconds, setup, pair)
 
 
+async def fastapi_ceiling(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """For context: two trivial FastAPI requests per pair (the most a FastAPI worker does)."""
+    async def setup(conn: Connection, i: int) -> object:
+        return None
+
+    async def pair(conn: Connection, i: int, _: object) -> None:
+        for _n in range(2):
+            status, body = await conn.post_json("/echo", {"device_name": f"bench{i}", "user_id": "bench"})
+            assert status == 200, body
+
+    return await measure(url, clients, seconds, setup, pair)
+
+
 async def store_alone(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
     """For context: the same pairs on the ``EtcdStore`` API in this process (no HTTP)."""
     from bs_coordination.models import LockRequest, LockType
@@ -163,14 +180,15 @@ def line(name: str, rate: float, lat: list[float], anchor: float | None = None) 
             f"p99 {1000 * percentile(lat, 99):7.2f} ms{ratio}")
 
 
-async def rounds(args: argparse.Namespace, etcd: str, services: dict[str, str], store_url: str
-                 ) -> list[dict[str, tuple[float, list[float]]]]:
+async def rounds(args: argparse.Namespace, etcd: str, services: dict[str, str], store_url: str,
+                 trivial: str) -> list[dict[str, tuple[float, list[float]]]]:
     out = []
     for n in range(args.rounds):
         r = {"anchor": await etcd_lock_api(etcd, args.clients, args.seconds, f"round{n}")}
         for name in STORES:
             r[name] = await through_service(services[name], args.clients, args.seconds)
         r["alone"] = await store_alone(f"{store_url}-direct{n}", args.clients, args.seconds)
+        r["ceiling"] = await fastapi_ceiling(trivial, args.clients, args.seconds)
         out.append(r)
     return out
 
@@ -186,8 +204,10 @@ def main() -> None:
         etcd = f"http://127.0.0.1:{etcd_port}"
         urls = {"memory": "memory", "redis": redis_url,
                 "etcd": f"etcd://127.0.0.1:{etcd_port}/bench"}
-        with service(urls["memory"]) as m, service(urls["redis"]) as r, service(urls["etcd"]) as e:
-            results = run(rounds(args, etcd, {"memory": m, "redis": r, "etcd": e}, urls["etcd"]))
+        with service(urls["memory"]) as m, service(urls["redis"]) as r, \
+                service(urls["etcd"]) as e, trivial_app() as trivial:
+            results = run(rounds(args, etcd, {"memory": m, "redis": r, "etcd": e}, urls["etcd"],
+                                 trivial))
 
     def ratio(r: dict[str, tuple[float, list[float]]], name: str) -> float:
         return r[name][0] / r["anchor"][0]
@@ -204,6 +224,9 @@ def main() -> None:
     print("target: every store >= 1.00x the etcd lock API")
     print("context (where the time goes):")
     print(line("  EtcdStore API in-process, no HTTP", *median["alone"], anchor=anchor))
+    print(line("  FastAPI ceiling: 2 trivial requests", *median["ceiling"], anchor=anchor))
+    for name in STORES:
+        print(f"  service, {name} store: {median[name][0] / median['ceiling'][0]:.2f}x the FastAPI ceiling")
     for i, r in enumerate(results, 1):
         print(f"round {i}: " + ", ".join(f"{name} {ratio(r, name):.2f}x" for name in STORES)
               + f" (anchor {r['anchor'][0]:.0f} pairs/s)")
