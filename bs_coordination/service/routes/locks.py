@@ -112,7 +112,8 @@ async def request_lock(req: LockRequest, request: Request) -> LockResponse:
 
     ``Idempotency-Key``: sent again after a lost answer, the request gets the same grant."""
     idempotency_key = _idempotency_key(request)
-    store, devices, principal = (c := caller(request)).store, c.devices, c.principal
+    c = caller(request)
+    store, devices, principal = c.store, c.devices, c.principal
     if principal is not None:
         require_lock_type(principal, req.lock_type)
         req = req.model_copy(update={"user_id": principal.name})
@@ -155,7 +156,8 @@ async def acknowledge_preemption(req: AckRequest, request: Request) -> AckRespon
     acknowledgement after the deadline is recorded (``acknowledged_at``) but changes no answer.
     ``acknowledged`` lists the locks acknowledged (empty: nothing was waiting for one).
     403 if the device is locked under another key, 404 if the key holds nothing there."""
-    store, principal = (c := caller(request)).store, c.principal
+    c = caller(request)
+    store, principal = c.store, c.principal
     require(principal, *LOCK_HOLDER_ROLES, what="acknowledging a preemption")
     actor = None if principal is None else principal.name
     done = await store.acknowledge(req.lock_key, req.device_name, actor=actor,
@@ -215,7 +217,8 @@ async def release_lock(
     named. The original service's query form (``?device_name=&lock_key=&user_id=``) still
     works; the JSON body wins when both are given. With authentication on, only the principal
     holding the lock (or an admin) may release it, and the event names the key's principal."""
-    store, principal = (c := caller(request)).store, c.principal
+    c = caller(request)
+    store, principal = c.store, c.principal
     require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
     if body is None:
         body = _legacy_release(request)
@@ -237,7 +240,8 @@ async def renew_lock(req: RenewRequest, request: Request) -> RenewResponse:
     expiry, people's locks only). This replaces the lease, whatever was left of it: a
     ``timeout`` shorter than the time left shortens it. With authentication on, only the principal holding the locks
     (or an admin) may renew them."""
-    store, principal = (c := caller(request)).store, c.principal
+    c = caller(request)
+    store, principal = c.store, c.principal
     require(principal, *LOCK_HOLDER_ROLES, what="releasing or renewing a lock")
     actor = None if principal is None else principal.name
     locks = await store.renew(req.lock_key, req.timeout, actor=actor, owner=_owner(principal))
@@ -261,7 +265,8 @@ async def force_release(req: ForceReleaseRequest, request: Request) -> ForceRele
     on overlapping names are then restored as after a release. Needs the admin role. Each
     ``force_released`` event names who did it as its ``actor`` (the API key's principal, or
     ``user_id`` with authentication off)."""
-    store, principal = (c := caller(request)).store, c.principal
+    c = caller(request)
+    store, principal = c.store, c.principal
     require(principal, Role.ADMIN, what="this operation")
     actor = req.user_id if principal is None else principal.name
     released = await store.force_release(req.device_name, actor=actor, reason=req.reason)
