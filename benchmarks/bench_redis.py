@@ -21,9 +21,9 @@ round with the median service/anchor ratio in full.
 Prints pairs/s, p50 and p99 latency of a pair, the ratio service/anchor (target >= 0.5), and
 the Redis round trips and commands per operation, counted in-process on a ``RedisStore``: a
 round trip is one script call the operation waits for (alone, with a warm cache: one per
-request and one per release; under load a call that found a changed key adds one more), counted
-by Redis itself (``INFO commandstats``). The store's calls go through redis-py's connection
-pool, one connection per call in flight.
+request and one per release; under load the operations that arrive while a call is in flight
+share the next one: group commit, ``stores/txn.py``), counted by Redis itself (``INFO
+commandstats``).
 Not a test: figures depend on the machine (load generator and service share it).
 """
 

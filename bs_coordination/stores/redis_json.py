@@ -1,75 +1,70 @@
-"""The JSON texts the Redis store keeps: records, waiters and events, with the standard
-library's ``json`` over the lock table's own ``to_dict``/``from_dict``.
+"""The JSON texts the Redis store keeps in its event stream, and the old layout's texts it
+migrates, with the standard library's ``json`` over the lock table's own
+``to_dict``/``from_dict``. (The table's values are the transaction engine's texts:
+``txn_backend.encode``.)
 
 Nothing here names a record's fields: a field added to ``LockRecord`` (with its ``to_dict``
 and ``from_dict``) is stored, read back and shown in events with no change to this store.
 
-A counter value the ``CAS`` script reserves (a record's ``token``, a waiter's ``ticket``) is
-written as the text the caller passes: the number, or a hole ``\\1<counter>:<offset>\\1`` the
-script fills (``redis_txn``). That member is written first, outside ``json.dumps``, so the hole
-is exactly where the number goes (JSON text never holds a raw control character otherwise).
-
-An event is kept as ``{"action", "timestamp", "actor", ["reason",] "lock"}``, ``lock`` being the record's
-fields without its secret ``key_hash``, and read back with the same ``to_message`` the memory
-store uses, so every replica shows an event exactly as the one that appended it. Entries
-written before this format (field ``m``: the message's JSON) are still read.
+An event is kept as ``{"action", "timestamp", "actor", ["reason",] "lock"}``, ``lock`` being
+the record's fields without its secret ``key_hash``, and read back with the same
+``to_message`` the memory store uses, so every replica shows an event exactly as the one that
+appended it. The event of a grant is made before its token is known (the engine's
+placeholder): its text then holds a hole ``\\1<n>\\1`` where the number goes, which the
+commit script fills with the ``n``-th value it handed out (``filler``), so the stream only ever
+holds real tokens (JSON text never holds a raw control character otherwise). Entries written
+before this format (field ``m``: the message's JSON) are still read.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from bs_coordination.locktable import Event, LockRecord, Waiter
 from bs_coordination.models import LockAction, LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores.base import to_message
+from bs_coordination.stores.txn_backend import unplace
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _with_first(name: str, value: str, rest: dict[str, Any]) -> str:
-    """``{"<name>":<value>, ...rest}`` (``value`` is JSON text already, or a hole)."""
-    return f'{{"{name}":{value},{_dumps(rest)[1:]}'
-
-
-def _record_fields(rec: LockRecord, *, secret: bool) -> dict[str, Any]:
-    d = rec.to_dict()
-    del d["token"]
-    if not secret:
-        del d["key_hash"]
-    return d
-
-
-def record_json(rec: LockRecord, token: str) -> str:
-    """A record as stored (``LockRecord.to_dict()``), its token written as ``token``."""
-    return _with_first("token", token, _record_fields(rec, secret=True))
+def filler(version: int) -> Callable[[int], int]:
+    """The counter values a commit at ``version`` handed out (``redis_script.CAS``): the
+    ``n``-th value (placeholder ``n``, from 1) of any counter is ``version + n - 1``."""
+    def fill(value: int) -> int:
+        found = unplace(value)
+        return value if found is None else version + found[1] - 1
+    return fill
 
 
 def parse_record(text: str) -> LockRecord:
+    """A record of the old layout (``LockRecord.to_dict()`` JSON)."""
     return LockRecord.from_dict(json.loads(text))
 
 
-def waiter_json(w: Waiter, ticket: str) -> str:
-    """A waiter as stored (``Waiter.to_dict()``), its ticket written as ``ticket``."""
-    d = w.to_dict()
-    del d["ticket"]
-    return _with_first("ticket", ticket, d)
-
-
 def parse_waiter(text: str) -> Waiter:
+    """A waiter of the old layout (``Waiter.to_dict()`` JSON)."""
     return Waiter.from_dict(json.loads(text))
 
 
-def event_json(event: Event, token: str) -> str:
-    """An event as appended (its record's token written as ``token``)."""
+def event_json(event: Event) -> str:
+    """An event as appended (its record without the secret ``key_hash``; a placeholder token
+    as a hole the script fills)."""
     fields: dict[str, Any] = {"action": event.action.value, "timestamp": event.timestamp,
                               "actor": event.actor}
     if event.reason is not None:
         fields["reason"] = event.reason
-    head = _dumps(fields)
-    lock = _with_first("token", token, _record_fields(event.record, secret=False))
-    return f'{head[:-1]},"lock":{lock}}}'
+    lock = event.record.to_dict()
+    del lock["key_hash"]
+    fields["lock"] = lock
+    text = _dumps(fields)
+    found = unplace(event.record.token)
+    if found is not None:  # the only unescaped '"token":' is the record's
+        text = text.replace(f'"token":{event.record.token}', f'"token":\1{found[1]}\1', 1)
+    return text
 
 
 def parse_event(event_id: str, fields: dict[str, Any]) -> LockUpdateMessage:

@@ -7,21 +7,26 @@ only its SHA-256 (``key_hash``).
 ==================================  ===========  ============================================
 key                                 type         holds
 ==================================  ===========  ============================================
-``<p>:rec:<device>``                hash         key_hash -> record JSON (``LockRecord``)
-``<p>:under:<device>``              set          names strictly below ``<device>`` with records
-``<p>:key:<key_hash>``              set          names holding a record under that key
+``<p>:t:<logical key>``             string       ``"<version> <text>"``: one logical key of the
+                                                 transaction engine (``stores/txn.py``:
+                                                 ``r:<device>``, ``u:<device>``,
+                                                 ``k:<key_hash>``, ``w``), its version first
+``<p>:meta``                        hash         ``epoch``: the table's generation (a store that
+                                                 finds another one lost its data); ``last``: the
+                                                 last version handed out (and, with the
+                                                 fencing tokens and tickets, above every one)
 ``<p>:names``                       set          every name holding a record (status listing)
 ``<p>:expiry``                      sorted set   ``"<device> <key_hash>"`` scored by expires_at
-``<p>:waiters``                     hash         ticket -> waiter JSON (requests with ``wait``)
-``<p>:counter:<name>``              string       last value handed out (fencing ``token``,
-                                                 wait ``ticket``)
-``<p>:events``                      stream       field ``e``: the event's JSON (``redis_codec``)
-``<p>:versions``                    hash         key -> version of its content (records, under,
-                                                 key sets and waiters; none while empty);
-                                                 ``~last``: the last version handed out;
-                                                 ``~epoch``: the data's generation (a store
-                                                 that finds another one lost its data)
+``<p>:events``                      stream       field ``e``: the event's JSON (``redis_json``)
+``<p>:versions``                    string       a marker that stops a replica of an older
+                                                 version (which kept a hash here) from writing
 ==================================  ===========  ============================================
+
+Before the transaction engine (the *old layout*, migrated at attach by ``redis_migrate``) the
+table was ``<p>:rec:<device>`` (hash key_hash -> record JSON), ``<p>:under:<device>`` and
+``<p>:key:<key_hash>`` (sets), ``<p>:waiters`` (hash ticket -> waiter JSON),
+``<p>:counter:token`` and ``<p>:counter:ticket`` (strings) and ``<p>:versions`` (hash: key ->
+version, ``~epoch``, ``~last``); ``names``, ``expiry`` and ``events`` are unchanged.
 """
 
 from __future__ import annotations
@@ -33,25 +38,29 @@ from bs_coordination.locktable import TICKET_COUNTER, TOKEN_COUNTER, RecordId
 #: Prefix of every key unless the store is given another.
 DEFAULT_PREFIX = "bsc"
 
-RECORDS = "rec"
-UNDER = "under"
-KEY_NAMES = "key"
+TABLE = "t"
+META = "meta"
 NAMES = "names"
 EXPIRY = "expiry"
-WAITERS = "waiters"
-COUNTER = "counter"
 EVENTS = "events"
 VERSIONS = "versions"
 
-#: Field of the version hash naming the data's generation (``redis_script.ATTACH``).
-EPOCH_FIELD = "~epoch"
+#: Fields of the meta hash (``redis_script``).
+EPOCH_FIELD = "epoch"
+LAST_FIELD = "last"
 
-#: Stream field holding an event's JSON (``redis_codec.event_json``).
+#: Stream field holding an event's JSON (``redis_json.event_json``).
 EVENT_FIELD = "e"
 #: The field of entries appended before (the ``LockUpdateMessage`` JSON without its id).
 OLD_EVENT_FIELD = "m"
 #: Approximate length the event stream is trimmed to (``XADD ... MAXLEN ~``).
 EVENTS_MAXLEN = 10_000
+
+#: What ``<p>:versions`` holds once this layout is in use (a string where an older store
+#: version expects a hash: its every call fails with ``WRONGTYPE``, closed, instead of writing
+#: a second table beside this one).
+MOVED = ("bs-coordination: this lock table moved to <prefix>:meta and <prefix>:t:* "
+         "(a newer version); upgrade every replica")
 
 
 @dataclass(frozen=True)
@@ -59,29 +68,19 @@ class KeySpace:
     """Builds the key names under one prefix."""
 
     prefix: str = DEFAULT_PREFIX
-    # The per-name keys' beginnings, made once: they are built on every lock operation.
-    _records: str = field(init=False, repr=False, compare=False)
-    _under: str = field(init=False, repr=False, compare=False)
-    _key_names: str = field(init=False, repr=False, compare=False)
-    _fixed_utf8: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    # Made once: built on every lock operation.
+    _table: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_records", f"{self.prefix}:{RECORDS}:")
-        object.__setattr__(self, "_under", f"{self.prefix}:{UNDER}:")
-        object.__setattr__(self, "_key_names", f"{self.prefix}:{KEY_NAMES}:")
-        object.__setattr__(self, "_fixed_utf8", tuple(key.encode() for key in self.fixed))
+        object.__setattr__(self, "_table", f"{self.prefix}:{TABLE}:")
 
-    def records(self, name: str) -> str:
-        return self._records + name  # f"{prefix}:rec:{name}"
+    def table(self, logical: str) -> str:
+        """The key holding logical key ``logical`` of the transaction engine."""
+        return self._table + logical  # f"{prefix}:t:{logical}"
 
-    def under(self, name: str) -> str:
-        return self._under + name  # f"{prefix}:under:{name}"
-
-    def key_names(self, key_hash: str) -> str:
-        return self._key_names + key_hash  # f"{prefix}:key:{key_hash}"
-
-    def counter(self, name: str) -> str:
-        return f"{self.prefix}:{COUNTER}:{name}"
+    @property
+    def meta(self) -> str:
+        return f"{self.prefix}:{META}"
 
     @property
     def names(self) -> str:
@@ -90,10 +89,6 @@ class KeySpace:
     @property
     def expiry(self) -> str:
         return f"{self.prefix}:{EXPIRY}"
-
-    @property
-    def waiters(self) -> str:
-        return f"{self.prefix}:{WAITERS}"
 
     @property
     def events(self) -> str:
@@ -106,13 +101,24 @@ class KeySpace:
     @property
     def fixed(self) -> tuple[str, ...]:
         """The keys every ``CAS`` call names first, in this order (``redis_script``)."""
-        return (self.versions, self.names, self.expiry, self.events,
-                self.counter(TOKEN_COUNTER), self.counter(TICKET_COUNTER))
+        return (self.meta, self.names, self.expiry, self.events)
+
+    # -- the old layout (read and deleted by ``redis_migrate``) ------------------------------
+    def old_records(self, name: str) -> str:
+        return f"{self.prefix}:rec:{name}"
+
+    def old_pattern(self, kind: str) -> str:
+        """A ``SCAN`` pattern of every old ``rec``, ``under`` or ``key`` key."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return f"{escaped}:{kind}:*"
 
     @property
-    def fixed_utf8(self) -> tuple[bytes, ...]:
-        """``fixed`` as UTF-8, made once (every ``CAS`` call sends them)."""
-        return self._fixed_utf8
+    def old_waiters(self) -> str:
+        return f"{self.prefix}:waiters"
+
+    @property
+    def old_counters(self) -> tuple[str, str]:
+        return (f"{self.prefix}:counter:{TOKEN_COUNTER}", f"{self.prefix}:counter:{TICKET_COUNTER}")
 
 
 def expiry_member(record_id: RecordId) -> str:

@@ -15,9 +15,10 @@ on which service it is; a store supplies a ``Backend`` with two calls and gets t
 ``c:<counter>``               a counter: ``token`` (fencing), ``ticket``, ``event``
 ============================ =====================================================
 
-A backend maps a logical key to its own key (etcd: ``<prefix>/t/<logical key>``) and gives
-each stored value a *version* that changes whenever the value does (etcd: the key's
-``mod_revision``; ``ABSENT`` (0) when the key does not exist).
+A backend maps a logical key to its own key (etcd: ``<prefix>/t/<logical key>``; Redis:
+``<prefix>:t:<logical key>``) and gives each stored value a *version* that changes whenever the
+value does (etcd: the key's ``mod_revision``; Redis: the commit's, kept with the value;
+``ABSENT`` (0) when the key does not exist).
 
 **An operation** (``Engine.run(op)``; ``op`` is a function of a ``locktable.Txn``):
 
@@ -29,9 +30,10 @@ each stored value a *version* that changes whenever the value does (etcd: the ke
    **only if every key read still has the version it was read at**, atomically;
 4. *on a conflict* the backend answers with the current value of the keys it checked (all
    read at one instant, after the checks failed), and the operation runs again on that
-   (bounded attempts). A refusal is confirmed by a commit of its checks alone, unless every key it
-   read came from the snapshot of this attempt (then it was true at that instant, during the
-   request, and no call is needed).
+   (``MAX_ATTEMPTS``, and at least ``BUSY_SECONDS``, before it fails as "busy"). A refusal
+   is confirmed by a commit of its checks alone, unless every key it read came from the
+   snapshot of this attempt (then it was true at that instant, during the request, and no
+   call is needed).
 
 **Group commit.** Operations that arrive while a commit is in flight wait for it and then run
 together, one after the other on the same view (each sees what the earlier ones wrote), and
@@ -46,7 +48,7 @@ any other (``c:token``), read, checked and written: simple, but every grant then
 every concurrent grant of another process, whatever the device. With
 ``Engine(assigns_counters=True)`` the lock table is handed *placeholders* (``placeholder``),
 never read from the backend; the backend assigns the real values when it commits (etcd from the
-commit's revision; a Redis script could ``INCRBY``) and answers ``Outcome.fill``, which the
+commit's revision, Redis from the commit's version) and answers ``Outcome.fill``, which the
 engine applies to the results, the events and its cache (``patch``); a value the backend stored
 with placeholders is filled when read (``Backend.filler(version)``). Counters never go back:
 ``Engine.floor`` holds a value a counter kept as a key is never taken below. **Events** are
@@ -54,7 +56,8 @@ numbered by the ``event`` counter in the same commit (or, with backend counters,
 the commit); the backend stores them and names their ids.
 
 **Time** is the store's: ``clock()`` is called once per attempt (see the store's docstring for
-where its time comes from).
+where its time comes from); the commit carries it (``Commit.now``) for a backend that checks
+it against the service's own clock.
 
 A backend implements ``Backend`` (``txn_backend``, with the keys, their texts, ``Commit`` and
 ``Outcome``): ``read(keys)`` (a consistent snapshot) and ``commit(commit)``
@@ -107,8 +110,11 @@ from bs_coordination.stores.txn_backend import (
 
 log = logging.getLogger(__name__)
 
-#: Attempts of one batch before its operations fail as "store busy".
+#: Attempts of one batch before its operations fail as "store busy" ...
 MAX_ATTEMPTS = 32
+#: ... and at least for this long (seconds): on a loaded machine, with several replicas
+#: contending for a few devices, 32 attempts can pass in a second without one going through.
+BUSY_SECONDS = 5.0
 #: Operations committed together at most.
 MAX_BATCH = 64
 #: Keys one commit checks at most, and keys it writes (with events and expiry index) at most,
@@ -213,7 +219,7 @@ class _BatchView:
         self._set(counter_key(EVENT_COUNTER), base + len(ch.events))
         return [(base + 1 + i, e) for i, e in enumerate(ch.events)]
 
-    def commit(self, events: list[tuple[int, Event]], tags: list[Any]) -> Commit:
+    def commit(self, events: list[tuple[int, Event]], tags: list[Any], now: float) -> Commit:
         writes = {}
         expiry = []
         for key, value in self.written.items():
@@ -227,7 +233,8 @@ class _BatchView:
                     if old_exp != new_exp:
                         expiry.append((key[2:], key_hash, old_exp, new_exp))
         checks = {key: seen[0] for key, seen in self.read.items()}
-        return Commit(checks, writes, events, expiry, tags)
+        counters = {name: value - placeholder(name, 0) for name, value in self.counters.items()}
+        return Commit(checks, writes, events, expiry, tags, now, counters)
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -349,10 +356,13 @@ class Engine:
         batch = state[0]
         snapshot: dict[str, tuple[Any, Any]] = {}
         attempts = 0
+        loop = asyncio.get_running_loop()
+        busy_at = loop.time() + BUSY_SECONDS
         while True:
-            if attempts == MAX_ATTEMPTS:
+            if attempts >= MAX_ATTEMPTS and loop.time() > busy_at:
                 raise StoreUnavailableError(
-                    f"lock store busy: no consistent update after {MAX_ATTEMPTS} attempts")
+                    f"lock store busy: no consistent update after {attempts} attempts in "
+                    f"{BUSY_SECONDS:g} s")
             attempts += 1
             view = _BatchView(self, snapshot)
             now = self.clock()
@@ -388,7 +398,7 @@ class Engine:
             if not view.written and view.fresh:
                 self._settle(done, {})  # decided on one snapshot taken during the requests
                 return state[1]
-            commit = view.commit(events, [d.op.tag for d in done])
+            commit = view.commit(events, [d.op.tag for d in done], now)
             try:
                 outcome = await self.backend.commit(commit)
             except Restart:

@@ -83,6 +83,12 @@ class Commit:
     #: What each operation of the batch was (the tag given to ``Engine.run``), in the order
     #: they ran: for logs and tests.
     tags: list[Any] = field(default_factory=list)
+    #: The store time the operations ran at (``clock()`` of this attempt): a backend whose
+    #: service has a clock may check it against that clock (Redis ``TIME``).
+    now: float = 0.0
+    #: With ``Engine(assigns_counters=True)``: how many values of each counter the commit
+    #: handed out (placeholders ``1..n``), for a backend that reserves them.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

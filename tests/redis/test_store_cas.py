@@ -14,7 +14,6 @@ from bs_coordination.errors import LockConflictError
 from bs_coordination.locktable import LockRecord, hash_key
 from bs_coordination.models import LockRequest, LockState, LockType
 from bs_coordination.stores.redis import RedisStore
-from bs_coordination.stores.redis_keys import KeySpace
 
 pytestmark = pytest.mark.redis
 
@@ -82,9 +81,8 @@ async def test_locks_carry_redis_time_when_the_local_estimate_is_off(redis_serve
 
 
 async def test_records_written_without_versions_are_seen(redis_server) -> None:
-    """A lock stored by something that keeps no version (an earlier version of this store)
-    still blocks a request and can be released with its key."""
-    keys = KeySpace()
+    """A lock stored by something that keeps no version (an earlier version of this store,
+    in its layout: ``redis_migrate``) still blocks a request and can be released with its key."""
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     store = RedisStore(redis_server.url)
     try:
@@ -92,9 +90,9 @@ async def test_records_written_without_versions_are_seen(redis_server) -> None:
         rec = LockRecord(device_name="det1", lock_type=LockType.MANUAL_OPERATOR, user_id="old",
                          key_hash=hash_key(lock_key), token=7, acquired_at=time.time(),
                          expires_at=None, state=LockState.ACTIVE)
-        await client.hset(keys.records("det1"), rec.key_hash, json.dumps(rec.to_dict()))
-        await client.sadd(keys.key_names(rec.key_hash), "det1")
-        await client.sadd(keys.names, "det1")
+        await client.hset("bsc:rec:det1", rec.key_hash, json.dumps(rec.to_dict()))
+        await client.sadd(f"bsc:key:{rec.key_hash}", "det1")
+        await client.sadd("bsc:names", "det1")
         with pytest.raises(LockConflictError, match="old"):
             await store.request(ask("det1"))
         [released] = await store.release(lock_key)
