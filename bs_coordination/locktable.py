@@ -25,7 +25,7 @@ The rules (numbers as in DESIGN.md):
 10. preemption handshake: a holder that asked for it (``acknowledge_preemption``) and is
     displaced gets ``preemption_ack = pending`` with a deadline; ``acknowledge`` (its key)
     makes it ``acknowledged`` (with the time), ``time_out_acks`` (the preemptor's request, at
-    the deadline) ``timed_out``; a restore, an upgrade or a new preemption starts afresh.
+    the deadline, or else the sweep: ``due_at``) ``timed_out``; a restore, an upgrade or a new preemption starts afresh.
     ``handshake_outcome`` tells a waiting preemptor where its displaced holders stand.
 
 The states a lock passes through: ``active`` -> (displaced by a higher priority) ``preempted``
@@ -124,6 +124,17 @@ class LockRecord:
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or self.expires_at > now
+
+    @property
+    def due_at(self) -> float | None:
+        """When the sweeper must look at this record (the stores index records by it): the
+        lease's end, or a pending handshake's deadline when that comes first. So a handshake
+        times out at its deadline even when nobody waits for it any more (the preemptor's
+        replica died mid-handshake)."""
+        if self.ack is PreemptionAck.PENDING and self.ack_deadline is not None:
+            if self.expires_at is None or self.ack_deadline < self.expires_at:
+                return self.ack_deadline
+        return self.expires_at
 
     def holder(self) -> LockHolder:
         return LockHolder(
@@ -726,14 +737,19 @@ def force_release(txn: Txn, device_name: str, reason: str | None = None) -> list
 
 
 def expire(txn: Txn, due: Iterable[RecordId]) -> list[LockRecord]:
-    """Sweep: remove the given records if they really are expired, then restore what waits."""
+    """Sweep the given records (``due_at`` passed): remove those really expired, then restore
+    what waits; time out a handshake still pending at its deadline (rule 10)."""
     gone = []
     for name, key_hash in due:
         r = txn.get(name, key_hash)
-        if r is not None and not r.live(txn.now):
+        if r is None:
+            continue
+        if not r.live(txn.now):
             txn.delete(r)
             txn.emit(LockAction.EXPIRED, r)
             gone.append(r)
+        elif r.ack is PreemptionAck.PENDING and r.due_at is not None and r.due_at <= txn.now:
+            _time_out(txn, r)
     if gone:
         settle(txn, [r.device_name for r in gone])
     for w in list(txn.waiters().values()):
@@ -804,11 +820,15 @@ def time_out_acks(txn: Txn, displaced: Iterable[LockRecord]) -> list[LockRecord]
     for d in displaced:
         cur = _current(txn, d)
         if cur is not None and cur.ack is PreemptionAck.PENDING:
-            late = replace(cur, ack=PreemptionAck.TIMED_OUT)
-            txn.put(late)
-            txn.emit(LockAction.ACK_TIMEOUT, late)
-            out.append(late)
+            out.append(_time_out(txn, cur))
     return out
+
+
+def _time_out(txn: Txn, rec: LockRecord) -> LockRecord:
+    late = replace(rec, ack=PreemptionAck.TIMED_OUT)
+    txn.put(late)
+    txn.emit(LockAction.ACK_TIMEOUT, late)
+    return late
 
 
 @dataclass(slots=True)

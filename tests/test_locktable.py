@@ -99,6 +99,7 @@ class M:
     ack_req: bool = False  # the holder asked for the preemption handshake
     ack: str | None = None  # while preempted: pending, acknowledged, timed_out
     acked_at: float | None = None
+    deadline: float | None = None  # the pending handshake's deadline
 
     @property
     def prio(self) -> int:
@@ -152,6 +153,7 @@ class Model:
                         self.locks.remove(o)
                     elif o.active:
                         o.active, o.ack, o.acked_at = False, "pending" if o.ack_req else None, None
+                        o.deadline = now + 2.0 if o.ack_req else None
             if mine is None:
                 self.locks.append(M(n, key, lock_type, True, expires, plan_uid, ack))
             else:
@@ -211,6 +213,9 @@ class Model:
 
     def expire(self, now):
         self.locks = [m for m in self.locks if m.expires is None or m.expires > now]
+        for m in self.locks:  # nobody waits for these any more: the sweep times them out
+            if m.ack == "pending" and m.deadline is not None and m.deadline <= now:
+                m.ack = "timed_out"
         self.settle()
 
 
@@ -307,7 +312,7 @@ class LockTableMachine(RuleBasedStateMachine):
     def advance_and_sweep(self, seconds):
         self.table.clock.advance(seconds)
         now = self.table.clock.now()
-        due = [r.id for r in self.table.records() if r.expires_at is not None and r.expires_at <= now]
+        due = [r.id for r in self.table.records() if r.due_at is not None and r.due_at <= now]
         self._compare(lambda txn: locktable.expire(txn, due), lambda: self.model.expire(now))
 
     @rule(seconds=st.sampled_from([1.0, 5.0, 30.0]), data=st.data())
@@ -316,7 +321,7 @@ class LockTableMachine(RuleBasedStateMachine):
         another replica's listing made a moment earlier), then the rest."""
         self.table.clock.advance(seconds)
         now = self.table.clock.now()
-        due = [r.id for r in self.table.records() if r.expires_at is not None and r.expires_at <= now]
+        due = [r.id for r in self.table.records() if r.due_at is not None and r.due_at <= now]
         first = data.draw(st.lists(st.sampled_from(due), unique=True)) if due else []
         _, events = self.table.run(lambda txn: locktable.expire(txn, first))
         restored = [e.lock.token for e in events if e.action is LockAction.RESTORED]

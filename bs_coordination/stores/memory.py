@@ -85,9 +85,9 @@ class MemoryStore(Store):
         due: list[RecordId] = []
         heap = self._expiry
         while heap and heap[0][0] <= now and len(due) < limit:
-            expires_at, name, key_hash = heapq.heappop(heap)
+            due_at, name, key_hash = heapq.heappop(heap)
             rec = self._records.get(name, {}).get(key_hash)
-            if rec is not None and rec.expires_at == expires_at:  # else a stale heap entry
+            if rec is not None and rec.due_at == due_at:  # else a stale heap entry
                 due.append((name, key_hash))
         return due
 
@@ -174,8 +174,9 @@ class MemoryStore(Store):
             old = recs.get(key_hash)
             recs[key_hash] = rec
             self._key_names.setdefault(key_hash, set()).add(name)
-            if rec.expires_at is not None and (old is None or old.expires_at != rec.expires_at):
-                heapq.heappush(self._expiry, (rec.expires_at, name, key_hash))
+            due_at = rec.due_at
+            if due_at is not None and (old is None or old.due_at != due_at):
+                heapq.heappush(self._expiry, (due_at, name, key_hash))
         self._counters.update(ch.counters)
         for ticket in ch.waiters_deleted:
             self._waiters.pop(ticket, None)

@@ -16,7 +16,7 @@ key                                 type         holds
                                                  last version handed out (and, with the
                                                  fencing tokens and tickets, above every one)
 ``<p>:names``                       set          every name holding a record (status listing)
-``<p>:expiry``                      sorted set   ``"<device> <key_hash>"`` scored by expires_at
+``<p>:expiry``                      sorted set   ``"<device> <key_hash>"`` scored by due_at
 ``<p>:events``                      stream       field ``e``: the event's JSON (``redis_json``)
 ``<p>:versions``                    string       a marker that stops a replica of an older
                                                  version (which kept a hash here) from writing

@@ -228,8 +228,8 @@ class _BatchView:
                 before: dict[str, LockRecord] = self.read[key][1]
                 for key_hash in before.keys() | value.keys():
                     old, new = before.get(key_hash), value.get(key_hash)
-                    old_exp = None if old is None else old.expires_at
-                    new_exp = None if new is None else new.expires_at
+                    old_exp = None if old is None else old.due_at
+                    new_exp = None if new is None else new.due_at
                     if old_exp != new_exp:
                         expiry.append((key[2:], key_hash, old_exp, new_exp))
         checks = {key: seen[0] for key, seen in self.read.items()}

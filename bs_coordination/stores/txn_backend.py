@@ -77,8 +77,9 @@ class Commit:
     writes: dict[str, str | None]
     #: (event number, event), to append to the log.
     events: list[tuple[int, Event]]
-    #: (device name, key hash, expires_at before, expires_at after) for each record whose
-    #: lease end changed (``None``: none, or no record): the expiry index to update.
+    #: (device name, key hash, due_at before, due_at after) for each record whose
+    #: ``LockRecord.due_at`` (lease end, or pending handshake deadline) changed (``None``:
+    #: none, or no record): the expiry index to update.
     expiry: list[tuple[str, str, float | None, float | None]]
     #: What each operation of the batch was (the tag given to ``Engine.run``), in the order
     #: they ran: for logs and tests.

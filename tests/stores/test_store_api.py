@@ -211,3 +211,33 @@ def _length(items: list[LockUpdateMessage], n: int):  # type: ignore[no-untyped-
     async def check() -> bool:
         return len(items) >= n
     return check
+
+
+async def test_a_handshake_nobody_waits_for_times_out_at_its_deadline(store: Store) -> None:
+    """The preemptor's request is gone mid-handshake (its replica died): the sweep times the
+    displaced holder's handshake out at its deadline, as the preemptor would have."""
+    store.preempt_ack_timeout = 0.3
+    holder = await store.request(ask("det1", QEXEC, "queue", timeout=30,
+                                     acknowledge_preemption=True))
+    preemptor = asyncio.ensure_future(store.request(ask("det1", MAINT, "maint")))
+    for _ in range(100):  # the grant is made; the answer waits for the acknowledgement
+        if [lk.preemption_ack for lk in await store.all_locks() if lk.user_id == "queue"] \
+                == ["pending"]:
+            break
+        await asyncio.sleep(0.01)
+    preemptor.cancel()  # nobody waits for the acknowledgement any more
+    with contextlib.suppress(asyncio.CancelledError):
+        await preemptor
+    await store.sweep()
+    [displaced] = [lk for lk in await store.all_locks() if lk.user_id == "queue"]
+    assert displaced.preemption_ack == "pending"  # not before its deadline
+    await asyncio.sleep(0.4)
+    await store.sweep()
+    [displaced] = [lk for lk in await store.all_locks() if lk.user_id == "queue"]
+    assert displaced.preemption_ack == "timed_out"
+    assert displaced.state is LockState.PREEMPTED and displaced.token == holder.locks[0].token
+    timeouts = [e for e in await store.events_after(None) if e.action is LockAction.ACK_TIMEOUT]
+    assert [e.device_name for e in timeouts] == ["det1"]
+    await store.sweep()  # once only
+    assert len([e for e in await store.events_after(None)
+                if e.action is LockAction.ACK_TIMEOUT]) == 1
