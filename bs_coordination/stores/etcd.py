@@ -58,20 +58,19 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from bs_coordination.errors import InvalidRequestError, StoreUnavailableError
-from bs_coordination.locktable import TOKEN_COUNTER, LockRecord, RecordId, Txn
+from bs_coordination.locktable import TOKEN_COUNTER, LockRecord, RecordId
 from bs_coordination.models import LockUpdateMessage
-from bs_coordination.stores.base import Clock, Store, SystemClock
+from bs_coordination.stores.base import Clock, SystemClock
 from bs_coordination.stores.etcd_client import EtcdClient, EtcdUnavailable, b64, prefix_end, unb64
 from bs_coordination.stores.etcd_events import EtcdEventLog, event_json, revision_text
-from bs_coordination.stores.txn import ABSENT, Commit, Engine, Outcome, Restart, Stored, patch, unplace
+from bs_coordination.stores.txn import ABSENT, Commit, Engine, EngineStore, Outcome, Restart, Stored, patch, unplace
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 DEFAULT_PREFIX = "bs-coordination"
 #: How far apart the replicas' clocks may be (seconds); see the module docstring.
@@ -135,7 +134,7 @@ def _micros(t: float) -> str:
     return f"{int(t * 1_000_000):020d}"
 
 
-class EtcdStore(EtcdEventLog, Store):
+class EtcdStore(EtcdEventLog, EngineStore):
     """The lock table in etcd. ``EtcdStore("etcd://127.0.0.1:2379")``; ``clock``: this
     replica's clock (the system clock unless a test gives one)."""
 
@@ -379,15 +378,6 @@ class EtcdStore(EtcdEventLog, Store):
         self.notify_changed()
 
     # -- Store primitives --------------------------------------------------------------------
-    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None
-                        ) -> tuple[T, list[LockUpdateMessage]]:
-        result, messages = await self.engine.run(op, actor)
-        return result, messages  # type: ignore[no-any-return]
-
-    async def _read(self, op: Callable[[Txn], T]) -> T:
-        result, _ = await self.engine.run(op)
-        return result  # type: ignore[no-any-return]
-
     async def _all_records(self) -> list[LockRecord]:
         start = self._key("r:")
         reply = await self._range(start, prefix_end(start))

@@ -63,27 +63,26 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from bs_coordination.errors import StoreUnavailableError
-from bs_coordination.locktable import LockRecord, RecordId, Txn
+from bs_coordination.locktable import LockRecord, RecordId
 from bs_coordination.models import LockUpdateMessage
 from bs_coordination.stores import redis_keys as rk
 from bs_coordination.stores import redis_url
-from bs_coordination.stores.base import Store, new_lock_key
+from bs_coordination.stores.base import new_lock_key
 from bs_coordination.stores.redis_events import RedisEventLog
 from bs_coordination.stores.redis_json import filler
 from bs_coordination.stores.redis_migrate import migrate
 from bs_coordination.stores.redis_script import ATTACH, CAS, cas_call
-from bs_coordination.stores.txn import ABSENT, Commit, Engine, Outcome, Restart, Stored, decode, patch
+from bs_coordination.stores.txn import ABSENT, Commit, Engine, EngineStore, Outcome, Restart, Stored, decode, patch
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 #: How far the ``now`` an operation used may be ahead of Redis ``TIME`` when its script runs.
 MAX_AHEAD = 0.05
@@ -104,7 +103,7 @@ def _stored(value: str | None) -> Stored:
     return (int(version), text)
 
 
-class RedisStore(Store):
+class RedisStore(EngineStore):
     """The lock table in Redis. ``RedisStore("redis://host:6379/0")``; every URL form is in
     ``redis_url`` (TLS, a Unix socket, Sentinel, ``wait_replicas``)."""
 
@@ -340,15 +339,6 @@ class RedisStore(Store):
         return await super().sweep(limit)
 
     # -- Store primitives ------------------------------------------------------------------
-    async def _transact(self, op: Callable[[Txn], T], actor: str | None = None
-                        ) -> tuple[T, list[LockUpdateMessage]]:
-        result, messages = await self.engine.run(op, actor)
-        return result, messages  # type: ignore[no-any-return]
-
-    async def _read(self, op: Callable[[Txn], T]) -> T:
-        result, _ = await self.engine.run(op)
-        return result  # type: ignore[no-any-return]
-
     async def _all_records(self) -> list[LockRecord]:
         with self._unavailable():
             names = sorted(await self._redis.smembers(self.keys.names))

@@ -87,7 +87,7 @@ from bs_coordination.locktable import (
     ancestors,
 )
 from bs_coordination.models import LockUpdateMessage
-from bs_coordination.stores.base import to_message
+from bs_coordination.stores.base import Store, to_message
 from bs_coordination.stores.txn_backend import (
     ABSENT,
     EVENT_COUNTER,
@@ -463,5 +463,21 @@ class Engine:
 
 
 # The backend's side is re-exported: a store needs only this module.
-__all__ = ["ABSENT", "EVENT_COUNTER", "Backend", "Commit", "Engine", "Outcome", "Restart", "Stored", "decode",
-           "encode", "patch", "placeholder", "unplace"]
+class EngineStore(Store):
+    """A store whose table runs on an ``Engine`` (``self.engine``): the two ``Store``
+    primitives every such store shares."""
+
+    engine: Engine
+
+    async def _transact(self, op: Callable[[Txn], Any], actor: str | None = None
+                        ) -> tuple[Any, list[LockUpdateMessage]]:
+        result, messages = await self.engine.run(op, actor)
+        return result, messages
+
+    async def _read(self, op: Callable[[Txn], Any]) -> Any:
+        result, _ = await self.engine.run(op)
+        return result
+
+
+__all__ = ["ABSENT", "EVENT_COUNTER", "Backend", "Commit", "Engine", "EngineStore", "Outcome", "Restart",
+           "Stored", "decode", "encode", "patch", "placeholder", "unplace"]
