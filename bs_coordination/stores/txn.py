@@ -462,7 +462,6 @@ class Engine:
             self.floor[TOKEN_COUNTER] = token
 
 
-# The backend's side is re-exported: a store needs only this module.
 class EngineStore(Store):
     """A store whose table runs on an ``Engine`` (``self.engine``): the two ``Store``
     primitives every such store shares."""
@@ -479,5 +478,6 @@ class EngineStore(Store):
         return result
 
 
+# The backend's side is re-exported: a store needs only this module.
 __all__ = ["ABSENT", "EVENT_COUNTER", "Backend", "Commit", "Engine", "EngineStore", "Outcome", "Restart",
            "Stored", "decode", "encode", "patch", "placeholder", "unplace"]
