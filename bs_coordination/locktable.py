@@ -25,7 +25,8 @@ The rules (numbers as in DESIGN.md):
 10. preemption handshake: a holder that asked for it (``acknowledge_preemption``) and is
     displaced gets ``preemption_ack = pending`` with a deadline; ``acknowledge`` (its key)
     makes it ``acknowledged`` (with the time), ``time_out_acks`` (the preemptor's request, at
-    the deadline, or else the sweep: ``due_at``) ``timed_out``; a restore, an upgrade or a new preemption starts afresh.
+    the deadline, or else the sweep: ``due_at``) ``timed_out``; a restore, an upgrade or a
+    new preemption starts afresh.
     ``handshake_outcome`` tells a waiting preemptor where its displaced holders stand.
 
 The states a lock passes through: ``active`` -> (displaced by a higher priority) ``preempted``
