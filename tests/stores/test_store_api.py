@@ -14,7 +14,7 @@ from bs_coordination.errors import (
     LockNotFoundError,
     LockNotOwnedError,
 )
-from bs_coordination.models import LockAction, LockRequest, LockState, LockType, LockUpdateMessage
+from bs_coordination.models import DeviceLock, LockAction, LockRequest, LockState, LockType, LockUpdateMessage
 from bs_coordination.stores import Store
 from bs_coordination.stores.base import event_order
 
@@ -216,26 +216,33 @@ def _length(items: list[LockUpdateMessage], n: int):  # type: ignore[no-untyped-
 async def test_a_handshake_nobody_waits_for_times_out_at_its_deadline(store: Store) -> None:
     """The preemptor's request is gone mid-handshake (its replica died): the sweep times the
     displaced holder's handshake out at its deadline, as the preemptor would have."""
-    store.preempt_ack_timeout = 0.3
+    store.preempt_ack_timeout = 2.0  # far beyond the steps before the first sweep, on a loaded CI
     holder = await store.request(ask("det1", QEXEC, "queue", timeout=30,
                                      acknowledge_preemption=True))
     preemptor = asyncio.ensure_future(store.request(ask("det1", MAINT, "maint")))
-    for _ in range(100):  # the grant is made; the answer waits for the acknowledgement
-        if [lk.preemption_ack for lk in await store.all_locks() if lk.user_id == "queue"] \
-                == ["pending"]:
+
+    async def displaced() -> DeviceLock:
+        [lock] = [lk for lk in await store.all_locks() if lk.user_id == "queue"]
+        return lock
+
+    for _ in range(500):  # the grant is made; the answer waits for the acknowledgement
+        if (await displaced()).preemption_ack == "pending":
             break
         await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the preemption handshake never started")
     preemptor.cancel()  # nobody waits for the acknowledgement any more
     with contextlib.suppress(asyncio.CancelledError):
         await preemptor
     await store.sweep()
-    [displaced] = [lk for lk in await store.all_locks() if lk.user_id == "queue"]
-    assert displaced.preemption_ack == "pending"  # not before its deadline
-    await asyncio.sleep(0.4)
+    pending = await displaced()
+    assert pending.preemption_ack == "pending"  # not before its deadline
+    assert pending.ack_deadline is not None
+    await asyncio.sleep(max(0.0, pending.ack_deadline.timestamp() - await store.now()) + 0.1)
     await store.sweep()
-    [displaced] = [lk for lk in await store.all_locks() if lk.user_id == "queue"]
-    assert displaced.preemption_ack == "timed_out"
-    assert displaced.state is LockState.PREEMPTED and displaced.token == holder.locks[0].token
+    late = await displaced()
+    assert late.preemption_ack == "timed_out"
+    assert late.state is LockState.PREEMPTED and late.token == holder.locks[0].token
     timeouts = [e for e in await store.events_after(None) if e.action is LockAction.ACK_TIMEOUT]
     assert [e.device_name for e in timeouts] == ["det1"]
     await store.sweep()  # once only
