@@ -226,14 +226,18 @@ def _login() -> str:
         return "operator"
 
 
-def join_key_values(argv: list[str]) -> list[str]:
-    """``--key -Xy...`` -> ``--key=-Xy...``: a lock key may start with ``-``, which argparse
-    would otherwise take for an option."""
+KEY_OPTIONS = ("--key", "--api-key")
+
+
+def join_key_values(argv: Sequence[str], options: Sequence[str] = KEY_OPTIONS) -> list[str]:
+    """``--key -Xy...`` -> ``--key=-Xy...`` (and the same for ``--api-key``): a lock key or an
+    API key is URL-safe base64, which may start with ``-``, and argparse would otherwise take
+    it for an option."""
     out: list[str] = []
     i = 0
     while i < len(argv):
-        if argv[i] == "--key" and i + 1 < len(argv):
-            out.append(f"--key={argv[i + 1]}")
+        if argv[i] in options and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
         else:
             out.append(argv[i])

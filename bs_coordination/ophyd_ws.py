@@ -43,11 +43,13 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from bs_coordination.cli import join_key_values
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.errors import CoordinationError, LockNotFoundError
 from bs_coordination.guard import describe
@@ -430,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default=env.get("OAS_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(env.get("OAS_PORT", "8001")))
     parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_key_values(sys.argv[1:] if argv is None else argv, ("--api-key",)))
     server = UnifiedOphydWebSocketServer(args.coordination_url, args.user_id, api_key=args.api_key,
                                          lease=args.lease, startup_dir=args.startup_dir)
     server.run(host=args.host, port=args.port, log_level=args.log_level)

@@ -9,6 +9,7 @@ import subprocess
 from test_cli_commands import run, script
 
 from bs_coordination import cli
+from bs_coordination.apikeys import key_entry
 
 
 def new_key(capsys, principal: str, *roles: str) -> tuple[str, dict]:
@@ -76,3 +77,22 @@ def test_watch_sends_the_key_on_the_websocket(service_factory, capsys, tmp_path)
     assert proc.returncode == 0, err
     event = json.loads(rest)
     assert (event["action"], event["device_name"], event["lock"]["user_id"]) == ("acquired", "det1", "alice")
+
+
+def test_a_key_that_starts_with_a_dash_is_a_value_not_an_option(service_factory, capsys, tmp_path):
+    """URL-safe base64 keys start with ``-`` one time in 64: ``--api-key -Xy...`` and
+    ``--key -Xy...`` must still pass them as values."""
+    key = "-" + new_key(capsys, "alice", "operator")[0]
+    keyfile = tmp_path / "keys.json"
+    keyfile.write_text(json.dumps({"api_keys": [key_entry("alice", ["operator"], key)]}))
+    service = service_factory(api_keys=str(keyfile))
+
+    code, out, err = run(capsys, service.url, "--api-key", key, "lock", "m1", "--reason", "align")
+    assert code == 0, err
+    lock_key = out.strip()
+    code, out, err = run(capsys, service.url, "--api-key", key, "--json", "status")
+    assert code == 0, err
+    assert [lock["device_name"] for lock in json.loads(out)["locks"]] == ["m1"]
+    assert cli.join_key_values(["release", "--key", "-Xy"]) == ["release", "--key=-Xy"]
+    code, _, err = run(capsys, service.url, "--api-key", key, "release", "--key", lock_key)
+    assert code == 0, err
