@@ -34,6 +34,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
+from bs_coordination._cli._args import join_key_values
 from bs_coordination._cli._commands import (
     cmd_devices,
     cmd_force_release,
@@ -224,25 +225,6 @@ def _login() -> str:
         return getpass.getuser()
     except Exception:  # no login name in some containers
         return "operator"
-
-
-KEY_OPTIONS = ("--key", "--api-key")
-
-
-def join_key_values(argv: Sequence[str], options: Sequence[str] = KEY_OPTIONS) -> list[str]:
-    """``--key -Xy...`` -> ``--key=-Xy...`` (and the same for ``--api-key``): a lock key or an
-    API key is URL-safe base64, which may start with ``-``, and argparse would otherwise take
-    it for an option."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] in options and i + 1 < len(argv):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from bs_coordination.cli import join_key_values
+from bs_coordination._cli._args import join_key_values
 from bs_coordination.client import DeviceCoordinationClient
 from bs_coordination.errors import CoordinationError, LockNotFoundError
 from bs_coordination.guard import describe
