@@ -152,14 +152,31 @@ class CaUser:
     def __init__(self, name: str, host: str | None = None) -> None:
         from caproto.threading.client import Context
 
-        self.name = name
+        self.name, self.host = name, host
         self.context = Context(client_name=name, host_name=host)
         self._pvs: dict[str, Any] = {}
 
     def pv(self, name: str) -> Any:
+        """The connected channel to ``name``. caproto's threading client sometimes leaves a
+        new channel searching for good on a loaded machine (a known intermittent fault of
+        that client, caproto PR #319): after 10 s without a connection this user starts over
+        once with a fresh client context, then gives up."""
+        from caproto import CaprotoTimeoutError
+        from caproto.threading.client import Context
+
         if name not in self._pvs:
-            (pv,) = self.context.get_pvs(name, timeout=2.0)
-            pv.wait_for_connection(timeout=10.0)
+            for attempt in (1, 2):
+                (pv,) = self.context.get_pvs(name, timeout=2.0)
+                try:
+                    pv.wait_for_connection(timeout=10.0)
+                    break
+                except CaprotoTimeoutError:
+                    if attempt == 2:
+                        raise
+                    print(f"CA user {self.name}: {name} still searching after 10 s; new context")
+                    self.context.disconnect()
+                    self.context = Context(client_name=self.name, host_name=self.host)
+                    self._pvs.clear()
             self._pvs[name] = pv
         return self._pvs[name]
 
