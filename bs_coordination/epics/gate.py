@@ -13,7 +13,8 @@ refusal. ``ResumeGate.wait(devices)`` returns once, for every device,
 
 It raises ``TimeoutError`` naming what it still waits for. Channel Access goes through
 caproto's threading client (``client_name`` is the CA user; by default the login name, as
-ophyd's clients use). ::
+ophyd's clients use); a channel unconnected for ``RECONNECT_AFTER`` seconds of a wait is
+searched for again with a fresh client context. ::
 
     gate = ResumeGate("BL:LOCKS:", user_id="queue_server", records={"m1": ["XF:31ID{Mtr:1}"]})
     gate.wait(["m1"], timeout=30)          # from any thread
@@ -52,6 +53,12 @@ from bs_coordination.epics.pvnames import (
 from bs_coordination.models import LockType
 
 log = logging.getLogger(__name__)
+
+#: Seconds a channel may stay unconnected during a ``wait`` before the gate searches again with a
+#: fresh client context. caproto's threading client gives up on every later search of a context
+#: when one server is slow to answer a new circuit's version handshake (its search-results
+#: thread ends on that time-out), which a loaded IOC can cause; a fresh context recovers.
+RECONNECT_AFTER = 10.0
 
 #: ``:LOCK`` values under which the IOC rules let queue accounts write.
 QUEUE_WRITABLE = frozenset({FREE, LockType.QUEUE_EXECUTING.priority, LockType.QUEUE_QUEUED.priority})
@@ -127,8 +134,9 @@ class ResumeGate:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         self._watch(devices)
-        with self._changed:
-            while True:
+        connected_at = time.monotonic()  # when every channel of ``devices`` was last connected
+        while True:
+            with self._changed:
                 blocked = self.blocked(devices, valid_only=valid_only)
                 if not blocked:
                     return
@@ -137,6 +145,14 @@ class ResumeGate:
                     raise TimeoutError(f"the IOCs still refuse the queue's writes after "
                                        f"{limit:g} s: {'; '.join(blocked)}")
                 self._changed.wait(min(left, 0.5))
+            missing = self._unconnected(devices)
+            if not missing:
+                connected_at = time.monotonic()
+            elif time.monotonic() - connected_at >= RECONNECT_AFTER:
+                log.warning("no Channel Access connection to %s for %g s: searching again "
+                            "with a fresh client context", ", ".join(missing), RECONNECT_AFTER)
+                self._restart(devices)
+                connected_at = time.monotonic()
 
     async def wait_async(self, devices: Sequence[str], timeout: float | None = None, *,
                          valid_only: bool = False) -> None:
@@ -247,14 +263,29 @@ class ResumeGate:
             self._was_offline = self._was_offline and not was_offline
 
     # -- Channel Access ----------------------------------------------------------------------
+    def _names(self, device: str) -> list[str]:
+        """The channels the gate reads for ``device``: the bridge's two PVs, then its records."""
+        return [lock_pv(self.prefix, device), holder_pv(self.prefix, device),
+                *self.records.get(device, [])]
+
+    def _unconnected(self, devices: Sequence[str]) -> list[str]:
+        return [name for device in devices for name in self._names(device)
+                if (pv := self._pvs.get(name)) is None or not pv.connected]
+
+    def _restart(self, devices: Sequence[str]) -> None:
+        """Drop the client context and connect ``devices`` again (other devices reconnect at
+        their next ``wait``)."""
+        with self._watch_lock:
+            self.close()
+        self._watch(devices)
+
     def _watch(self, devices: Sequence[str]) -> None:
         """Connect (once) to the PVs of ``devices`` and follow them."""
         names: list[str] = []
         followed: set[str] = set()  # the bridge's PVs, whose values the gate reads
         for device in devices:
             followed |= {lock_pv(self.prefix, device), holder_pv(self.prefix, device)}
-            names += [lock_pv(self.prefix, device), holder_pv(self.prefix, device)]
-            names += self.records.get(device, [])
+            names += self._names(device)
         with self._watch_lock:
             self._connect([name for name in dict.fromkeys(names) if name not in self._pvs],
                           followed)

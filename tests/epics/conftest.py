@@ -157,10 +157,11 @@ class CaUser:
         self._pvs: dict[str, Any] = {}
 
     def pv(self, name: str) -> Any:
-        """The connected channel to ``name``. caproto's threading client sometimes leaves a
-        new channel searching for good on a loaded machine (a known intermittent fault of
-        that client, caproto PR #319): after 10 s without a connection this user starts over
-        once with a fresh client context, then gives up."""
+        """The connected channel to ``name``. caproto's threading client leaves a new channel
+        searching for good once a server was slow to answer a new circuit (a loaded IOC: the
+        time-out ends the context's search-results thread; see ``ResumeGate``, which recovers
+        the same way): after 10 s without a connection this user starts over once with a
+        fresh client context, then gives up."""
         from caproto import CaprotoTimeoutError
         from caproto.threading.client import Context
 
