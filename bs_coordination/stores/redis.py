@@ -246,6 +246,9 @@ class RedisStore(EngineStore):
             if not self._wait_replicas:
                 reply: list[Any] = await self._cas(keys=keys, args=args)
                 return reply
+            # ``self._cas(..., client=pipe)`` would have redis-py send ``SCRIPT EXISTS``
+            # before every pipeline (one more round trip per commit): the script goes by its
+            # SHA, and is loaded again only when Redis answers ``NOSCRIPT``.
             for _ in range(2):
                 async with self._writes.pipeline(transaction=False) as pipe:
                     pipe.evalsha(self._cas.sha, len(keys), *keys, *args)
