@@ -34,6 +34,28 @@ def test_original_names_keep_their_meaning():
     assert [LockPriority[t.value] for t in LockType] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("module", ["plans", "suspender", "plugin"])
+def test_the_runengine_modules_keep_their_documented_paths(module):
+    """``bs_coordination.plans`` (``coordinated_wrapper``, ``coordinated_decorator``),
+    ``.suspender`` and ``.plugin``, as the design names them, are the RunEngine package's."""
+    import importlib
+
+    old = importlib.import_module(f"bs_coordination.{module}")
+    new = importlib.import_module(f"bs_coordination.runengine.{module}")
+    assert old.__all__ == new.__all__
+    assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
+
+
+def test_the_plan_wrapper_is_importable_where_the_design_puts_it():
+    from bs_coordination.plans import coordinated_decorator, coordinated_wrapper
+    from bs_coordination.plugin import install
+    from bs_coordination.suspender import LockPreemptedSuspender
+
+    assert callable(coordinated_wrapper) and callable(coordinated_decorator)
+    assert install is bs_coordination.install
+    assert LockPreemptedSuspender.__module__ == "bs_coordination.runengine.suspender"
+
+
 def _modules_loaded_by(statement: str) -> set[str]:
     code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
@@ -44,6 +66,7 @@ def _modules_loaded_by(statement: str) -> set[str]:
     "from bs_coordination import DeviceCoordinationClient, DeviceCoordinationContext",
     "from bs_coordination import install",
     "import bs_coordination.runengine.plans, bs_coordination.runengine.suspender",
+    "import bs_coordination.plans, bs_coordination.suspender, bs_coordination.plugin",
 ])
 def test_runengine_side_never_imports_the_service(statement):
     loaded = _modules_loaded_by(statement)
