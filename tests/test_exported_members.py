@@ -76,3 +76,17 @@ def test_runengine_side_never_imports_the_service(statement):
 def test_service_never_imports_the_runengine():
     loaded = _modules_loaded_by("from bs_coordination.service import create_app; create_app()")
     assert not {"bluesky.run_engine", "bs_coordination.runengine.plans", "bs_coordination.runengine.plugin"} & loaded
+
+
+def test_every_store_is_importable_from_the_stores_package():
+    from bs_coordination.stores import EtcdStore, MemoryStore, RedisStore
+    from bs_coordination.stores.etcd import EtcdStore as etcd_store
+    from bs_coordination.stores.redis import RedisStore as redis_store
+
+    assert (RedisStore, EtcdStore) == (redis_store, etcd_store)
+    assert MemoryStore.__module__ == "bs_coordination.stores.memory"
+
+
+def test_the_stores_package_loads_no_networked_store_until_one_is_used():
+    loaded = _modules_loaded_by("import bs_coordination.stores")
+    assert not {"redis", "bs_coordination.stores.redis", "bs_coordination.stores.etcd"} & loaded

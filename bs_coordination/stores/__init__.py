@@ -4,6 +4,8 @@ shared by replicas; ``redis+sentinel://`` follows a Sentinel-managed primary) or
 
 from __future__ import annotations
 
+from typing import Any
+
 from bs_coordination.stores.base import Clock, EventGap, Grant, ManualClock, Store, SystemClock
 from bs_coordination.stores.memory import MemoryStore
 
@@ -33,4 +35,19 @@ def open_store(url: str = "memory", clock: Clock | None = None, *,
     raise ValueError(f"store: {url!r} is neither 'memory' nor a redis:// or etcd:// URL")
 
 
-__all__ = ["Clock", "EventGap", "Grant", "ManualClock", "MemoryStore", "Store", "SystemClock", "open_store"]
+def __getattr__(name: str) -> Any:
+    """``RedisStore`` and ``EtcdStore`` on first use: importing the package loads neither
+    redis-py nor the etcd client."""
+    if name == "RedisStore":
+        from bs_coordination.stores.redis import RedisStore
+
+        return RedisStore
+    if name == "EtcdStore":
+        from bs_coordination.stores.etcd import EtcdStore
+
+        return EtcdStore
+    raise AttributeError(f"module 'bs_coordination.stores' has no attribute {name!r}")
+
+
+__all__ = ["Clock", "EtcdStore", "EventGap", "Grant", "ManualClock", "MemoryStore", "RedisStore", "Store",
+           "SystemClock", "open_store"]
