@@ -140,6 +140,19 @@ def _writes_between(times: list[float], start: float, end: float) -> list[float]
     return [t for t in times if start <= t < end]
 
 
+def _every_point(rec: Recorder, points: int) -> None:
+    """The plan resumed and recorded every point. A suspension rewinds to the last checkpoint.
+    When it is requested just before a point's ``save`` (the preemption reached the plugin
+    late, after the point's last read), bluesky still saves that point, and then takes it
+    again after the rewind. The repeat gets the same ``seq_num``: that is how bluesky marks a
+    re-taken point (bluesky PR #117). Plain bluesky does the same with any suspender
+    requested at that moment. One preemption means one suspension, so at most one point is
+    repeated."""
+    seq = sorted(e["seq_num"] for e in rec.primary)
+    assert sorted(set(seq)) == list(range(1, points + 1)), seq
+    assert len(seq) - points <= 1, seq
+
+
 def test_scan(handshake_RE: RunEngine, live_service: Any) -> None:
     motor = RecordingMotor(name="motor")
     det = SynGauss("det", motor, "motor", center=0, Imax=1)
@@ -155,7 +168,7 @@ def test_scan(handshake_RE: RunEngine, live_service: Any) -> None:
     def check(trial: Trial, rec: Recorder) -> None:
         times = [t for t, _ in motor.sets]
         assert _writes_between(times, trial.answered, trial.released) == []
-        assert sorted(e["seq_num"] for e in rec.primary) == list(range(1, 31))
+        _every_point(rec, 30)
         assert motor.position == pytest.approx(1.0)
 
     _run_trials(handshake_RE, live_service.url, "motor", arm,
@@ -202,7 +215,7 @@ def test_slow_motor_mid_move(handshake_RE: RunEngine, live_service: Any) -> None
         assert _writes_between(times, trial.answered, trial.released) == []
         # The moving motor was stopped before maintenance was answered.
         assert _writes_between(motor.stops, trial.asked, trial.answered), motor.stops
-        assert sorted(e["seq_num"] for e in rec.primary) == list(range(1, 6))
+        _every_point(rec, 5)
         assert motor.position == pytest.approx(1.0)
 
     _run_trials(handshake_RE, live_service.url, "slow_motor", arm,
@@ -224,7 +237,7 @@ def test_blocking_detector_read(handshake_RE: RunEngine, live_service: Any) -> N
         assert _writes_between(starts, trial.answered, trial.released) == []
         # The read in progress when maintenance asked ended before the answer.
         assert all(end <= trial.answered for s, end in det.triggers if s < trial.answered)
-        assert sorted(e["seq_num"] for e in rec.primary) == list(range(1, 7))
+        _every_point(rec, 6)
 
     _run_trials(handshake_RE, live_service.url, "det", arm,
                 lambda: bp.scan([det], motor, 0, 1, 6), check)
